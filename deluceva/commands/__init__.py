@@ -1,0 +1,21 @@
+"""One module per CLI subcommand; each has `add_parser(commands, **types)` that sets `handler`."""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["register_all", "COMMANDS"]
+
+# Listed explicitly, in the order `deluceva --help` shows them.
+COMMANDS = ["demo", "run", "bench", "profile", "compile", "explain"]
+
+
+def register_all(commands, **types) -> None:
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"deluceva.commands.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"deluceva.commands.{name}":
+                raise
+            continue  # not written yet
+        module.add_parser(commands, **types)

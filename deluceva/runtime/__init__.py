@@ -1,0 +1,1 @@
+"""Running plans: the executor, its dense/delta boundaries, video input and preprocessing."""

@@ -1,0 +1,202 @@
+"""The executor: a small interpreter over the physical plan, one frame at a time.
+
+A keyframe (the first frame, after `reset`, or when asked) runs the whole model in onnxruntime,
+returns its outputs exactly and refreshes every cache. Any other frame runs the plan's steps in
+order: dense segments in onnxruntime, delta operators on the changes, with conversions at the
+boundaries between them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from deluceva.errors import DelucevaError
+from deluceva.operators import Delta, get_operator
+from deluceva.operators._ort import session_options
+from deluceva.planner.load_model import Model
+from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
+from deluceva.runtime.boundaries import Filter, ToDelta, ToDense
+
+__all__ = ["Executor", "StepError"]
+
+
+class StepError(RuntimeError):
+    """A step failed while running; the message names the step."""
+
+
+def _subgraph(model: Model, nodes: list[str], inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    """The model restricted to `nodes`, reading `inputs` and producing `outputs`."""
+    wanted = set(nodes)
+    graph_nodes = [n for n in model.onnx.graph.node if n.name in wanted]
+    used = {t for n in graph_nodes for t in n.input}
+    initializers = [i for i in model.onnx.graph.initializer if i.name in used]
+
+    def info(name: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, model.dtypes.get(name, onnx.TensorProto.FLOAT), model.shapes.get(name))
+
+    graph = helper.make_graph(graph_nodes, "segment", [info(t) for t in inputs], [info(t) for t in outputs], initializers)
+    sub = helper.make_model(graph, opset_imports=list(model.onnx.opset_import))
+    sub.ir_version = model.onnx.ir_version
+    return sub
+
+
+def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    options = session_options(threads)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class Executor:
+    """Runs a model frame after frame under a physical plan.
+
+    Args:
+        model: the loaded model.
+        graph: its annotated logical DAG (each node's spec is used to build its operator).
+        plan: the physical plan.
+        threads: onnxruntime intra-op threads, as a user would give plain onnxruntime.
+        profile: record the time of every step (see `step_times`).
+    """
+
+    def __init__(self, model: Model, graph, plan: PhysicalPlan, threads: int = 1, profile: bool = False):
+        self.model = model
+        self.graph = graph
+        self.plan = plan
+        self.threads = threads
+        self.profile = profile
+        self.step_times: dict[str, list[float]] = defaultdict(list)
+        self.densities: dict[str, float] = {}
+        self.keyframe_pending = True
+        self._segments: dict[int, ort.InferenceSession] = {}
+        self._operators = {}
+        delta_consumed, delta_produced, dense_consumed = set(), set(), set(model.output_names)
+        for step in plan.steps:
+            if isinstance(step, DeltaStep):
+                spec = graph.nodes[step.node]["spec"]
+                self._operators[step.node] = get_operator(spec.op_type)(spec)
+                delta_consumed.update(t for i, t in enumerate(step.inputs) if t and i not in spec.constants)
+                delta_produced.update(t for t in step.outputs if t)
+            else:
+                sub = _subgraph(model, step.nodes, step.inputs, step.outputs)
+                self._segments[id(step)] = _session(sub, threads)
+                dense_consumed.update(step.inputs)
+        self.grids = {}
+        for step in plan.steps:
+            if isinstance(step, DeltaStep):
+                spec = graph.nodes[step.node]["spec"]
+                for tensor, grid in zip(step.inputs, spec.input_grids):
+                    if grid is not None:
+                        self.grids[tensor] = grid
+                for tensor, grid in zip(step.outputs, spec.output_grids):
+                    self.grids[tensor] = grid
+        self.to_delta = {t: ToDelta(self.grids[t]) for t in delta_consumed - delta_produced}
+        self.to_dense = {t: ToDense(self.grids[t]) for t in dense_consumed & delta_produced}
+        self.filters = {t: Filter(self.grids[t]) for t in delta_produced}
+        # The keyframe session exposes every tensor a cache is filled from.
+        cached = sorted(delta_consumed | delta_produced)
+        keyframe = onnx.ModelProto()
+        keyframe.CopyFrom(model.onnx)
+        present = {o.name for o in keyframe.graph.output}
+        for tensor in cached:
+            if tensor not in present and tensor != model.input_name:
+                keyframe.graph.output.append(
+                    helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, model.shapes.get(tensor))
+                )
+        self._keyframe_names = [o.name for o in keyframe.graph.output]
+        self._keyframe = _session(keyframe, threads)
+
+    # -- public API --------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Make the next frame a keyframe: exact, and every cache refreshed from it."""
+        self.keyframe_pending = True
+
+    def run(self, frame: np.ndarray, percentage: float = 0.0, keyframe: bool = False) -> list[np.ndarray]:
+        """Outputs for one frame, in the model's output order.
+
+        Args:
+            frame: the model input, shape `model.input_shape`, float32.
+            percentage: filtering percentage p in [0, 1): the share of changes held back.
+            keyframe: run this frame densely and refresh every cache.
+        """
+        frame = self._check_frame(frame)
+        if not 0.0 <= percentage < 1.0:
+            raise DelucevaError(f"filtering percentage {percentage} is outside [0, 1)")
+        if keyframe or self.keyframe_pending:
+            return self._run_keyframe(frame)
+        return self._run_delta(frame, percentage)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _check_frame(self, frame: np.ndarray) -> np.ndarray:
+        frame = np.asarray(frame)
+        if tuple(frame.shape) != tuple(self.model.input_shape):
+            raise DelucevaError(
+                f"{self.model.path}: frame has shape {tuple(frame.shape)}, the model takes {self.model.input_shape}"
+            )
+        return np.ascontiguousarray(frame, dtype=np.float32)
+
+    def _timed(self, name: str, start: float) -> None:
+        if self.profile:
+            self.step_times[name].append(time.perf_counter() - start)
+
+    def _run_keyframe(self, frame: np.ndarray) -> list[np.ndarray]:
+        start = time.perf_counter()
+        values = dict(zip(self._keyframe_names, self._keyframe.run(None, {self.model.input_name: frame})))
+        values[self.model.input_name] = frame
+        for node, operator in self._operators.items():
+            data = self.graph.nodes[node]
+            operator.reset([values.get(t) if t else None for t in data["inputs"]], [values[t] for t in data["outputs"]])
+        for tensor, boundary in self.to_delta.items():
+            boundary.reset(values[tensor])
+        for tensor, boundary in self.to_dense.items():
+            boundary.reset(values[tensor])
+        for delta_filter in self.filters.values():
+            delta_filter.reset()
+        self.densities = {t: 1.0 for t in self.grids}
+        self.keyframe_pending = False
+        self._timed("keyframe", start)
+        return [values[name] for name in self.model.output_names]
+
+    def _run_delta(self, frame: np.ndarray, percentage: float) -> list[np.ndarray]:
+        dense: dict[str, np.ndarray] = {self.model.input_name: frame}
+        deltas: dict[str, Delta] = {}
+
+        def read_dense(tensor: str) -> np.ndarray:
+            if tensor not in dense:
+                dense[tensor] = np.ascontiguousarray(self.to_dense[tensor].value())
+            return dense[tensor]
+
+        def read_delta(tensor: str) -> Delta:
+            if tensor not in deltas:
+                deltas[tensor] = self.to_delta[tensor](read_dense(tensor), percentage)
+                self.densities[tensor] = deltas[tensor].density
+            return deltas[tensor]
+
+        for step in self.plan.steps:
+            start = time.perf_counter()
+            try:
+                if isinstance(step, DenseSegment):
+                    session = self._segments[id(step)]
+                    results = session.run(step.outputs, {t: read_dense(t) for t in step.inputs})
+                    dense.update(zip(step.outputs, results))
+                else:
+                    operator = self._operators[step.node]
+                    spec = operator.spec
+                    inputs = [None if (not t or i in spec.constants) else read_delta(t) for i, t in enumerate(step.inputs)]
+                    for tensor, change in zip(step.outputs, operator.step(inputs)):
+                        change = self.filters[tensor](change, percentage)
+                        deltas[tensor] = change
+                        self.densities[tensor] = change.density
+                        if tensor in self.to_dense:
+                            self.to_dense[tensor].apply(change)
+            except DelucevaError:
+                raise
+            except Exception as error:
+                raise StepError(f"{step.name}: {type(error).__name__}: {error}") from error
+            self._timed(step.name, start)
+        return [np.array(read_dense(name)) for name in self.model.output_names]
+

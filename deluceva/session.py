@@ -1,0 +1,58 @@
+"""The Python API: load a model, choose a plan, run frames."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from deluceva.planner import Model, build_dag, build_plan, load_model
+from deluceva.planner.mark_delta_support import DEFAULT_TILE
+from deluceva.runtime.executor import Executor
+
+__all__ = ["Session"]
+
+
+class Session:
+    """A model ready to run on a video, frame after frame.
+
+    Args:
+        model: an .onnx path, a ModelProto, or a loaded `Model`.
+        plan: "dense", "delta" (every node that has a delta variant), or a mapping from node
+            name to "dense"/"delta".
+        input_shape: (1, C, H, W), needed when the model's input size is dynamic.
+        threads: onnxruntime intra-op threads.
+        tile: tile edge at the input's resolution.
+        profile: record per-step times in `session.executor.step_times`.
+
+    Example:
+        >>> session = Session("model.onnx", plan="delta", input_shape=(1, 3, 224, 224))  # doctest: +SKIP
+        >>> outputs = session.run(frame, percentage=0.9)      # list of arrays, like onnxruntime
+        >>> session.reset()                                    # next frame is an exact keyframe
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | Model,
+        plan: str | Mapping[str, str] = "delta",
+        input_shape: tuple[int, ...] | None = None,
+        threads: int = 1,
+        tile: int = DEFAULT_TILE,
+        profile: bool = False,
+    ):
+        self.model = model if isinstance(model, Model) else load_model(model, input_shape)
+        self.graph = build_dag(self.model, base_tile=tile, threads=threads)
+        self.plan = build_plan(self.graph, plan)
+        self.executor = Executor(self.model, self.graph, self.plan, threads=threads, profile=profile)
+
+    def run(self, frame: np.ndarray, percentage: float = 0.0, keyframe: bool = False) -> list[np.ndarray]:
+        """Outputs for `frame` (shape `model.input_shape`), in the model's output order."""
+        return self.executor.run(frame, percentage, keyframe)
+
+    def reset(self) -> None:
+        """Make the next frame an exact keyframe that refreshes every cache."""
+        self.executor.reset()
+
+    def explain(self) -> str:
+        return self.plan.explain()
