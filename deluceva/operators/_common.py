@@ -89,16 +89,24 @@ class Grid:
         return inside.reshape(self.n_tiles, 1, t, t)
 
     def zero_phantom(self, index: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """Zero the positions of `values` that lie outside the tensor (no-op on exact grids)."""
+        """Zero, in place, the positions of `values` that lie outside the tensor.
+
+        Only edge tiles can hold such positions, so only they are touched.
+        """
         if not self.has_phantom or len(index) == 0:
             return values
-        mask = _phantom_cache.get(self)
-        if mask is None:
-            mask = _phantom_cache.setdefault(self, self.phantom_mask())
-        return np.where(mask[index], values, DTYPE(0))
+        cached = _phantom_cache.get(self)
+        if cached is None:
+            mask = self.phantom_mask()
+            cached = _phantom_cache.setdefault(self, (mask, ~mask.all(axis=(1, 2, 3))))
+        mask, edge = cached
+        at = np.flatnonzero(edge[index])
+        if len(at):
+            values[at] = np.where(mask[index[at]], values[at], DTYPE(0))
+        return values
 
 
-_phantom_cache: dict[Grid, np.ndarray] = {}
+_phantom_cache: dict[Grid, tuple[np.ndarray, np.ndarray]] = {}
 
 
 @dataclass

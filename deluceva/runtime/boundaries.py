@@ -16,6 +16,7 @@ import numpy as np
 
 from deluceva.operators import Delta, Grid
 from deluceva.operators._common import TiledBuffer
+from deluceva.runtime.kernels import take_changed_tiles, tile_change_magnitudes
 
 __all__ = ["ToDelta", "Filter", "ToDense", "select_tiles"]
 
@@ -41,30 +42,38 @@ class ToDelta:
 
     def __init__(self, grid: Grid):
         self.grid = grid
-        self.last: np.ndarray | None = None  # tiled, what downstream has seen
+        self.last: np.ndarray | None = None  # (C, H, W): what downstream has seen
 
     def reset(self, value: np.ndarray) -> None:
-        self.last = self.grid.tile_dense(value)
+        g = self.grid
+        self.last = np.array(value, np.float32).reshape(g.channels, g.height, g.width)
 
     def __call__(self, value: np.ndarray, percentage: float) -> Delta:
-        tiles = self.grid.tile_dense(value)
-        change = tiles - self.last
-        passed = np.flatnonzero(select_tiles(tile_magnitudes(change), percentage))
-        self.last[passed] = tiles[passed]
-        return Delta(self.grid, passed, change[passed])
+        g = self.grid
+        value = np.ascontiguousarray(value, np.float32).reshape(g.channels, g.height, g.width)
+        magnitudes = np.zeros((g.tiles_h, g.tiles_w), np.float32)
+        tile_change_magnitudes(value, self.last, g.tile, magnitudes)
+        passed = np.flatnonzero(select_tiles(magnitudes.ravel(), percentage))
+        values = np.zeros((len(passed), g.channels, g.tile, g.tile), np.float32)
+        take_changed_tiles(value, self.last, passed, g.tile, g.tiles_w, values)
+        return Delta(self.grid, passed, values)
 
 
 class Filter:
-    """Holds back a delta operator's smallest output changes, accumulating them until they pass."""
+    """Holds back a delta operator's smallest output changes, accumulating them until they pass.
+
+    Held-back changes wait in `pending`, with their tile magnitudes in `magnitude`, so each
+    frame costs the tiles that changed or pass, not every tile that is pending.
+    """
 
     def __init__(self, grid: Grid):
         self.grid = grid
         self.pending: np.ndarray | None = None  # allocated the first time p > 0
-        self.has_pending: np.ndarray | None = None
+        self.magnitude: np.ndarray | None = None
 
     def reset(self) -> None:
         self.pending = None
-        self.has_pending = None
+        self.magnitude = None
 
     def __call__(self, delta: Delta, percentage: float) -> Delta:
         if self.pending is None:
@@ -75,18 +84,16 @@ class Filter:
                 return Delta(self.grid, delta.index[keep], delta.values[keep])
             g = self.grid
             self.pending = np.zeros((g.n_tiles, g.channels, g.tile, g.tile), np.float32)
-            self.has_pending = np.zeros(g.n_tiles, bool)
-        self.pending[delta.index] += delta.values
-        self.has_pending[delta.index] = True
-        index = np.flatnonzero(self.has_pending)
-        values = self.pending[index]
-        magnitudes = tile_magnitudes(values)
-        passed = select_tiles(magnitudes, percentage)
-        emitted = index[passed]
+            self.magnitude = np.zeros(g.n_tiles, np.float32)
+        if len(delta.index):
+            updated = self.pending[delta.index] + delta.values
+            self.pending[delta.index] = updated
+            self.magnitude[delta.index] = tile_magnitudes(updated)
+        emitted = np.flatnonzero(select_tiles(self.magnitude, percentage))
+        values = self.pending[emitted]
         self.pending[emitted] = 0
-        self.has_pending[emitted] = False
-        self.has_pending[index[magnitudes == 0]] = False
-        return Delta(self.grid, emitted, values[passed])
+        self.magnitude[emitted] = 0
+        return Delta(self.grid, emitted, values)
 
 
 class ToDense:
