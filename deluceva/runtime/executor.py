@@ -139,9 +139,12 @@ class Executor:
             )
         return np.ascontiguousarray(frame, dtype=np.float32)
 
-    def _timed(self, name: str, start: float) -> None:
+    def _timed(self, name: str, start: float, exclude: float = 0.0) -> float:
+        """Record the time since `start` (less `exclude`) under `name`; return the time spent."""
+        spent = time.perf_counter() - start
         if self.profile:
-            self.step_times[name].append(time.perf_counter() - start)
+            self.step_times[name].append(spent - exclude)
+        return spent
 
     def _run_keyframe(self, frame: np.ndarray) -> list[np.ndarray]:
         start = time.perf_counter()
@@ -165,19 +168,29 @@ class Executor:
         dense: dict[str, np.ndarray] = {self.model.input_name: frame}
         deltas: dict[str, Delta] = {}
 
+        # When profiling, conversions are timed on their own ("to_delta[t]", "to_dense[t]") and
+        # left out of the step that triggered them, so a step's time is its operator's alone.
+        converting = [0.0]
+
         def read_dense(tensor: str) -> np.ndarray:
             if tensor not in dense:
+                start = time.perf_counter()
                 dense[tensor] = np.ascontiguousarray(self.to_dense[tensor].value())
+                converting[0] += self._timed(f"to_dense[{tensor}]", start)
             return dense[tensor]
 
         def read_delta(tensor: str) -> Delta:
             if tensor not in deltas:
-                deltas[tensor] = self.to_delta[tensor](read_dense(tensor), percentage)
+                value = read_dense(tensor)
+                start = time.perf_counter()
+                deltas[tensor] = self.to_delta[tensor](value, percentage)
+                converting[0] += self._timed(f"to_delta[{tensor}]", start)
                 self.densities[tensor] = deltas[tensor].density
             return deltas[tensor]
 
         for step in self.plan.steps:
             start = time.perf_counter()
+            converting[0] = 0.0
             try:
                 if isinstance(step, DenseSegment):
                     session = self._segments[id(step)]
@@ -192,11 +205,13 @@ class Executor:
                         deltas[tensor] = change
                         self.densities[tensor] = change.density
                         if tensor in self.to_dense:
+                            applied = time.perf_counter()
                             self.to_dense[tensor].apply(change)
+                            converting[0] += self._timed(f"to_dense_apply[{tensor}]", applied)
             except DelucevaError:
                 raise
             except Exception as error:
                 raise StepError(f"{step.name}: {type(error).__name__}: {error}") from error
-            self._timed(step.name, start)
+            self._timed(step.name, start, exclude=converting[0])
         return [np.array(read_dense(name)) for name in self.model.output_names]
 
