@@ -270,6 +270,7 @@ class OpSpec:
     input_grids: list[Grid | None] = field(default_factory=list)
     output_grids: list[Grid | None] = field(default_factory=list)
     threads: int = 1
+    opset: int | None = None  # the model's default-domain opset, where known
 
 
 class UnsupportedOperator(ValueError):
@@ -331,7 +332,8 @@ def delta_support(spec: OpSpec) -> str | None:
     """None when `spec` can run as delta, else the reason it must run dense."""
     if spec.op_type not in _REGISTRY:
         return f"no delta kernel for {spec.op_type}"
-    variable = [i for i in range(len(spec.input_shapes)) if i not in spec.constants]
+    # An omitted optional input ("") has shape None and is neither constant nor varying.
+    variable = [i for i, shape in enumerate(spec.input_shapes) if i not in spec.constants and shape is not None]
     if not variable:
         return "all inputs are constant"
     for i in variable:
