@@ -1,0 +1,303 @@
+"""`deluceva run MODEL VIDEO`: the model's outputs for every frame, with adaptive filtering.
+
+The setup here (model, video, preprocessing, plans, metric, controller) is shared with `bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from deluceva.errors import DelucevaError
+
+__all__ = ["add_parser", "add_run_options", "Setup", "prepare", "build_plans", "progress", "write_json", "handle"]
+
+DEFAULT_BUDGETS = {"rel-l2": 0.05, "det": 0.02}
+# Plan percentages compiled on the fly when no --plan is given (see `build_plans`).
+ON_THE_FLY_PERCENTAGES = (0.0,)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"error budget {value} must be a positive number")
+    return value
+
+
+def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int) -> None:
+    """The options `run` and `bench` share."""
+    parser.add_argument("model", help="ONNX model file")
+    parser.add_argument("video", help="video file or stream URL (anything FFmpeg decodes)")
+    parser.add_argument("--plan", help="plan JSON from `deluceva compile` (default: compile on the fly)")
+    parser.add_argument("--controller", choices=["fixed", "pi", "learned"], default="pi",
+                        help="how the filtering percentage moves (default: pi)")
+    parser.add_argument("--percentage", type=percentage, default=None,
+                        help="filtering percentage in [0, 1): fixed value, or starting value")
+    parser.add_argument("--error-budget", type=_budget, default=None,
+                        help="error to hold on reference frames (default: 0.05 rel-l2, 0.02 det)")
+    parser.add_argument("--metric", choices=sorted(DEFAULT_BUDGETS), default="rel-l2",
+                        help="error metric on reference frames (default: rel-l2)")
+    parser.add_argument("--preset", help="preprocessing preset: yolox, yunet, mtcnn (default: generic)")
+    parser.add_argument("--reference-every", type=positive_int, default=30, metavar="K",
+                        help="run a dense reference frame every K frames (default: 30)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads (default: 1)")
+    parser.add_argument("--frames", type=positive_int, default=None, metavar="N", help="process at most N frames")
+    parser.add_argument("--start", type=_non_negative_int, default=0, metavar="S", help="skip the first S frames")
+    parser.add_argument("--every", type=positive_int, default=1, metavar="K", help="keep one frame in K")
+    parser.add_argument("--learned-model", help="learned controller JSON (for --controller learned)")
+
+
+def add_parser(commands, percentage, positive_int) -> None:
+    parser = commands.add_parser("run", help="run a model on a video with adaptive filtering",
+                                 description=__doc__.splitlines()[0])
+    add_run_options(parser, percentage, positive_int)
+    parser.add_argument("--outputs", metavar="OUT.npz", help="each output stacked over frames, written as the run goes")
+    parser.add_argument("--save-inputs", action="store_true", help="also store each model input, keyed input:<name>")
+    parser.add_argument("--summary", metavar="SUMMARY.json", help="write times, errors and traces as JSON")
+    parser.set_defaults(handler=handle)
+
+
+# -- setup shared with bench -----------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Everything a run needs before its sessions are built."""
+
+    args: argparse.Namespace
+    video: object
+    preprocess: object
+    input_shape: tuple[int, ...]
+    model: object  # deluceva Model, bound to input_shape
+    metric: object
+    budget: float
+    controller: object
+    notes: list[str] = field(default_factory=list)
+
+
+def _declared_input_shape(path: str) -> list[int | None]:
+    """The model's image input dims as declared (None where dynamic), before any binding."""
+    from deluceva.planner import load_model
+
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:
+        load_model(path)  # raises the one-line DelucevaError naming the problem
+        raise
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        load_model(path)
+        raise DelucevaError(f"{path}: expected one image input")
+    dims = inputs[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Check options, open the video, fit the preprocessing to the model, make metric and controller."""
+    from deluceva.controller import make_controller
+    from deluceva.planner import load_model
+    from deluceva.runtime.metrics import get_metric
+    from deluceva.runtime.preprocess import Preprocessor
+    from deluceva.runtime.video import open_video
+
+    if args.reference_every < 1:
+        raise DelucevaError(f"--reference-every {args.reference_every} must be at least 1")
+    if args.percentage is not None and not 0.0 <= args.percentage < 1.0:
+        raise DelucevaError(f"--percentage {args.percentage} is outside [0, 1)")
+    if args.controller == "learned" and not args.learned_model:
+        raise DelucevaError("--controller learned needs --learned-model FILE.json")
+    declared = _declared_input_shape(args.model)
+    video = open_video(args.video, frames=args.frames, start=args.start, every=args.every)
+    preprocess = Preprocessor.for_model(tuple(declared), preset=args.preset, model_name=str(args.model))
+    input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
+    model = load_model(args.model, input_shape)
+    if args.metric == "det" and not args.preset:
+        raise DelucevaError("--metric det decodes detections and needs a --preset that does (yolox, yunet)")
+    metric = get_metric(args.metric, args.preset)
+    budget = args.error_budget if args.error_budget is not None else DEFAULT_BUDGETS[args.metric]
+    percentage = args.percentage
+    if args.controller == "fixed" and percentage is None:
+        percentage = 0.0
+    controller = make_controller(args.controller, percentage=percentage, budget=budget,
+                                 learned_path=args.learned_model)
+    return Setup(args, video, preprocess, input_shape, model, metric, budget, controller)
+
+
+def build_plans(setup: Setup, announce=None):
+    """Sessions for `--plan`, or compiled on the fly (said on stderr through `announce`)."""
+    from deluceva.runtime.video_runner import PlanSet
+    from deluceva.session import Session
+
+    args = setup.args
+    announce = announce or (lambda text: print(f"deluceva: {text}", file=sys.stderr))
+    if args.plan:
+        plans = _plans_from_file(args.plan, setup)
+        if plans is not None:
+            return plans
+        raise DelucevaError(f"{args.plan}: reading plan files needs deluceva.planner.plan_file, which this build lacks")
+    compiled = _compile_on_the_fly(setup, announce)
+    if compiled is not None:
+        return compiled
+    announce("no --plan given and no profiler in this build: running every node that has a delta kernel as delta")
+    session = Session(setup.model, plan="delta", threads=args.threads)
+    return PlanSet([session], [0.0], description="delta wherever a kernel exists (no profile)")
+
+
+def _plans_from_file(path: str, setup: Setup):
+    """PlanSet from a plan JSON written by `deluceva compile` (None when that module is absent)."""
+    try:
+        from deluceva.planner import plan_file
+    except ImportError:
+        return None
+    from deluceva.runtime.video_runner import PlanSet
+    from deluceva.session import Session
+
+    entries = plan_file.plans_for_run(path, setup.model)  # [(percentage, {node: variant}), ...]
+    sessions = [Session(setup.model, plan=variants, threads=setup.args.threads) for _, variants in entries]
+    return PlanSet(sessions, [p for p, _ in entries], description=f"from {path}")
+
+
+def _compile_on_the_fly(setup: Setup, announce):
+    """Brief profile + compile through the planner's API, when this build has it."""
+    try:
+        from deluceva.planner import plan_file
+    except ImportError:
+        return None
+    compile_for_run = getattr(plan_file, "compile_for_run", None)
+    if compile_for_run is None:
+        return None
+    from deluceva.runtime.video_runner import PlanSet
+    from deluceva.session import Session
+
+    announce("no --plan given: profiling briefly and compiling on the fly")
+    entries = compile_for_run(setup.model, threads=setup.args.threads)
+    sessions = [Session(setup.model, plan=variants, threads=setup.args.threads) for _, variants in entries]
+    return PlanSet(sessions, [p for p, _ in entries], description="profiled and compiled on the fly")
+
+
+def progress(total: int | None, description: str):
+    """A tqdm bar on stderr (hidden when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="frame", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
+    temporary.replace(path)
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _check_writable(path: str | None, suffix: str, option: str) -> None:
+    if path is None:
+        return
+    target = Path(path)
+    if target.suffix != suffix:
+        raise DelucevaError(f"{path}: {option} file must end in {suffix}")
+    if not target.parent.is_dir():
+        raise DelucevaError(f"{path}: folder {target.parent} does not exist")
+
+
+def run_info(setup: Setup, plans) -> dict:
+    """The summary fields that describe the run rather than measure it."""
+    args = setup.args
+    return {
+        "model": str(args.model),
+        "video": str(args.video),
+        "input_shape": list(setup.input_shape),
+        "preset": args.preset,
+        "metric": args.metric,
+        "budget": setup.budget,
+        "controller": args.controller,
+        "threads": args.threads,
+        "reference_every": args.reference_every,
+        "plan": plans.description,
+    }
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def handle(args: argparse.Namespace) -> int:
+    from deluceva.runtime.video_runner import FrameRecorder, VideoRunner, summarise
+
+    _check_writable(args.outputs, ".npz", "--outputs")
+    _check_writable(args.summary, ".json", "--summary")
+    setup = prepare(args)
+    plans = build_plans(setup)
+    runner = VideoRunner(plans, setup.controller, setup.metric, args.reference_every,
+                         percentage=args.percentage or 0.0)
+    recorder = FrameRecorder(args.outputs) if args.outputs else None
+    names = setup.model.output_names
+    input_key = f"input:{setup.model.input_name}"
+    results = []
+    interrupted = False
+    bar = progress(setup.video.expected, "deluceva run")
+    try:
+        for rgb in setup.video:
+            tensor = setup.preprocess(rgb)
+            result = runner.step(tensor)
+            results.append(result)
+            if recorder is not None:
+                arrays = dict(zip(names, result.outputs))
+                if args.save_inputs:
+                    arrays[input_key] = tensor
+                recorder.add(arrays)
+            result.outputs = None  # outputs live on disk only; keep memory flat on long videos
+            bar.update(1)
+            if result.error is not None:
+                bar.set_postfix(p=f"{result.percentage:.2f}", err=f"{result.error:.4f}")
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        bar.close()
+        if recorder is not None:
+            recorder.close()
+        if args.summary and results:
+            summary = {**run_info(setup, plans), **summarise(results, plans), "interrupted": interrupted}
+            write_json(args.summary, summary)
+    summary = summarise(results, plans)
+    _print_summary(summary, setup)
+    return 0
+
+
+def _print_summary(summary: dict, setup: Setup) -> None:
+    error = summary["error_mean"]
+    measured = "n/a" if error is None else f"{error:.4f} mean, {summary['error_max']:.4f} max"
+    print(
+        f"{summary['frames']} frames, {summary['ms_per_frame_mean']:.2f} ms/frame mean "
+        f"({summary['ms_per_frame_median']:.2f} median), {summary['reference_frames']} reference frames, "
+        f"{setup.args.metric} error on references {measured} (budget {setup.budget:g})",
+        file=sys.stderr,
+    )
