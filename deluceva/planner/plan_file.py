@@ -1,0 +1,227 @@
+"""Compiled plans: per node and filtering percentage, dense or delta, with costs and reasons; as JSON.
+
+Format (schema version 1), lists per node aligned with "percentages":
+
+    {
+      "format": "deluceva-plan", "schema_version": 1,
+      "model": {"path": str, "sha256": str, "input_shape": [1, C, H, W]},
+      "profile": {"path": str, "machine": {...}, "created": str},
+      "tile": int, "threads": int, "percentages": [..],
+      "nodes": [{"name", "op_type", "output_shape", "delta_reason", "dense_ms",
+                 "variant": [..], "delta_ms": [..|null], "density": [..|null],
+                 "predicted_ms": [..], "reason": [..]}],
+      "edges": [[producer, consumer], ...],
+      "totals": {"plan_ms": [..], "all_dense_ms": [..], "all_delta_ms": [..]}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from deluceva.errors import DelucevaError
+from deluceva.planner.attach_costs import attach_costs
+from deluceva.planner.choose_variants import choose_variants, frame_cost
+from deluceva.planner.load_model import Model
+from deluceva.planner.pipeline import build_dag
+
+__all__ = ["PlanFile", "compile_plan", "load_plan", "check_machine", "plans_for_run", "FORMAT", "SCHEMA_VERSION"]
+
+FORMAT = "deluceva-plan"
+SCHEMA_VERSION = 1
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isinf(value) else round(float(value), 5)
+
+
+@dataclass
+class PlanFile:
+    """A compiled plan (see the module docstring); `variants_for(p)` gives a Session's `plan`."""
+
+    data: dict
+    path: str = "<memory>"
+
+    @property
+    def percentages(self) -> list[float]:
+        return list(self.data["percentages"])
+
+    @property
+    def tile(self) -> int:
+        return int(self.data["tile"])
+
+    @property
+    def threads(self) -> int:
+        return int(self.data["threads"])
+
+    def index_for(self, percentage: float) -> int:
+        """The covered percentage nearest to `percentage` (the lower one on a tie)."""
+        if not 0.0 <= percentage < 1.0:
+            raise DelucevaError(f"filtering percentage {percentage} is outside [0, 1)")
+        return min(range(len(self.percentages)), key=lambda i: (abs(self.percentages[i] - percentage), i))
+
+    def variants_for(self, percentage: float) -> dict[str, str]:
+        """{node: "dense"|"delta"} of the plan for the covered percentage nearest `percentage`."""
+        i = self.index_for(percentage)
+        return {node["name"]: node["variant"][i] for node in self.data["nodes"]}
+
+    def check_model(self, model: Model) -> None:
+        """Refuse to run this plan on another model or input shape."""
+        want = self.data["model"]
+        if want["sha256"] != model.sha256:
+            raise DelucevaError(f"{self.path}: plan was compiled for another model "
+                                f"({Path(want.get('path', '?')).name}, sha256 {want['sha256'][:12]}…), "
+                                f"not {Path(model.path).name} (sha256 {model.sha256[:12]}…)")
+        if tuple(want["input_shape"]) != tuple(model.input_shape):
+            raise DelucevaError(f"{self.path}: plan was compiled for input shape {tuple(want['input_shape'])}, "
+                                f"not {tuple(model.input_shape)}")
+
+    def session(self, model: Model | str, percentage: float = 0.0, threads: int | None = None):
+        """A `Session` running this plan's variants for `percentage` on `model` (checked first)."""
+        from deluceva.planner.load_model import load_model
+        from deluceva.session import Session
+
+        if not isinstance(model, Model):
+            model = load_model(model, tuple(self.data["model"]["input_shape"]))
+        self.check_model(model)
+        return Session(model, plan=self.variants_for(percentage), tile=self.tile,
+                       threads=self.threads if threads is None else threads)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise DelucevaError(f"{path}: folder {path.parent} does not exist")
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(self.data, indent=1, allow_nan=False) + "\n")
+        temporary.replace(path)
+        self.path = str(path)
+        return path
+
+
+def check_machine(profile, threads: int | None = None, force: bool = False) -> list[str]:
+    """Compare the profile's machine with this one; an error unless `force`, then warnings.
+
+    Returns the differences (empty when it is this machine).
+    """
+    from deluceva.profiles.profile import compare_machines, machine_fingerprint
+
+    here = machine_fingerprint(profile.machine.get("threads", 1) if threads is None else threads)
+    differences = compare_machines(profile.machine, here)
+    if differences and not force:
+        raise DelucevaError(f"{profile.path}: profile was measured on another machine ({'; '.join(differences)}); "
+                            "profile here, or pass --force to use it anyway")
+    if differences:
+        warnings.warn(f"{profile.path}: profile from another machine ({'; '.join(differences)})", stacklevel=2)
+    return differences
+
+
+def compile_plan(model: Model, profile, percentages: Iterable[float] | None = None, force: bool = False) -> PlanFile:
+    """Choose variants for `model` at each percentage from `profile`'s cost model.
+
+    Args:
+        percentages: which to plan for (default: the profile's grid); each in [0, 1).
+        force: accept a profile from another machine (with a warning) instead of refusing it.
+
+    Raises:
+        DelucevaError: the profile is for another model or input shape, or (without `force`)
+            another machine; a percentage outside [0, 1).
+
+    Example:
+        >>> plan = compile_plan(load_model("m.onnx"), load_profile("m.profile.json"), [0.0, 0.9])  # doctest: +SKIP
+        >>> session = plan.session(model, percentage=0.9)
+    """
+    from deluceva.profiles.cost_model import CostModel
+
+    profile.check_model(model.sha256, model.input_shape)
+    check_machine(profile, force=force)
+    percentages = sorted({float(p) for p in (profile.percentages if percentages is None else percentages)})
+    for p in percentages:
+        if not 0.0 <= p < 1.0:
+            raise DelucevaError(f"percentage {p} is outside [0, 1)")
+    if not percentages:
+        raise DelucevaError("no percentage to compile for")
+    tile = int(profile.settings.get("tile", 8))
+    threads = int(profile.machine.get("threads", 1))
+    graph = build_dag(model, base_tile=tile, threads=threads)
+    costs = CostModel(profile)
+    nodes = {name: {"name": name, "op_type": d["op_type"],
+                    "output_shape": list(d["output_shapes"][0]) if d["output_shapes"] and d["output_shapes"][0] else None,
+                    "delta_reason": d["delta_reason"], "dense_ms": None,
+                    "variant": [], "delta_ms": [], "density": [], "predicted_ms": [], "reason": []}
+             for name, d in graph.nodes(data=True)}
+    totals = {"plan_ms": [], "all_dense_ms": [], "all_delta_ms": []}
+    all_dense = {v: "dense" for v in graph.nodes}
+    for p in percentages:
+        attach_costs(graph, costs, p)
+        choose_variants(graph)
+        all_delta = {v: "delta" if d["delta_reason"] is None else "dense" for v, d in graph.nodes(data=True)}
+        chosen = {v: d["variant"] for v, d in graph.nodes(data=True)}
+        totals["plan_ms"].append(_finite(frame_cost(graph, chosen)))
+        totals["all_dense_ms"].append(_finite(frame_cost(graph, all_dense)))
+        totals["all_delta_ms"].append(_finite(frame_cost(graph, all_delta)))
+        for name, d in graph.nodes(data=True):
+            entry = nodes[name]
+            entry["dense_ms"] = _finite(d["cost_dense"])
+            entry["variant"].append(d["variant"])
+            entry["delta_ms"].append(_finite(d["cost_delta"]))
+            entry["density"].append(None if d["density"] is None else round(d["density"], 4))
+            entry["predicted_ms"].append(_finite(d["predicted_ms"]))
+            entry["reason"].append(d["reason"])
+    data = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION,
+        "model": {"path": str(model.path), "sha256": model.sha256, "input_shape": list(model.input_shape)},
+        "profile": {"path": profile.path, "machine": profile.machine, "created": profile.created},
+        "tile": tile, "threads": threads, "percentages": percentages,
+        "nodes": list(nodes.values()),
+        "edges": [[u, v] for u, v in graph.edges],
+        "totals": totals,
+    }
+    return PlanFile(data)
+
+
+def load_plan(path: str | os.PathLike) -> PlanFile:
+    """Read and validate a plan file; one-line DelucevaError naming the file when it is bad."""
+    label = str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DelucevaError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise DelucevaError(f"{label}: is a directory, not a plan") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DelucevaError(f"{label}: cannot read plan ({type(error).__name__})") from None
+    except json.JSONDecodeError as error:
+        raise DelucevaError(f"{label}: not a deluceva plan (invalid JSON at line {error.lineno})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise DelucevaError(f"{label}: not a deluceva plan (no \"format\": \"{FORMAT}\")")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise DelucevaError(f"{label}: plan schema version {data.get('schema_version')!r} is not supported "
+                            f"(this deluceva reads {SCHEMA_VERSION}); compile again")
+    try:
+        percentages = data["percentages"]
+        n = len(percentages)
+        assert n and all(isinstance(p, (int, float)) and 0 <= p < 1 for p in percentages)
+        assert isinstance(data["model"]["sha256"], str) and len(data["model"]["input_shape"]) == 4
+        int(data["tile"]), int(data["threads"])
+        for node in data["nodes"]:
+            assert isinstance(node["name"], str) and isinstance(node["op_type"], str)
+            assert all(len(node[k]) == n for k in ("variant", "delta_ms", "density", "predicted_ms", "reason"))
+            assert all(v in ("dense", "delta") for v in node["variant"])
+        assert all(len(e) == 2 for e in data["edges"])
+        assert all(len(data["totals"][k]) == n for k in ("plan_ms", "all_dense_ms", "all_delta_ms"))
+    except (AssertionError, KeyError, TypeError, ValueError):
+        raise DelucevaError(f"{label}: corrupt plan (missing or malformed fields)") from None
+    return PlanFile(data, label)
+
+
+def plans_for_run(path: str | os.PathLike, model: Model) -> list[tuple[float, dict[str, str]]]:
+    """[(percentage, {node: variant}), ...] from a plan file, checked against `model`."""
+    plan = load_plan(path)
+    plan.check_model(model)
+    return [(p, plan.variants_for(p)) for p in plan.percentages]

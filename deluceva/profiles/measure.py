@@ -1,0 +1,316 @@
+"""The profiler: the executor with timing, run on calibration frames to measure every node.
+
+What is measured, and how:
+- dense time per node: the executor on an all-dense plan in which every node is its own
+  segment (one onnxruntime session per node), less the fixed cost of one session call, which is
+  measured on its own on a one-value model. Summing these and adding one call reproduces the
+  whole-model time to within the error that `validation` reports.
+- delta time per node and densities: the executor on the all-delta plan (delta wherever a kernel
+  exists), at each filtering percentage, on the calibration frames after a keyframe. Step times
+  exclude the conversions at a step's edges (the executor times those on their own).
+- conversion cost per tensor: `ToDelta` and `ToDense` timed on each 1xCxHxW tensor's real change
+  between consecutive frames, at each percentage, whether or not the all-delta plan converts it.
+The last quarter of the frames is held out: measured there, never fitted, to validate the cost
+model (see `deluceva.profiles.cost_model.validate`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import time
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from deluceva.errors import DelucevaError
+from deluceva.operators._ort import session_options
+from deluceva.planner import Model, load_model
+from deluceva.planner.assign_variants import assign_variants
+from deluceva.planner.mark_delta_support import DEFAULT_TILE, tensor_grid
+from deluceva.planner.partition_dense import partition_dense
+from deluceva.planner.physical import DenseSegment, PhysicalPlan
+from deluceva.planner.pipeline import build_dag
+from deluceva.profiles.profile import DEFAULT_PERCENTAGES, Profile, machine_fingerprint
+from deluceva.runtime.boundaries import ToDelta, ToDense
+from deluceva.runtime.executor import Executor, _session
+
+__all__ = ["measure_profile", "session_call_overhead", "DENSE_METHOD"]
+
+DENSE_METHOD = "one onnxruntime session per node, less the session call overhead"
+MIN_FRAMES = 4  # a keyframe and at least three timed frames
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.5g}")
+
+
+def session_call_overhead(threads: int, repeats: int = 300) -> float:
+    """Seconds one onnxruntime `run` costs on a one-value model: the price of a segment."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "overhead", [x], [y])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    feed = {"x": np.ones((1, 1, 1, 1), np.float32)}
+    for _ in range(20):
+        session.run(["y"], feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(["y"], feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _per_node_plan(graph) -> PhysicalPlan:
+    """All dense, each node its own segment, in the model's (topological) order."""
+    assign_variants(graph, "dense")
+    model = graph.graph["model"]
+    steps = []
+    for name, data in graph.nodes(data=True):
+        inputs = [t for t in dict.fromkeys(data["inputs"]) if t and t not in model.constants]
+        steps.append(DenseSegment([name], inputs, [t for t in data["outputs"] if t]))
+    plan = partition_dense(graph)  # for variants and reasons
+    return PhysicalPlan(steps, plan.variants, plan.reasons)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="profiling", unit="step", file=sys.stderr,
+                disable=None if enabled else True, dynamic_ncols=True)
+
+
+def measure_profile(
+    model: Model | str,
+    frames: Iterable[np.ndarray],
+    threads: int = 1,
+    percentages: Iterable[float] = DEFAULT_PERCENTAGES,
+    tile: int = DEFAULT_TILE,
+    dense_frames: int = 10,
+    conversion_pairs: int = 3,
+    holdout: float = 0.25,
+    progress: bool = True,
+) -> Profile:
+    """Measure `model` on calibration `frames` (model inputs, (1, C, H, W) float32, in video order).
+
+    Args:
+        frames: consecutive inputs; the first is the keyframe, the last `holdout` share is held out.
+        percentages: the filtering percentages to measure at, each in [0, 1).
+        dense_frames: frames the dense times are averaged over.
+        conversion_pairs: consecutive frame pairs each tensor's conversions are timed on.
+        progress: show a progress bar on stderr.
+
+    Example:
+        >>> profile = measure_profile("tiny.onnx", inputs, threads=1)      # doctest: +SKIP
+        >>> profile.save("tiny.profile.json")
+    """
+    model = model if isinstance(model, Model) else load_model(model)
+    percentages = sorted({float(p) for p in percentages})
+    if not percentages or not all(0.0 <= p < 1.0 for p in percentages):
+        raise DelucevaError(f"percentages must be in [0, 1), got {percentages}")
+    inputs = [np.ascontiguousarray(f, np.float32) for f in frames]
+    if len(inputs) < MIN_FRAMES:
+        raise DelucevaError(f"profiling needs at least {MIN_FRAMES} frames, got {len(inputs)}")
+    for frame in inputs:
+        if tuple(frame.shape) != tuple(model.input_shape):
+            raise DelucevaError(f"{model.path}: frame has shape {tuple(frame.shape)}, the model takes {model.input_shape}")
+    held = int(len(inputs) * holdout) if len(inputs) * holdout >= 2 and len(inputs) >= 8 else 0
+    fit = inputs[: len(inputs) - held]
+    # The held-out run starts from the last fitted frame as its keyframe, so no frame is skipped.
+    heldout = inputs[len(inputs) - held - 1:] if held else []
+    dense_frames = max(1, min(dense_frames, len(inputs)))
+    conversion_pairs = max(1, min(conversion_pairs, len(fit) - 1))
+
+    graph = build_dag(model, base_tile=tile, threads=threads)
+    grids = {}
+    for tensor in [model.input_name] + [t for _, d in graph.nodes(data=True) for t in d["outputs"] if t]:
+        grid = tensor_grid(graph, tensor, tile)
+        if grid is not None:
+            grids[tensor] = grid
+    delta_nodes = [n for n, d in graph.nodes(data=True) if d["delta_reason"] is None]
+    total = (dense_frames * 2 + len(percentages) * (len(fit) - 1 + max(0, len(heldout) - 1))
+             + len(grids) * len(percentages))
+    bar = _progress(total, progress)
+    try:
+        overhead = session_call_overhead(threads)
+        node_dense, dense_model = _measure_dense(model, graph, inputs[:dense_frames], threads, bar)
+        delta = _measure_delta(model, graph, fit, heldout, percentages, threads, bar)
+        conversions = _measure_conversions(model, grids, fit[: conversion_pairs + 1], percentages, bar)
+    finally:
+        bar.close()
+
+    nodes = {}
+    for name, data in graph.nodes(data=True):
+        out_shape = data["output_shapes"][0] if data["output_shapes"] else None
+        entry = {
+            "op_type": data["op_type"],
+            "flops": int(data["flops"]),
+            "output_shape": list(out_shape) if out_shape is not None else None,
+            "dense_ms": _round(max(0.0, node_dense[name] - overhead) * 1e3),
+            "delta_reason": data["delta_reason"],
+            "delta_ms": None, "in_density": None, "out_density": None, "samples": None,
+        }
+        samples = delta["samples"].get(name)
+        if samples is not None:
+            entry["delta_ms"] = [_round(float(np.mean(ms))) for ms in samples["ms"]]
+            entry["samples"] = {"density": [[_round(d) for d in ds] for ds in samples["density"]],
+                                "ms": [[_round(m) for m in ms] for ms in samples["ms"]]}
+        for key, tensors in (("in_density", [t for t in data["inputs"] if t in grids]),
+                             ("out_density", [t for t in data["outputs"] if t in grids])):
+            per_p = []
+            for i in range(len(percentages)):
+                values = [delta["density"][i].get(t, conversions[t]["density"][i]) for t in tensors]
+                per_p.append(_round(max(values)) if values else None)
+            if per_p and None not in per_p:
+                entry[key] = per_p
+        nodes[name] = entry
+    tensors = {t: {k: [_round(v) for v in values] for k, values in c.items()} for t, c in conversions.items()}
+    for i in range(len(percentages)):
+        for t, value in delta["density"][i].items():
+            if t in tensors:
+                tensors[t]["density"][i] = _round(value)
+    profile = Profile(
+        model={"path": str(model.path), "sha256": model.sha256, "input_shape": list(model.input_shape)},
+        machine=machine_fingerprint(threads),
+        settings={"tile": tile, "frames": len(inputs), "fit_frames": len(fit), "holdout_frames": held,
+                  "dense_frames": dense_frames, "conversion_pairs": conversion_pairs,
+                  "dense_method": DENSE_METHOD, "delta_nodes": len(delta_nodes)},
+        percentages=percentages,
+        dense_model_ms=_round(dense_model * 1e3),
+        segment_overhead_ms=_round(overhead * 1e3),
+        nodes=nodes,
+        tensors=tensors,
+        created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    if held:
+        from deluceva.profiles.cost_model import validate
+
+        profile.validation = validate(profile, graph, measured=delta["heldout"])
+    return profile
+
+
+def _measure_dense(model, graph, frames, threads, bar):
+    """Per-node seconds (one session per node) and the whole model's seconds, averaged."""
+    executor = Executor(model, graph, _per_node_plan(graph), threads=threads, profile=True)
+    executor.run(frames[0])  # keyframe: warms the sessions
+    executor.run(frames[0])
+    executor.step_times.clear()
+    for frame in frames:
+        executor.run(frame)
+        bar.update(1)
+    per_node = {}
+    for step in executor.plan.steps:
+        per_node[step.nodes[0]] = float(np.mean(executor.step_times[step.name]))
+    session = _session(model.onnx, threads)
+    session.run(None, {model.input_name: frames[0]})
+    times = []
+    for frame in frames:
+        start = time.perf_counter()
+        session.run(None, {model.input_name: frame})
+        times.append(time.perf_counter() - start)
+        bar.update(1)
+    return per_node, float(np.mean(times))
+
+
+def _measure_delta(model, graph, fit, heldout, percentages, threads, bar):
+    """Per-node delta samples on the fit frames, tensor densities, held-out per-frame times."""
+    assign_variants(graph, "delta")
+    plan = partition_dense(graph)
+    executor = Executor(model, graph, plan, threads=threads, profile=True)
+    delta_nodes = [s.node for s in plan.steps if s.kind == "delta"]
+    # Warm-up: the first delta frame compiles the numba kernels.
+    executor.reset()
+    executor.run(fit[0])
+    executor.run(fit[1], percentages[-1])
+    samples = {n: {"density": [], "ms": []} for n in delta_nodes}
+    densities = []
+    heldout_ms = []
+    for p in percentages:
+        for n in delta_nodes:
+            samples[n]["density"].append([])
+            samples[n]["ms"].append([])
+        seen: dict[str, list[float]] = {}
+        executor.reset()
+        executor.run(fit[0])
+        for frame in fit[1:]:
+            executor.step_times.clear()
+            executor.run(frame, p)
+            for n in delta_nodes:
+                spec = graph.nodes[n]["spec"]
+                ins = [executor.densities[t] for i, t in enumerate(graph.nodes[n]["inputs"])
+                       if t and i not in spec.constants and t in executor.densities]
+                samples[n]["density"][-1].append(max(ins) if ins else 0.0)
+                samples[n]["ms"][-1].append(executor.step_times[f"delta[{n}]"][0] * 1e3)
+            for t, d in executor.densities.items():
+                seen.setdefault(t, []).append(d)
+            bar.update(1)
+        densities.append({t: float(np.mean(v)) for t, v in seen.items()})
+        times = []
+        if heldout:
+            executor.reset()
+            executor.run(heldout[0])
+            for frame in heldout[1:]:
+                start = time.perf_counter()
+                executor.run(frame, p)
+                times.append((time.perf_counter() - start) * 1e3)
+                bar.update(1)
+        heldout_ms.append(times)
+    return {"samples": samples, "density": densities, "heldout": heldout_ms}
+
+
+def _all_tensor_values(model, frames):
+    """Every float 1xCxHxW tensor's value for each frame (one onnxruntime run per frame)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.onnx)
+    present = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        for t in node.output:
+            if t and t not in present and len(model.shapes.get(t, ())) == 4:
+                proto.graph.output.append(helper.make_tensor_value_info(t, model.dtypes.get(t, 1), model.shapes[t]))
+    session = _session(proto, 1)
+    names = [o.name for o in proto.graph.output]
+    values = []
+    for frame in frames:
+        result = dict(zip(names, session.run(None, {model.input_name: frame})))
+        result[model.input_name] = frame
+        values.append(result)
+    return values
+
+
+def _measure_conversions(model, grids, frames, percentages, bar):
+    """Per tensor and percentage: ms of ToDelta, of ToDense (apply + read), and the density."""
+    values = _all_tensor_values(model, frames)
+    result = {}
+    for tensor, grid in grids.items():
+        to_delta_ms, to_dense_ms, density = [], [], []
+        for p in percentages:
+            a, b, d = [], [], []
+            for before, after in zip(values, values[1:]):
+                if tensor not in before:
+                    continue
+                into = ToDelta(grid)
+                into.reset(before[tensor])
+                start = time.perf_counter()
+                change = into(after[tensor], p)
+                a.append(time.perf_counter() - start)
+                back = ToDense(grid)
+                back.reset(before[tensor])
+                start = time.perf_counter()
+                back.apply(change)
+                back.value()
+                b.append(time.perf_counter() - start)
+                d.append(change.density)
+            to_delta_ms.append(float(np.mean(a)) * 1e3 if a else 0.0)
+            to_dense_ms.append(float(np.mean(b)) * 1e3 if b else 0.0)
+            density.append(float(np.mean(d)) if d else 1.0)
+            bar.update(1)
+        result[tensor] = {"to_delta_ms": to_delta_ms, "to_dense_ms": to_dense_ms, "density": density}
+    return result
