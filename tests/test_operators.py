@@ -269,3 +269,34 @@ def test_unknown_op_type_lists_registered_ones():
     for op_type in ("Conv", "MaxPool", "Concat", "Resize", "Mul", "Slice"):
         assert op_type in registered_op_types()
         assert op_type in message
+
+
+# -- Both recompute paths of the windowed operators -------------------------------------------
+
+@pytest.fixture(params=["patches", "whole-buffer"])
+def recompute_path(request, monkeypatch):
+    """Force the windowed operators to gather patches, or to recompute the whole buffer."""
+    from deluceva.operators.conv import DeltaConv
+    from deluceva.operators.pool import DeltaPool
+
+    threshold = 10**9 if request.param == "patches" else -1
+    for cls in (DeltaConv, DeltaPool):
+        original = cls.__init__
+
+        def init(self, spec, original=original):
+            original(self, spec)
+            self.dense_from = threshold
+
+        monkeypatch.setattr(cls, "__init__", init)
+    return request.param
+
+
+@pytest.mark.parametrize("tile", [1, 4])
+def test_windowed_ops_on_both_paths(recompute_path, tile):
+    weight = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
+    check("Conv", {"strides": [2, 2], "pads": [1, 0, 1, 2]}, [(1, 4, 13, 11), weight], tile)
+    check("Conv", {"group": 4, "dilations": [2, 2], "auto_pad": "VALID"},
+          [(1, 4, 13, 11), rng.standard_normal((4, 1, 3, 3)).astype(np.float32)], tile)
+    check("MaxPool", POOLS["3x3s2-pad-ceil"], [(1, 3, 11, 13)], tile)
+    check("MaxPool", POOLS["spp13"], [(1, 3, 11, 13)], tile)
+    check("AveragePool", {**POOLS["asym-ceil"], "count_include_pad": 0}, [(1, 3, 11, 13)], tile)

@@ -28,6 +28,7 @@ __all__ = [
     "resolve_pads",
     "affected_tiles",
     "window_ranges",
+    "take_tiles",
     "UnsupportedOperator",
 ]
 
@@ -231,6 +232,19 @@ def affected_tiles(in_mask: np.ndarray, rows: tuple[np.ndarray, np.ndarray], col
     c1c = np.maximum(c1c, c0c)
     count = integral[r1c, c1c] - integral[r0c, c1c] - integral[r1c, c0c] + integral[r0c, c0c]
     return np.flatnonzero(count)
+
+
+def take_tiles(image: np.ndarray, grid: Grid, index: np.ndarray) -> np.ndarray:
+    """Tiles `index` of `grid` cut from a (C, H', W') image at least tiles_h*t by tiles_w*t large.
+
+    Windowed operators use it when recomputing the whole padded buffer in one call is cheaper than
+    gathering many overlapping patches.
+    """
+    t = grid.tile
+    image = image[:, : grid.tiles_h * t, : grid.tiles_w * t]
+    blocks = image.reshape(image.shape[0], grid.tiles_h, t, grid.tiles_w, t)
+    ty, tx = np.divmod(index, grid.tiles_w)
+    return blocks[:, ty, :, tx, :]
 
 
 def resolve_pads(attrs: dict, in_hw: tuple[int, int], kernel: tuple[int, int], strides, dilations) -> tuple[int, int, int, int]:

@@ -17,6 +17,7 @@ from deluceva.operators._common import (
     affected_tiles,
     register,
     resolve_pads,
+    take_tiles,
     window_ranges,
 )
 from deluceva.operators._ort import single_node_session
@@ -60,6 +61,8 @@ class DeltaConv(DeltaOperator):
         extra_w = max(0, need_w - left - self.in_grid.tiles_w * ti)
         self.scratch = TiledBuffer(self.in_grid, (top, left, extra_h, extra_w))
         self.windows = self.scratch.windows(self.out_grid, self.strides, self.patch)
+        # Past this many output tiles, convolving the whole scratch reads less than the patches do.
+        self.dense_from = self.scratch.data[0].size // (self.patch[0] * self.patch[1])
         self.rows = window_ranges(self.out_grid.tiles_h, to, self.strides[0], top, self.patch[0], ti, self.in_grid.tiles_h)
         self.cols = window_ranges(self.out_grid.tiles_w, to, self.strides[1], left, self.patch[1], ti, self.in_grid.tiles_w)
         self.pointwise = (
@@ -88,8 +91,10 @@ class DeltaConv(DeltaOperator):
             return [Delta(self.out_grid, change.index, np.ascontiguousarray(out))]
         self.scratch.assign(change.index, change.values)
         out_index = affected_tiles(change.mask(), self.rows, self.cols)
-        oy, ox = np.divmod(out_index, self.out_grid.tiles_w)
-        patches = self.windows[oy, ox]
+        if len(out_index) > self.dense_from:
+            out = take_tiles(self.session(self.scratch.data[None])[0], self.out_grid, out_index)
+        else:
+            oy, ox = np.divmod(out_index, self.out_grid.tiles_w)
+            out = self.session(self.windows[oy, ox])
         self.scratch.assign(change.index, 0.0)
-        out = self.session(patches)
         return [Delta(self.out_grid, out_index, self.out_grid.zero_phantom(out_index, out))]

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from deluceva.operators._common import (
-    Delta, DeltaOperator, OpSpec, TiledBuffer, affected_tiles, register, resolve_pads, window_ranges,
+    Delta, DeltaOperator, OpSpec, TiledBuffer, affected_tiles, register, resolve_pads, take_tiles, window_ranges,
 )
 from deluceva.operators._ort import single_node_session
 
@@ -55,6 +55,8 @@ class DeltaPool(DeltaOperator):
         # MaxPool ignores padding and ceil-mode overhang: -inf there never wins a max.
         self.buffer = TiledBuffer(gi, (top, left, extra_h, extra_w), -np.inf if self.is_max else 0.0)
         self.windows = self.buffer.windows(go, strides, patch)
+        # Past this many output tiles, pooling the whole buffer reads less than the patches do.
+        self.dense_from = self.buffer.data[0].size // (patch[0] * patch[1])
         self.rows = window_ranges(go.tiles_h, to, strides[0], top, patch[0], ti, gi.tiles_h)
         self.cols = window_ranges(go.tiles_w, to, strides[1], left, patch[1], ti, gi.tiles_w)
         attrs = {"kernel_shape": list(kernel), "strides": list(strides)}
@@ -87,7 +89,10 @@ class DeltaPool(DeltaOperator):
             self.buffer.assign(change.index, change.values)
         index = affected_tiles(change.mask(), self.rows, self.cols)
         oy, ox = np.divmod(index, go.tiles_w)
-        result = self.session(self.windows[oy, ox])
+        if len(index) > self.dense_from:
+            result = take_tiles(self.session(self.buffer.data[None])[0], go, index)
+        else:
+            result = self.session(self.windows[oy, ox])
         if self.is_max:
             # Phantom outputs may be -inf (all-padding windows): zero them before subtracting.
             new = go.zero_phantom(index, result)
