@@ -103,6 +103,7 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
     against onnxruntime, the largest over the two outputs, on every frame).
     """
     from deluceva.commands.bench import run_deluceva, run_onnxruntime
+    from deluceva.commands.run import PROFILE_FRAMES, compile_plans
     from deluceva.controller import make_controller
     from deluceva.planner import load_model
     from deluceva.runtime.metrics import get_metric
@@ -122,9 +123,15 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
             model = load_model(proto)
             ort_ms = float(np.mean(reference.ms))
             rows.append(dict(name="onnxruntime", ms_per_frame=ort_ms, speedup=1.0, error_mean=0.0, error_max=0.0))
+            # Profiled on the clip's first frames like `deluceva run` without --plan; compiled
+            # once for both percentages (plan construction is outside the per-frame times).
+            plans = compile_plans(model, tensors[:PROFILE_FRAMES], threads, (0.0, percentage), progress=False)
+            if plans is None:
+                plans = PlanSet([Session(model, plan="delta", threads=threads)], [0.0], "delta (no profiler)")
             for p in (0.0, percentage):
                 def make_runner(p=p):
-                    plans = PlanSet([Session(model, plan="delta", threads=threads)], [0.0], "demo: delta")
+                    for session in plans.sessions:
+                        session.reset()
                     return VideoRunner(plans, make_controller("fixed", percentage=p), metric, reference_every, p)
 
                 run = run_deluceva(make_runner, tensors, reference, metric)

@@ -33,20 +33,7 @@ SUMMARY_FIELDS = {
 
 
 def _install_stand_ins():
-    """Minimal metrics/controller modules when the real ones are missing (removed once they land)."""
-    try:
-        import deluceva.runtime.metrics  # noqa: F401
-    except ImportError:
-        module = types.ModuleType("deluceva.runtime.metrics")
-
-        def get_metric(name, preset=None):
-            def rel_l2(outputs, references):
-                return max(float(np.linalg.norm(np.float64(o) - r) / (np.linalg.norm(r) or 1.0))
-                           for o, r in zip(outputs, references))
-            return rel_l2
-
-        module.get_metric = get_metric
-        sys.modules["deluceva.runtime.metrics"] = module
+    """A minimal controller module while the real one is missing (removed once it lands)."""
     try:
         from deluceva.controller import make_controller  # noqa: F401
     except ImportError:
@@ -113,7 +100,7 @@ def _onnxruntime_outputs(model: Path, inputs: np.ndarray) -> dict[str, np.ndarra
 def test_run_writes_outputs_and_summary(tiny, tmp_path):
     model, clip = tiny
     out, summary_path = tmp_path / "out.npz", tmp_path / "summary.json"
-    code = main(["run", str(model), str(clip), "--controller", "fixed", "--percentage", "0", "--reference-every", "5",
+    code = main(["run", str(model), str(clip), "--plan", "delta", "--controller", "fixed", "--percentage", "0", "--reference-every", "5",
                  "--outputs", str(out), "--save-inputs", "--summary", str(summary_path)])
     assert code == 0
     with np.load(out) as data:
@@ -134,6 +121,17 @@ def test_run_writes_outputs_and_summary(tiny, tmp_path):
     assert len(summary["percentage_trace"]) == len(summary["density_trace"]) == 12
     assert summary["plan_variants"]["delta"] > 0
     assert not (tmp_path / "out.npz.parts").exists()
+
+
+def test_run_without_plan_compiles_on_the_fly_and_says_so(tiny, tmp_path, capsys):
+    model, clip = tiny
+    summary_path = tmp_path / "summary.json"
+    assert main(["run", str(model), str(clip), "--controller", "fixed", "--percentage", "0.5",
+                 "--summary", str(summary_path)]) == 0
+    assert "compiling on the fly" in capsys.readouterr().err
+    summary = json.loads(summary_path.read_text())
+    assert "compiled on the fly" in summary["plan"]
+    assert summary["plan_percentages"][0] == 0.0 and summary["frames"] == 12
 
 
 def test_interrupted_run_keeps_finished_frames(tiny, tmp_path, monkeypatch):
@@ -158,7 +156,7 @@ def test_interrupted_run_keeps_finished_frames(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(video_module, "open_video", lambda *a, **k: Interrupting(real_open(*a, **k)))
     out, summary_path = tmp_path / "out.npz", tmp_path / "summary.json"
-    code = main(["run", str(model), str(clip), "--controller", "fixed", "--percentage", "0.3",
+    code = main(["run", str(model), str(clip), "--plan", "delta", "--controller", "fixed", "--percentage", "0.3",
                  "--outputs", str(out), "--summary", str(summary_path)])
     assert code == 130
     with np.load(out) as data:
@@ -273,7 +271,7 @@ def test_not_a_video(tiny, tmp_path, capsys):
 def test_bench_reports_and_writes_json_and_plot(tiny, tmp_path, capsys):
     model, clip = tiny
     out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
-    code = main(["bench", str(model), str(clip), "--controller", "fixed", "--percentage", "0",
+    code = main(["bench", str(model), str(clip), "--plan", "delta", "--controller", "fixed", "--percentage", "0",
                  "--json", str(out), "--plot", str(picture)])
     assert code == 0
     table = capsys.readouterr().out

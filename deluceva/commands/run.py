@@ -17,11 +17,12 @@ import onnx
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["add_parser", "add_run_options", "Setup", "prepare", "build_plans", "progress", "write_json", "handle"]
+__all__ = ["add_parser", "add_run_options", "Setup", "prepare", "build_plans", "compile_plans", "progress", "write_json", "handle"]
 
-DEFAULT_BUDGETS = {"rel-l2": 0.05, "det": 0.02}
-# Plan percentages compiled on the fly when no --plan is given (see `build_plans`).
-ON_THE_FLY_PERCENTAGES = (0.0,)
+# Without --plan: percentages compiled on the fly, and frames profiled for them (about 20 s for
+# YOLOX-nano on one core); `deluceva compile` makes a finer plan once and for all.
+ON_THE_FLY_PERCENTAGES = (0.0, 0.5, 0.9)
+PROFILE_FRAMES = 12
 
 
 def _non_negative_int(text: str) -> int:
@@ -48,14 +49,15 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int) -
     """The options `run` and `bench` share."""
     parser.add_argument("model", help="ONNX model file")
     parser.add_argument("video", help="video file or stream URL (anything FFmpeg decodes)")
-    parser.add_argument("--plan", help="plan JSON from `deluceva compile` (default: compile on the fly)")
+    parser.add_argument("--plan", help="plan JSON from `deluceva compile`, or 'dense' or 'delta' (every node that "
+                        "has a delta kernel) without profiling (default: profile briefly, compile on the fly)")
     parser.add_argument("--controller", choices=["fixed", "pi", "learned"], default="pi",
                         help="how the filtering percentage moves (default: pi)")
     parser.add_argument("--percentage", type=percentage, default=None,
                         help="filtering percentage in [0, 1): fixed value, or starting value")
     parser.add_argument("--error-budget", type=_budget, default=None,
                         help="error to hold on reference frames (default: 0.05 rel-l2, 0.02 det)")
-    parser.add_argument("--metric", choices=sorted(DEFAULT_BUDGETS), default="rel-l2",
+    parser.add_argument("--metric", choices=["det", "rel-l2"], default="rel-l2",
                         help="error metric on reference frames (default: rel-l2)")
     parser.add_argument("--preset", help="preprocessing preset: yolox, yunet, mtcnn (default: generic)")
     parser.add_argument("--reference-every", type=positive_int, default=30, metavar="K",
@@ -132,10 +134,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     preprocess = Preprocessor.for_model(tuple(declared), preset=args.preset, model_name=str(args.model))
     input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
     model = load_model(args.model, input_shape)
-    if args.metric == "det" and not args.preset:
-        raise DelucevaError("--metric det decodes detections and needs a --preset that does (yolox, yunet)")
-    metric = get_metric(args.metric, args.preset)
-    budget = args.error_budget if args.error_budget is not None else DEFAULT_BUDGETS[args.metric]
+    metric = get_metric(args.metric, args.preset, input_shape=input_shape, output_names=model.output_names)
+    budget = args.error_budget if args.error_budget is not None else metric.budget
     percentage = args.percentage
     if args.controller == "fixed" and percentage is None:
         percentage = 0.0
@@ -151,6 +151,9 @@ def build_plans(setup: Setup, announce=None):
 
     args = setup.args
     announce = announce or (lambda text: print(f"deluceva: {text}", file=sys.stderr))
+    if args.plan in ("dense", "delta"):
+        session = Session(setup.model, plan=args.plan, threads=args.threads)
+        return PlanSet([session], [0.0], description=f"{args.plan} (every node that can)")
     if args.plan:
         plans = _plans_from_file(args.plan, setup)
         if plans is not None:
@@ -178,22 +181,53 @@ def _plans_from_file(path: str, setup: Setup):
     return PlanSet(sessions, [p for p, _ in entries], description=f"from {path}")
 
 
-def _compile_on_the_fly(setup: Setup, announce):
-    """Brief profile + compile through the planner's API, when this build has it."""
+def compile_plans(model, frames: list, threads: int = 1, percentages=None, progress: bool = True):
+    """Profile `model` on `frames` (model inputs) and choose a plan by cost for each percentage.
+
+    Returns a PlanSet (plans identical to a lower percentage's are merged), or None when this
+    build has no profiler.
+    """
     try:
-        from deluceva.planner import plan_file
+        from deluceva.planner.attach_costs import attach_costs
+        from deluceva.planner.choose_variants import choose_variants
+        from deluceva.profiles import CostModel, measure_profile
     except ImportError:
         return None
-    compile_for_run = getattr(plan_file, "compile_for_run", None)
-    if compile_for_run is None:
-        return None
+    from deluceva.planner import build_dag
     from deluceva.runtime.video_runner import PlanSet
     from deluceva.session import Session
 
-    announce("no --plan given: profiling briefly and compiling on the fly")
-    entries = compile_for_run(setup.model, threads=setup.args.threads)
-    sessions = [Session(setup.model, plan=variants, threads=setup.args.threads) for _, variants in entries]
-    return PlanSet(sessions, [p for p, _ in entries], description="profiled and compiled on the fly")
+    percentages = tuple(percentages or ON_THE_FLY_PERCENTAGES)
+    profile = measure_profile(model, frames, threads=threads, percentages=percentages, progress=progress)
+    cost_model = CostModel(profile)
+    sessions, compiled, seen = [], [], set()
+    for percentage in percentages:
+        graph = build_dag(model, threads=threads)
+        attach_costs(graph, cost_model, percentage)
+        choose_variants(graph)
+        variants = {name: data["variant"] for name, data in graph.nodes(data=True)}
+        key = tuple(sorted(variants.items()))
+        if key in seen:
+            continue  # same plan as a lower percentage: that session serves this range too
+        seen.add(key)
+        sessions.append(Session(model, plan=variants, threads=threads))
+        compiled.append(percentage)
+    return PlanSet(sessions, compiled, description=f"profiled on {len(frames)} frames, compiled on the fly")
+
+
+def _compile_on_the_fly(setup: Setup, announce):
+    from deluceva.runtime.video import open_video
+
+    try:
+        import deluceva.profiles  # noqa: F401
+    except ImportError:
+        return None
+    args = setup.args
+    announce(f"no --plan given: profiling on the first {PROFILE_FRAMES} frames and compiling on the fly "
+             f"for p in {', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} (save one with `deluceva compile`)")
+    video = open_video(args.video, frames=PROFILE_FRAMES, start=args.start, every=args.every)
+    frames = [setup.preprocess(rgb) for rgb in video]
+    return compile_plans(setup.model, frames, args.threads)
 
 
 def progress(total: int | None, description: str):
