@@ -105,7 +105,9 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, input_shape: tuple[i
 def _read(source) -> tuple[str, bytes, onnx.ModelProto]:
     if isinstance(source, onnx.ModelProto):
         raw = source.SerializeToString()
-        return "<memory>", raw, onnx.load_from_string(raw)
+        proto = onnx.load_from_string(raw)
+        _check("<memory>", proto)
+        return "<memory>", raw, proto
     path = str(source)
     if not os.path.exists(path):
         raise DelucevaError(f"{path}: no such file")
@@ -118,16 +120,39 @@ def _read(source) -> tuple[str, bytes, onnx.ModelProto]:
         raise DelucevaError(f"{path}: not an ONNX model ({_first_line(error)})") from None
     if not proto.graph.node:
         raise DelucevaError(f"{path}: not an ONNX model (no graph nodes; truncated or another format)")
-    try:
-        onnx.checker.check_model(proto, full_check=False)
-    except Exception as error:
-        raise DelucevaError(f"{path}: invalid ONNX model ({_first_line(error)})") from None
+    _check(path, proto)
     return path, raw, proto
 
 
+def _check(label: str, proto: onnx.ModelProto) -> None:
+    """onnx.checker, except that graph inputs and outputs may leave their shape unknown.
+
+    The checker wants a shape on every main-graph input and output, but exporters and
+    onnx.helper (`make_tensor_value_info(name, type, None)`) leave it out for "unknown rank" and
+    onnxruntime runs such models; shapes are inferred after binding the input anyway. So the
+    check runs on a copy where those shapes are present (and empty): nothing else is relaxed.
+    """
+    if not proto.graph.node:
+        raise DelucevaError(f"{label}: the model's graph has no nodes")
+    checked = proto
+    shapeless = [v for v in (*proto.graph.input, *proto.graph.output)
+                 if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
+    if shapeless:
+        checked = onnx.ModelProto()
+        checked.CopyFrom(proto)
+        for value in (*checked.graph.input, *checked.graph.output):
+            if value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape"):
+                value.type.tensor_type.shape.SetInParent()
+    try:
+        onnx.checker.check_model(checked, full_check=False)
+    except Exception as error:
+        raise DelucevaError(f"{label}: invalid ONNX model ({_first_line(error)})") from None
+
+
 def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    """The error's message on one line (some span several), at most 200 characters."""
+    text = " ".join(str(error).split())
+    return (text[:197] + "...") if len(text) > 200 else (text or type(error).__name__)
 
 
 def _move_initializer_inputs(proto: onnx.ModelProto) -> None:
