@@ -300,3 +300,23 @@ def test_windowed_ops_on_both_paths(recompute_path, tile):
     check("MaxPool", POOLS["3x3s2-pad-ceil"], [(1, 3, 11, 13)], tile)
     check("MaxPool", POOLS["spp13"], [(1, 3, 11, 13)], tile)
     check("AveragePool", {**POOLS["asym-ceil"], "count_include_pad": 0}, [(1, 3, 11, 13)], tile)
+
+
+# -- Layout: SpaceToDepth, channel Gather -----------------------------------------------------
+
+@pytest.mark.parametrize("block", [2, 4])
+@pytest.mark.parametrize("tile", [4, 8])
+def test_space_to_depth(tile, block):
+    check("SpaceToDepth", {"blocksize": block}, [(1, 3, 16, 24)], tile, out_tiles=[tile // block])
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_gather_channels(tile):
+    check("Gather", {"axis": 1}, [CHANNELS, i64(3, 0, -1, 1, 1)], tile)
+
+
+def test_layout_reasons():
+    spec = make_spec("SpaceToDepth", {"blocksize": 2}, [(1, 3, 16, 24)], [(1, 12, 8, 12)], 4, out_tiles=[4])
+    assert "line up" in get_operator("SpaceToDepth").supports(spec)
+    spec = make_spec("Gather", {"axis": 2}, [CHANNELS, i64(0, 1)], [(1, 4, 2, 13)], 4)
+    assert "channel axis" in get_operator("Gather").supports(spec)

@@ -13,7 +13,7 @@ from deluceva.operators._common import (
 )
 
 # Importing a module registers its operators.
-from deluceva.operators import binary, concat, conv, pool, resize, softmax, unary  # noqa: F401,E402
+from deluceva.operators import binary, concat, conv, layout, pool, resize, softmax, unary  # noqa: F401,E402
 
 __all__ = [
     "Delta",
