@@ -7,9 +7,6 @@ the real models and videos in ../shared/data with each controller and both metri
 from __future__ import annotations
 
 import json
-import sys
-import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,42 +30,18 @@ SUMMARY_FIELDS = {
 
 
 def _install_stand_ins():
-    """A minimal controller module while the real one is missing (removed once it lands)."""
-    try:
-        from deluceva.controller import make_controller  # noqa: F401
-    except ImportError:
-        module = types.ModuleType("deluceva.controller")
+    """A controller factory while `deluceva.controller.make_controller` is missing (removed once it lands)."""
+    import deluceva.controller as controller
 
-        @dataclass
-        class Observation:
-            frame: int
-            error: float | None
-            percentage: float
-            changed_tiles: float = 0.0
-            mean_abs_change: float = 0.0
-            density: float = 1.0
+    if hasattr(controller, "make_controller"):
+        return
 
-        class Fixed:
-            def __init__(self, p):
-                self.p = p
+    def make_controller(name, percentage=None, budget=None, learned_path=None):
+        if name == "fixed":
+            return controller.FixedController(percentage=percentage or 0.0)
+        return controller.PIController(budget=budget, p_start=percentage or 0.0)
 
-            def update(self, observation):
-                return self.p
-
-        class Proportional:
-            def __init__(self, p, budget):
-                self.p, self.budget = p, budget
-
-            def update(self, observation):
-                if observation.error is not None:
-                    self.p = float(np.clip(self.p + 2.0 * (self.budget - observation.error), 0, 0.95))
-                return self.p
-
-        def make_controller(name, percentage=None, budget=None, learned_path=None):
-            return Fixed(percentage or 0.0) if name == "fixed" else Proportional(percentage or 0.0, budget)
-
-        module.Observation, module.make_controller = Observation, make_controller
-        sys.modules["deluceva.controller"] = module
+    controller.make_controller = make_controller
 
 
 _install_stand_ins()

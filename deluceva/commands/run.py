@@ -188,24 +188,19 @@ def compile_plans(model, frames: list, threads: int = 1, percentages=None, progr
     build has no profiler.
     """
     try:
-        from deluceva.planner.attach_costs import attach_costs
-        from deluceva.planner.choose_variants import choose_variants
-        from deluceva.profiles import CostModel, measure_profile
+        from deluceva.planner.plan_file import compile_plan
+        from deluceva.profiles import measure_profile
     except ImportError:
         return None
-    from deluceva.planner import build_dag
     from deluceva.runtime.video_runner import PlanSet
     from deluceva.session import Session
 
     percentages = tuple(percentages or ON_THE_FLY_PERCENTAGES)
     profile = measure_profile(model, frames, threads=threads, percentages=percentages, progress=progress)
-    cost_model = CostModel(profile)
+    plan = compile_plan(model, profile, percentages)
     sessions, compiled, seen = [], [], set()
-    for percentage in percentages:
-        graph = build_dag(model, threads=threads)
-        attach_costs(graph, cost_model, percentage)
-        choose_variants(graph)
-        variants = {name: data["variant"] for name, data in graph.nodes(data=True)}
+    for percentage in plan.percentages:
+        variants = plan.variants_for(percentage)
         key = tuple(sorted(variants.items()))
         if key in seen:
             continue  # same plan as a lower percentage: that session serves this range too
@@ -219,6 +214,7 @@ def _compile_on_the_fly(setup: Setup, announce):
     from deluceva.runtime.video import open_video
 
     try:
+        import deluceva.planner.plan_file  # noqa: F401
         import deluceva.profiles  # noqa: F401
     except ImportError:
         return None

@@ -13,7 +13,6 @@ every finished frame).
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import json
 import math
 import os
@@ -228,23 +227,10 @@ class VideoRunner:
 
 
 def _default_observation() -> Callable:
-    """Builds `deluceva.controller.Observation` from our fields, mapping names it spells differently."""
     from deluceva.controller import Observation
 
-    names = {f.name for f in dataclasses.fields(Observation)}
-
     def build(frame, error, percentage, statistics):
-        values = {"frame": frame, "error": error, "percentage": percentage, **statistics}
-        aliases = {"frame": ("frame", "index", "frame_index"), "percentage": ("percentage", "current_percentage", "p")}
-        kwargs = {}
-        for key, value in values.items():
-            for alias in aliases.get(key, (key,)):
-                if alias in names:
-                    kwargs[alias] = value
-                    break
-        if "statistics" in names:
-            kwargs["statistics"] = dict(statistics)
-        return Observation(**kwargs)
+        return Observation(frame=frame, error=error, percentage=percentage, **statistics)
 
     return build
 
