@@ -43,6 +43,7 @@ def mark_delta_support(graph: nx.DiGraph, base_tile: int = DEFAULT_TILE, threads
                          for i, t in enumerate(data["inputs"])],
             output_grids=[tensor_grid(graph, t, base_tile) for t in data["outputs"]],
             threads=threads,
+            opset=model.opset,
         )
         if data["domain"] not in ("", "ai.onnx"):
             reason = f"no delta kernel for {data['domain']}.{data['op_type']}"

@@ -68,7 +68,8 @@ class Executor:
         self.threads = threads
         self.profile = profile
         self.step_times: dict[str, list[float]] = defaultdict(list)
-        self.densities: dict[str, float] = {}
+        self._last_deltas: dict[str, Delta] | None = None
+        self._densities: dict[str, float] | None = None  # computed from _last_deltas on demand
         self.keyframe_pending = True
         self._segments: dict[int, ort.InferenceSession] = {}
         self._operators = {}
@@ -107,6 +108,7 @@ class Executor:
                 )
         self._keyframe_names = [o.name for o in keyframe.graph.output]
         self._keyframe = _session(keyframe, threads)
+        self._compiled = self._compile_steps()
 
     # -- public API --------------------------------------------------------------------
 
@@ -159,14 +161,43 @@ class Executor:
             boundary.reset(values[tensor])
         for delta_filter in self.filters.values():
             delta_filter.reset()
-        self.densities = {t: 1.0 for t in self.grids}
+        self._last_deltas, self._densities = None, None
         self.keyframe_pending = False
         self._timed("keyframe", start)
         return [values[name] for name in self.model.output_names]
 
+    def _compile_steps(self) -> list[tuple]:
+        """Per step, everything the frame loop needs, looked up once instead of every frame.
+
+        A delta step becomes (step, operator, input tensors with None for constants, outputs as
+        (tensor, filter, ToDense or None)); a dense step becomes (step, session).
+        """
+        compiled = []
+        for step in self.plan.steps:
+            if isinstance(step, DenseSegment):
+                compiled.append((step, self._segments[id(step)]))
+                continue
+            operator = self._operators[step.node]
+            inputs = [None if (not t or i in operator.spec.constants) else t for i, t in enumerate(step.inputs)]
+            outputs = [(t, self.filters[t], self.to_dense.get(t)) for t in step.outputs]
+            compiled.append((step, operator, inputs, outputs))
+        return compiled
+
+    @property
+    def densities(self) -> dict[str, float]:
+        """Share of changed tiles per delta tensor on the last frame (1.0 after a keyframe)."""
+        if self._densities is None:
+            if self._last_deltas is None:
+                self._densities = {t: 1.0 for t in self.grids}
+            else:
+                self._densities = {t: len(d.index) / d.grid.n_tiles for t, d in self._last_deltas.items()}
+        return self._densities
+
     def _run_delta(self, frame: np.ndarray, percentage: float) -> list[np.ndarray]:
         dense: dict[str, np.ndarray] = {self.model.input_name: frame}
         deltas: dict[str, Delta] = {}
+        self._last_deltas, self._densities = deltas, None
+        profile = self.profile
 
         # When profiling, conversions are timed on their own ("to_delta[t]", "to_dense[t]") and
         # left out of the step that triggered them, so a step's time is its operator's alone.
@@ -174,44 +205,47 @@ class Executor:
 
         def read_dense(tensor: str) -> np.ndarray:
             if tensor not in dense:
-                start = time.perf_counter()
+                start = time.perf_counter() if profile else 0.0
                 dense[tensor] = np.ascontiguousarray(self.to_dense[tensor].value())
-                converting[0] += self._timed(f"to_dense[{tensor}]", start)
+                if profile:
+                    converting[0] += self._timed(f"to_dense[{tensor}]", start)
             return dense[tensor]
 
         def read_delta(tensor: str) -> Delta:
             if tensor not in deltas:
                 value = read_dense(tensor)
-                start = time.perf_counter()
+                start = time.perf_counter() if profile else 0.0
                 deltas[tensor] = self.to_delta[tensor](value, percentage)
-                converting[0] += self._timed(f"to_delta[{tensor}]", start)
-                self.densities[tensor] = deltas[tensor].density
+                if profile:
+                    converting[0] += self._timed(f"to_delta[{tensor}]", start)
             return deltas[tensor]
 
-        for step in self.plan.steps:
-            start = time.perf_counter()
-            converting[0] = 0.0
+        for compiled in self._compiled:
+            step = compiled[0]
+            if profile:
+                start = time.perf_counter()
+                converting[0] = 0.0
             try:
-                if isinstance(step, DenseSegment):
-                    session = self._segments[id(step)]
+                if len(compiled) == 2:
+                    session = compiled[1]
                     results = session.run(step.outputs, {t: read_dense(t) for t in step.inputs})
                     dense.update(zip(step.outputs, results))
                 else:
-                    operator = self._operators[step.node]
-                    spec = operator.spec
-                    inputs = [None if (not t or i in spec.constants) else read_delta(t) for i, t in enumerate(step.inputs)]
-                    for tensor, change in zip(step.outputs, operator.step(inputs)):
-                        change = self.filters[tensor](change, percentage)
+                    _, operator, inputs, outputs = compiled
+                    changes = operator.step([None if t is None else deltas.get(t) or read_delta(t) for t in inputs])
+                    for (tensor, delta_filter, to_dense), change in zip(outputs, changes):
+                        change = delta_filter(change, percentage)
                         deltas[tensor] = change
-                        self.densities[tensor] = change.density
-                        if tensor in self.to_dense:
-                            applied = time.perf_counter()
-                            self.to_dense[tensor].apply(change)
-                            converting[0] += self._timed(f"to_dense_apply[{tensor}]", applied)
+                        if to_dense is not None:
+                            applied = time.perf_counter() if profile else 0.0
+                            to_dense.apply(change)
+                            if profile:
+                                converting[0] += self._timed(f"to_dense_apply[{tensor}]", applied)
             except DelucevaError:
                 raise
             except Exception as error:
                 raise StepError(f"{step.name}: {type(error).__name__}: {error}") from error
-            self._timed(step.name, start, exclude=converting[0])
+            if profile:
+                self._timed(step.name, start, exclude=converting[0])
         return [np.array(read_dense(name)) for name in self.model.output_names]
 
