@@ -192,12 +192,36 @@ def _normalise(label: str, proto: onnx.ModelProto) -> onnx.ModelProto:
     keep = [o for o in result.opset_import if o.domain in used]
     del result.opset_import[:]
     result.opset_import.extend(keep)
+    _remove_dead_nodes(result)
     seen: set[str] = set()
     for index, node in enumerate(result.graph.node):
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{index}"
         seen.add(node.name)
     return result
+
+
+def _remove_dead_nodes(proto: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs reach no graph output (onnxruntime keeps them), and their weights.
+
+    A dead node would otherwise end up in a dense segment that exports nothing, or cost a delta
+    step every frame for a value nobody reads.
+    """
+    graph = proto.graph
+    live = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in live for o in node.output if o):
+            keep.append(node)
+            live.update(t for t in node.input if t)
+    if len(keep) == len(graph.node):
+        return
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    initializers = [i for i in graph.initializer if i.name in live]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
 
 
 def _infer_shapes(label: str, proto: onnx.ModelProto, model: Model):
