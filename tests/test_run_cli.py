@@ -193,12 +193,12 @@ def test_runner_references_and_plan_switch(tiny):
     pre = Preprocessor.for_model(model.input_shape)
     results = [runner.step(pre(rgb)) for rgb in open_video(clip)]
     reference = [r.index for r in results if r.reference]
-    assert reference == [0, 3, 7, 11]  # 3: plan switch; then every 4 frames
-    assert [r.plan for r in results[:4]] == [0, 0, 0, 0] and all(r.plan == 1 for r in results[4:])
-    assert all(r.error is not None for r in results if r.reference and r.index)
-    assert all(r.density == 1.0 for r in results[:3])
+    assert reference == [0, 3, 7, 11]  # 3: plan switch (dense, unmeasured); then every 4 frames
+    assert [r.plan for r in results[:3]] == [0, 0, 0] and all(r.plan == 1 for r in results[3:])
+    assert [r.index for r in results if r.error is not None] == [7, 11]
+    assert all(r.density == 1.0 for r in results[:4])
     assert all(r.density < 1.0 for r in results[4:] if not r.reference)
-    assert results[3].percentage == 0.4 and controller.seen[3].error is not None
+    assert results[3].percentage == 0.4 and controller.seen[7].error is not None
 
 
 def test_runner_rejects_zero_reference_interval(tiny):
@@ -315,3 +315,17 @@ def test_end_to_end(shared_data, tmp_path, controller, case):
     assert all(0.0 <= d <= 1.0 for d in summary["density_trace"])
     if controller != "fixed":  # a fixed p promises no error; the controllers hold the budget
         assert summary["error_mean"] <= summary["budget"]
+
+
+def test_change_statistics_counts_changed_tiles():
+    from deluceva.runtime.video_runner import change_statistics
+
+    rng = np.random.default_rng(0)
+    before = rng.random((1, 3, 64, 80), dtype=np.float32)
+    after = before.copy()
+    after[..., 10:26, 33:40] += 0.5  # rows 10..25 -> tile rows 1..3; cols 33..39 -> tile col 4
+    stats = change_statistics(after, before)
+    assert stats["changed_tiles"] == pytest.approx(3 / (8 * 10))
+    assert stats["mean_abs_change"] == pytest.approx(0.5 * 16 * 7 / (64 * 80), rel=0.5)
+    assert change_statistics(before, before)["changed_tiles"] == 0.0
+    assert change_statistics(before, None)["changed_tiles"] == 1.0
