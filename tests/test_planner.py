@@ -198,6 +198,9 @@ class FakeCosts:
     def knows_tensor(self, tensor):
         return True
 
+    def has_delta(self, node):
+        return True
+
     def dense_ms(self, node):
         return 1.0
 

@@ -26,6 +26,8 @@ def attach_costs(graph: nx.DiGraph, cost_model, percentage: float) -> bool:
     unknown = []
     for name, data in graph.nodes(data=True):
         if cost_model.knows(name):
+            if data.get("delta_reason") is None and not cost_model.has_delta(name):
+                data["delta_reason"] = "no delta time in the profile (profiled before this kernel existed?)"
             dense = cost_model.dense_ms(name)
             delta = cost_model.delta_ms(name, percentage) if data.get("delta_reason") is None else math.inf
             density = cost_model.density(name, percentage)

@@ -1,0 +1,102 @@
+"""`deluceva explain`: a compiled plan as a table (and a drawing), with totals against all-dense."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deluceva.errors import DelucevaError
+
+__all__ = ["add_parser", "explain_table", "draw_plan"]
+
+COLOURS = {"dense": "#4c78a8", "delta": "#f58518"}
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def explain_table(plan, percentage: float) -> str:
+    """EXPLAIN: one row per node, then totals against all-dense and all-delta."""
+    i = plan.index_for(percentage)
+    header = ["node", "op", "output shape", "variant", "dense ms", "delta ms", "density", "reason"]
+    rows = []
+    for node in plan.data["nodes"]:
+        shape = "x".join(str(d) for d in node["output_shape"]) if node["output_shape"] else "-"
+        density = node["density"][i]
+        rows.append([node["name"], node["op_type"], shape, node["variant"][i], _ms(node["dense_ms"]),
+                     _ms(node["delta_ms"][i]), "-" if density is None else f"{density:.2f}", node["reason"][i]])
+    widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in [header] + rows]
+    totals = plan.data["totals"]
+    plan_ms, dense_ms, delta_ms = (totals[k][i] for k in ("plan_ms", "all_dense_ms", "all_delta_ms"))
+    variants = [n["variant"][i] for n in plan.data["nodes"]]
+    speedup = f", {dense_ms / plan_ms:.2f}x" if plan_ms else ""
+    lines.append("")
+    lines.append(f"plan for p={plan.percentages[i]:g}: {variants.count('delta')} delta, {variants.count('dense')} dense nodes")
+    lines.append(f"predicted per frame: plan {_ms(plan_ms)} ms, all dense {_ms(dense_ms)} ms{speedup}, "
+                 f"all delta {_ms(delta_ms)} ms")
+    return "\n".join(lines)
+
+
+def draw_plan(plan, percentage: float, path: str | Path) -> Path:
+    """Draw the DAG, nodes coloured by variant, to a .png or .svg file (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import networkx as nx
+    from matplotlib.patches import Patch
+
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise DelucevaError(f"{path}: --graph must end in .png or .svg")
+    if not path.parent.is_dir():
+        raise DelucevaError(f"{path}: folder {path.parent} does not exist")
+    i = plan.index_for(percentage)
+    graph = nx.DiGraph()
+    for node in plan.data["nodes"]:
+        graph.add_node(node["name"], variant=node["variant"][i], op=node["op_type"])
+    graph.add_edges_from(map(tuple, plan.data["edges"]))
+    # Layers by longest path from the inputs, drawn top to bottom: the model's flow.
+    for layer, names in enumerate(nx.topological_generations(graph)):
+        for name in names:
+            graph.nodes[name]["layer"] = layer
+    layout = nx.multipartite_layout(graph, subset_key="layer", align="horizontal") if len(graph) else {}
+    layout = {n: (x, -y) for n, (x, y) in layout.items()}
+    height = max(4.0, min(60.0, 0.35 * (max((d["layer"] for _, d in graph.nodes(data=True)), default=0) + 1)))
+    figure, axes = plt.subplots(figsize=(10, height))
+    colours = [COLOURS[graph.nodes[n]["variant"]] for n in graph.nodes]
+    nx.draw_networkx_edges(graph, layout, ax=axes, arrows=True, arrowsize=6, width=0.5, edge_color="#999999")
+    nx.draw_networkx_nodes(graph, layout, ax=axes, node_color=colours, node_size=120)
+    if len(graph) <= 60:
+        nx.draw_networkx_labels(graph, layout, {n: graph.nodes[n]["op"] for n in graph.nodes}, ax=axes, font_size=6)
+    axes.legend(handles=[Patch(color=c, label=v) for v, c in COLOURS.items()], loc="upper right")
+    axes.set_title(f"{Path(plan.data['model']['path']).name}: plan for p={plan.percentages[i]:g}")
+    axes.axis("off")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def add_parser(commands, percentage, positive_int) -> None:
+    parser = commands.add_parser("explain", help="show a compiled plan: variants, costs and reasons",
+                                 description=__doc__.splitlines()[0])
+    parser.add_argument("plan", metavar="PLAN.json", help="from `deluceva compile`")
+    parser.add_argument("--percentage", type=percentage, default=None, metavar="P",
+                        help="which of the plan's percentages to show (nearest; default: the lowest)")
+    parser.add_argument("--graph", metavar="FILE.png|.svg", help="also draw the DAG coloured by variant")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from deluceva.planner.plan_file import load_plan
+
+    plan = load_plan(args.plan)
+    p = plan.percentages[0] if args.percentage is None else args.percentage
+    if args.graph:
+        draw_plan(plan, p, args.graph)
+    print(explain_table(plan, p))
+    if args.graph:
+        print(f"graph: {args.graph}")
+    return 0

@@ -1,0 +1,82 @@
+"""`deluceva profile`: measure a model on calibration frames of a video, write PROFILE.json."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from deluceva.errors import DelucevaError
+
+__all__ = ["add_parser", "default_profile_path", "calibration_inputs"]
+
+
+def default_profile_path(model: str) -> Path:
+    """Beside the model: yolox.onnx -> yolox.profile.json."""
+    path = Path(model)
+    return path.with_name(path.stem + ".profile.json")
+
+
+def calibration_inputs(model_path: str, video: str, frames: int, preset: str | None, start: int = 0):
+    """(model, list of model inputs) for the first `frames` frames of `video`, preprocessed."""
+    from deluceva.planner import load_model
+    from deluceva.runtime.preprocess import Preprocessor
+    from deluceva.runtime.video import open_video
+
+    from deluceva.commands.run import _declared_input_shape
+
+    declared = _declared_input_shape(model_path)
+    reader = open_video(video, frames=frames, start=start)
+    preprocess = Preprocessor.for_model(tuple(declared), preset=preset, model_name=str(model_path))
+    input_shape = tuple(int(d) for d in preprocess.input_shape((reader.height, reader.width)))
+    model = load_model(model_path, input_shape)
+    inputs = [preprocess(frame) for frame in reader]
+    return model, inputs
+
+
+def add_parser(commands, percentage, positive_int) -> None:
+    parser = commands.add_parser("profile", help="measure each node's dense and delta cost on this machine",
+                                 description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="ONNX model file")
+    parser.add_argument("--video", required=True, help="calibration video (anything FFmpeg decodes)")
+    parser.add_argument("--frames", type=positive_int, default=60, metavar="N",
+                        help="calibration frames (default: 60; the last quarter is held out to validate)")
+    parser.add_argument("--start", type=int, default=0, metavar="S", help="skip the first S frames")
+    parser.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads (default: 1)")
+    parser.add_argument("--percentages", type=percentage, nargs="+", metavar="P",
+                        help="filtering percentages to measure at (default: 0 0.5 0.8 0.9 0.95 0.98 0.99)")
+    parser.add_argument("--preset", help="preprocessing preset: yolox, yunet, mtcnn (default: generic)")
+    parser.add_argument("--tile", type=positive_int, default=None, help="tile edge at input resolution (default: 8)")
+    parser.add_argument("-o", "--output", metavar="PROFILE.json",
+                        help="where to write the profile (default: beside the model, MODEL.profile.json)")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from deluceva.planner.mark_delta_support import DEFAULT_TILE
+    from deluceva.profiles import DEFAULT_PERCENTAGES, measure_profile
+
+    output = Path(args.output) if args.output else default_profile_path(args.model)
+    if output.suffix != ".json":
+        raise DelucevaError(f"{output}: profile file must end in .json")
+    if not output.parent.is_dir():
+        raise DelucevaError(f"{output}: folder {output.parent} does not exist")
+    if args.start < 0:
+        raise DelucevaError(f"--start {args.start} must not be negative")
+    model, inputs = calibration_inputs(args.model, args.video, args.frames, args.preset, args.start)
+    profile = measure_profile(model, inputs, threads=args.threads,
+                              percentages=args.percentages or DEFAULT_PERCENTAGES,
+                              tile=args.tile or DEFAULT_TILE)
+    profile.save(output)
+    v = profile.validation
+    print(f"profile: {output} ({len(profile.nodes)} nodes, {len(inputs)} frames, "
+          f"dense onnxruntime {profile.dense_model_ms:.2f} ms/frame)")
+    if v:
+        rows = v["all_delta"]
+        pairs = ", ".join(f"p={p:g}: {m:.2f}/{q:.2f}" for p, m, q in
+                          zip(rows["percentages"], rows["measured_ms"], rows["predicted_ms"]))
+        print(f"cost model on {profile.settings['holdout_frames']} held-out frames, all-delta measured/predicted ms: {pairs}")
+        print(f"all-dense measured/predicted ms: {v['all_dense']['measured_ms']:.2f}/{v['all_dense']['predicted_ms']:.2f}; "
+              f"mean |error| {v['mean_abs_error_pct']:.1f}%")
+    else:
+        print("cost model not validated: too few frames to hold some out (use --frames 8 or more)", file=sys.stderr)
+    return 0
