@@ -26,27 +26,6 @@ SUMMARY_FIELDS = {
 }
 
 
-# -- stand-ins, only while metrics/controller modules are not in the tree ----------------------
-
-
-def _install_stand_ins():
-    """A controller factory while `deluceva.controller.make_controller` is missing (removed once it lands)."""
-    import deluceva.controller as controller
-
-    if hasattr(controller, "make_controller"):
-        return
-
-    def make_controller(name, percentage=None, budget=None, learned_path=None):
-        if name == "fixed":
-            return controller.FixedController(percentage=percentage or 0.0)
-        return controller.PIController(budget=budget, p_start=percentage or 0.0)
-
-    controller.make_controller = make_controller
-
-
-_install_stand_ins()
-
-
 # -- fixtures --------------------------------------------------------------------------------
 
 
@@ -282,14 +261,22 @@ CASES = [
 
 
 def _learned_model(tmp_path, model, video, preset, metric):
-    """Train a learned controller with the controller package's own calibration entry point."""
-    from deluceva import controller
+    """Fit a learned controller on calibration samples from the video's first frames."""
+    from deluceva.commands.run import prepare
+    from deluceva.cli import build_parser
+    from deluceva.controller import LearnedController
+    from deluceva.runtime.video import open_video
+    from deluceva.runtime.video_runner import PlanSet, calibration_samples
+    from deluceva.session import Session
 
-    trainer = getattr(controller, "calibrate_learned", None)
-    if trainer is None:
-        pytest.skip("this build has no learned-controller trainer (deluceva.controller.calibrate_learned)")
+    args = build_parser().parse_args(["run", str(model), str(video), "--preset", preset, "--metric", metric,
+                                      "--controller", "fixed"])
+    setup = prepare(args)
+    frames = [setup.preprocess(rgb) for rgb in open_video(video, frames=40)]
+    plans = PlanSet([Session(setup.model, plan="delta")], [0.0])
+    samples = calibration_samples(plans, setup.metric, frames, percentages=(0.0, 0.3, 0.5, 0.7, 0.9))
     path = tmp_path / "learned.json"
-    trainer(str(model), str(video), preset=preset, metric=metric, path=str(path), frames=60)
+    LearnedController(budget=setup.budget).fit(samples).to_json(path)
     return path
 
 
@@ -329,3 +316,24 @@ def test_change_statistics_counts_changed_tiles():
     assert stats["mean_abs_change"] == pytest.approx(0.5 * 16 * 7 / (64 * 80), rel=0.5)
     assert change_statistics(before, before)["changed_tiles"] == 0.0
     assert change_statistics(before, None)["changed_tiles"] == 1.0
+
+
+def test_calibration_samples_fit_a_learned_controller(tiny, tmp_path):
+    from deluceva.controller import LearnedController, make_controller
+    from deluceva.planner import load_model
+    from deluceva.runtime.preprocess import Preprocessor
+    from deluceva.runtime.video import open_video
+    from deluceva.runtime.video_runner import calibration_samples
+    from deluceva.session import Session
+
+    model_path, clip = tiny
+    model = load_model(str(model_path))
+    pre = Preprocessor.for_model(model.input_shape)
+    frames = [pre(rgb) for rgb in open_video(clip)]
+    plans = PlanSet([Session(model, plan="delta")], [0.0])
+    samples = calibration_samples(plans, _rel_l2, frames, percentages=(0.0, 0.5, 0.9), reference_every=2)
+    assert len(samples) == 3 * 5  # frames 2, 4, ..., 10 at each percentage
+    assert {s.percentage for s in samples} == {0.0, 0.5, 0.9}
+    assert max(s.error for s in samples if s.percentage == 0.0) < 1e-4
+    LearnedController(budget=0.05).fit(samples).to_json(tmp_path / "learned.json")
+    assert 0.0 <= make_controller("learned", learned_path=tmp_path / "learned.json").update(samples[0]) < 1.0

@@ -39,6 +39,7 @@ __all__ = [
     "frame_flops",
     "summarise",
     "change_statistics",
+    "calibration_samples",
 ]
 
 Metric = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
@@ -252,6 +253,34 @@ def _default_observation() -> Callable:
         return Observation(frame=frame, error=error, percentage=percentage, **statistics)
 
     return build
+
+
+def calibration_samples(plans: PlanSet, metric: Metric, frames: Sequence[np.ndarray],
+                        percentages: Sequence[float] = (0.0, 0.3, 0.5, 0.7, 0.9),
+                        reference_every: int = 4) -> list:
+    """Observations with measured errors, for fitting a learned controller: `frames` run once
+    per fixed percentage, with a reference every `reference_every` frames.
+
+    Example:
+        >>> samples = calibration_samples(plans, metric, inputs)                # doctest: +SKIP
+        >>> LearnedController(budget=0.05).fit(samples).to_json("learned.json")  # doctest: +SKIP
+    """
+    from deluceva.controller import FixedController
+
+    samples = []
+
+    class Recording(FixedController):
+        def update(self, observation):
+            samples.append(observation)
+            return super().update(observation)
+
+    for percentage in percentages:
+        for session in plans.sessions:
+            session.reset()
+        runner = VideoRunner(plans, Recording(percentage), metric, reference_every, percentage)
+        for frame in frames:
+            runner.step(frame)
+    return [s for s in samples if s.error is not None]
 
 
 # -- summary ------------------------------------------------------------------------------
