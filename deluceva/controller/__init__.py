@@ -1,0 +1,53 @@
+"""Controllers that choose the filtering percentage p per frame: fixed, PI and learned."""
+
+from __future__ import annotations
+
+from deluceva.controller.base import FEATURES, Controller, Observation
+from deluceva.controller.fixed import FixedController
+from deluceva.controller.learned import LearnedController
+from deluceva.controller.pi import PIController
+from deluceva.errors import DelucevaError
+
+__all__ = [
+    "Controller",
+    "Observation",
+    "FEATURES",
+    "FixedController",
+    "PIController",
+    "LearnedController",
+    "CONTROLLERS",
+    "make_controller",
+]
+
+CONTROLLERS = ("fixed", "pi", "learned")
+
+
+def make_controller(name: str, percentage: float | None = None, budget: float | None = None,
+                    learned_path=None):
+    """The controller called `name`.
+
+    - "fixed": always `percentage` (default 0).
+    - "pi": holds the error at `budget`, starting from `percentage` (default 0).
+    - "learned": loaded from `learned_path` (JSON); `budget` overrides the saved one.
+
+    Raises:
+        DelucevaError: unknown name, a missing budget or file, values out of range.
+
+    Example:
+        >>> make_controller("pi", budget=0.05).budget
+        0.05
+    """
+    if name == "fixed":
+        return FixedController(0.0 if percentage is None else float(percentage))
+    if name == "pi":
+        if budget is None:
+            raise DelucevaError("controller pi needs an error budget")
+        start = 0.0 if percentage is None else float(percentage)
+        if not 0.0 <= start <= 0.99:
+            raise DelucevaError(f"percentage {start} must be in [0, 0.99] for the pi controller")
+        return PIController(float(budget), p_start=start)
+    if name == "learned":
+        if learned_path is None:
+            raise DelucevaError("controller learned needs a saved controller file (JSON)")
+        return LearnedController.from_json(learned_path, budget=budget)
+    raise DelucevaError(f"unknown controller {name!r}; known controllers: {', '.join(CONTROLLERS)}")

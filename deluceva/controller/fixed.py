@@ -1,0 +1,33 @@
+"""The fixed controller: the same filtering percentage on every frame."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deluceva.controller.base import Observation
+from deluceva.errors import DelucevaError
+
+__all__ = ["FixedController"]
+
+
+@dataclass
+class FixedController:
+    """Always `percentage`, whatever is measured.
+
+    Example:
+        >>> FixedController(0.5).update(Observation(frame=3, error=0.2))
+        0.5
+    """
+
+    percentage: float = 0.0
+    wants_reference: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.percentage < 1.0:
+            raise DelucevaError(f"percentage {self.percentage} must be in [0, 1)")
+
+    def update(self, observation: Observation) -> float:
+        return self.percentage
+
+    def reset(self) -> None:
+        pass
