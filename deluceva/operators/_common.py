@@ -71,7 +71,10 @@ class Grid:
             padded[:, : self.height, : self.width] = x
             x = padded
         tiled = x.reshape(c, self.tiles_h, t, self.tiles_w, t).transpose(1, 3, 0, 2, 4)
-        return np.ascontiguousarray(tiled, dtype=DTYPE).reshape(self.n_tiles, c, t, t)
+        # Always a copy: operators keep the result as their cache and update it in place, and
+        # where the tiling is trivial (one tile, or C = 1 and one tile column) a view would
+        # alias the caller's array, which other operators' caches may alias too.
+        return np.array(tiled, dtype=DTYPE, order="C").reshape(self.n_tiles, c, t, t)
 
     def untile(self, tiles: np.ndarray) -> np.ndarray:
         """(n_tiles, C, t, t) -> (1, C, H, W)."""
