@@ -213,3 +213,26 @@ def test_generated_dag_matches_onnxruntime(data):
     differential.check("delta", "generated all-delta")
     differential.check(random_plan(differential.model, seed=data.draw(st.integers(0, 999), label="plan")),
                        "generated mixed")
+
+
+def test_one_tile_tensor_read_by_two_delta_operators():
+    """Found by the generator: a (1, C, 1, 1) tensor from a dense GlobalAveragePool, read by two
+    delta operators. Its tiling is trivial, so both caches were views of the same keyframe array
+    and each change was applied twice."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["p"], name="gap"),
+        helper.make_node("Sigmoid", ["p"], ["s"], name="sigmoid"),
+        helper.make_node("Relu", ["p"], ["r"], name="relu"),
+        helper.make_node("Mul", ["p", "s"], ["m"], name="mul"),
+    ]
+    info = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, 2, 1, 1]) for t in ("r", "m")]
+    graph = helper.make_graph(nodes, "one_tile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 9, 9])], info)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    frames = [rng.standard_normal((1, 2, 9, 9)).astype(np.float32)]
+    for _ in range(4):
+        frames.append(frames[-1] + np.float32(0.5) * rng.standard_normal((1, 2, 9, 9)).astype(np.float32))
+    differential = Differential(model, frames, measured_bound=False)
+    differential.check({"sigmoid": "delta", "relu": "delta", "mul": "delta"}, "one tile, gap dense")
+    differential.check("delta", "one tile, all delta")
