@@ -199,7 +199,7 @@ def measure_profile(
             start = time.perf_counter()
             session.run(None, {model.input_name: frame})
             times.append((time.perf_counter() - start) * 1e3)
-        profile.validation = validate(profile, graph, measured=delta["heldout"], measured_dense=float(np.mean(times)))
+        profile.validation = validate(profile, graph, measured=delta["heldout"], measured_dense=float(np.median(times)))
     return profile
 
 
@@ -214,7 +214,8 @@ def _measure_dense(model, graph, frames, threads, bar):
         bar.update(1)
     per_node = {}
     for step in executor.plan.steps:
-        per_node[step.nodes[0]] = float(np.mean(executor.step_times[step.name]))
+        # Medians: a busy machine's stalls hit a few frames hard and would inflate means.
+        per_node[step.nodes[0]] = float(np.median(executor.step_times[step.name]))
     session = _session(model.onnx, threads)
     session.run(None, {model.input_name: frames[0]})
     times = []
@@ -223,7 +224,7 @@ def _measure_dense(model, graph, frames, threads, bar):
         session.run(None, {model.input_name: frame})
         times.append(time.perf_counter() - start)
         bar.update(1)
-    return per_node, float(np.mean(times))
+    return per_node, float(np.median(times))
 
 
 def _measure_delta(model, graph, fit, heldout, percentages, threads, bar):
