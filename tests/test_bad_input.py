@@ -255,3 +255,18 @@ def test_console_script_exit_status_and_one_line(files, clip):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr and "not an ONNX model" in lines[0], result.stderr
+
+
+def test_ir3_model_with_an_unused_initializer_loads():
+    """IR 3 lists initializers as graph inputs; one that no node reads must not break loading
+    (onnxruntime refuses an IR 3 graph whose initializer is not an input)."""
+    model = conv_model()
+    model.ir_version = 3
+    unused = numpy_helper.from_array(np.ones((1, 1), np.float32), "unused")
+    model.graph.initializer.append(unused)
+    model.graph.input.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+                              for name, dims in (("w", [4, 3, 3, 3]), ("unused", [1, 1]))])
+    session = Session(model)
+    assert session.model.input_name == "x" and "unused" not in session.model.constants
+    frame = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    assert session.run(frame)[0].shape == (1, 4, 16, 16)

@@ -161,6 +161,9 @@ def _move_initializer_inputs(proto: onnx.ModelProto) -> None:
     keep = [i for i in proto.graph.input if i.name not in names]
     del proto.graph.input[:]
     proto.graph.input.extend(keep)
+    # IR 3 requires every initializer to be a graph input (onnxruntime refuses an unused one
+    # that is not); IR 4 is the first version where they need not be, so say that.
+    proto.ir_version = max(proto.ir_version, 4)
 
 
 def _bind_shape(label: str, name: str, declared: list[int | None], wanted) -> tuple[int, ...]:
