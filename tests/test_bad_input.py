@@ -270,3 +270,19 @@ def test_ir3_model_with_an_unused_initializer_loads():
     assert session.model.input_name == "x" and "unused" not in session.model.constants
     frame = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
     assert session.run(frame)[0].shape == (1, 4, 16, 16)
+
+
+def test_cli_run_refuses_a_preset_that_does_not_fit(files, clip, capsys, tmp_path):
+    """Frames the model cannot take (YOLOX's 416x416 letterbox for a 16x16 model) are refused."""
+    line = cli_refuses(["run", files["good"], clip, "--plan", "dense", "--preset", "yolox", "--frames", "2",
+                        "--outputs", tmp_path / "out.npz"], capsys)
+    assert "yolox" in line
+
+
+@pytest.mark.parametrize("percentage", ["1.5", "-0.2", "1", "half"])
+def test_cli_percentage_outside_zero_one(files, clip, percentage, capsys):
+    with pytest.raises(SystemExit) as caught:  # argparse: usage line plus the error, status 2
+        main(["run", str(files["good"]), str(clip), "--controller", "fixed", "--percentage", percentage])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("percentage" in err or "number" in err), err
