@@ -6,8 +6,9 @@
   the next frame's change, for the same reason.
 - `ToDense`: a delta tensor leaving for dense operators or the model's outputs.
 
-For filtering percentage p, a tile passes when its largest absolute change exceeds the
-p-quantile of the changed tiles' magnitudes at that point; p = 0 passes every non-zero change.
+For filtering percentage p, a tile passes when its largest absolute change held back so far
+exceeds the p-quantile of the magnitudes of this frame's non-zero changes at that point (the
+magnitude of a tile is its largest absolute value); p = 0 passes every non-zero change.
 """
 
 from __future__ import annotations
@@ -28,17 +29,22 @@ def tile_magnitudes(values: np.ndarray) -> np.ndarray:
     return np.abs(values.reshape(len(values), -1)).max(axis=1)
 
 
-def select_tiles(magnitudes: np.ndarray, percentage: float) -> np.ndarray:
-    """Boolean mask of the tiles that pass the filter at `percentage`."""
-    changed = magnitudes > 0
-    if percentage <= 0 or not changed.any():
-        return changed
+def threshold_for(magnitudes: np.ndarray, percentage: float) -> float:
+    """The p-quantile of the non-zero magnitudes (0 when p = 0 or nothing changed)."""
+    if percentage <= 0:
+        return 0.0
+    candidates = magnitudes[magnitudes > 0]
+    if len(candidates) == 0:
+        return 0.0
     # The lower p-quantile by selection: O(n), and about 20x cheaper than np.quantile's
     # interpolating path on the few hundred tiles a typical layer has.
-    candidates = magnitudes[changed]
     rank = int(percentage * (len(candidates) - 1))
-    threshold = np.partition(candidates, rank)[rank]
-    return magnitudes > threshold
+    return float(np.partition(candidates, rank)[rank])
+
+
+def select_tiles(magnitudes: np.ndarray, percentage: float) -> np.ndarray:
+    """Boolean mask of the tiles whose magnitude exceeds the p-quantile of the non-zero ones."""
+    return magnitudes > threshold_for(magnitudes, percentage)
 
 
 class ToDelta:
@@ -47,17 +53,28 @@ class ToDelta:
     def __init__(self, grid: Grid):
         self.grid = grid
         self.last: np.ndarray | None = None  # (C, H, W): what downstream has seen
+        self.previous: np.ndarray | None = None  # (C, H, W): last frame's value, once p > 0
 
     def reset(self, value: np.ndarray) -> None:
         g = self.grid
         self.last = np.array(value, np.float32).reshape(g.channels, g.height, g.width)
+        self.previous = None
 
     def __call__(self, value: np.ndarray, percentage: float) -> Delta:
         g = self.grid
         value = np.ascontiguousarray(value, np.float32).reshape(g.channels, g.height, g.width)
         magnitudes = np.zeros((g.tiles_h, g.tiles_w), np.float32)
         tile_change_magnitudes(value, self.last, g.tile, magnitudes)
-        passed = np.flatnonzero(select_tiles(magnitudes.ravel(), percentage))
+        threshold = 0.0
+        if percentage > 0:
+            # The threshold comes from this frame's own change, not from everything held back:
+            # held-back tiles pile up on a noisy video, and a quantile over them would pass a
+            # share of the pile every frame, so the work would grow with time.
+            fresh = np.zeros((g.tiles_h, g.tiles_w), np.float32)
+            tile_change_magnitudes(value, self.last if self.previous is None else self.previous, g.tile, fresh)
+            threshold = threshold_for(fresh.ravel(), percentage)
+            self.previous = value.copy()
+        passed = np.flatnonzero(magnitudes.ravel() > threshold)
         values = np.zeros((len(passed), g.channels, g.tile, g.tile), np.float32)
         take_changed_tiles(value, self.last, passed, g.tile, g.tiles_w, values)
         return Delta(self.grid, passed, values)
@@ -89,11 +106,13 @@ class Filter:
             g = self.grid
             self.pending = np.zeros((g.n_tiles, g.channels, g.tile, g.tile), np.float32)
             self.magnitude = np.zeros(g.n_tiles, np.float32)
+        # The threshold comes from this frame's own change (see ToDelta for why).
+        threshold = threshold_for(tile_magnitudes(delta.values), percentage)
         if len(delta.index):
             updated = self.pending[delta.index] + delta.values
             self.pending[delta.index] = updated
             self.magnitude[delta.index] = tile_magnitudes(updated)
-        emitted = np.flatnonzero(select_tiles(self.magnitude, percentage))
+        emitted = np.flatnonzero(self.magnitude > threshold)
         values = self.pending[emitted]
         self.pending[emitted] = 0
         self.magnitude[emitted] = 0
