@@ -201,6 +201,26 @@ def test_bad_options_exit_2(tiny, capsys, extra, words):
     assert len(error_lines) == 1 and words in error_lines[0]
 
 
+def test_generic_preprocessing_options_reach_the_model(tiny, tmp_path):
+    model, clip = tiny
+    out = tmp_path / "out.npz"
+    assert main(["run", str(model), str(clip), "--plan", "dense", "--frames", "2", "--channels", "BGR",
+                 "--scale", "0.5", "--mean", "1,2,3", "--outputs", str(out), "--save-inputs"]) == 0
+    plain = tmp_path / "plain.npz"
+    assert main(["run", str(model), str(clip), "--plan", "dense", "--frames", "2", "--outputs", str(plain),
+                 "--save-inputs"]) == 0
+    with np.load(out) as got, np.load(plain) as rgb:
+        expected = rgb["input:image"][:, :, ::-1] * 0.5 - np.array([1, 2, 3], np.float32)[:, None, None]
+        np.testing.assert_allclose(got["input:image"], expected, rtol=1e-6, atol=1e-5)
+
+
+def test_generic_mean_of_the_wrong_length_is_refused(tiny, capsys):
+    model, clip = tiny
+    assert main(["run", str(model), str(clip), "--plan", "dense", "--mean", "1,2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mean" in err[0]
+
+
 def test_preset_that_does_not_fit(tiny, capsys):
     model, clip = tiny
     assert main(["run", str(model), str(clip), "--preset", "yolox"]) == 2

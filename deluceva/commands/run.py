@@ -48,6 +48,19 @@ def _budget(text: str) -> float:
     return value
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def generic_preprocessing(args: argparse.Namespace) -> dict:
+    """The generic preprocessing fields given on the command line."""
+    names = {"resize": "mode", "channels": "channels", "scale": "scale", "mean": "mean", "std": "std"}
+    return {field: getattr(args, option) for option, field in names.items() if getattr(args, option, None) is not None}
+
+
 def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int) -> None:
     """The options `run` and `bench` share."""
     parser.add_argument("model", help="ONNX model file")
@@ -63,6 +76,12 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int) -
     parser.add_argument("--metric", choices=["det", "rel-l2"], default="rel-l2",
                         help="error metric on reference frames (default: rel-l2)")
     parser.add_argument("--preset", help="preprocessing preset: yolox, yunet, mtcnn (default: generic)")
+    generic = parser.add_argument_group("generic preprocessing (override the preset's or the defaults)")
+    generic.add_argument("--resize", choices=["none", "resize", "letterbox", "pad"], help="how a frame fits the input")
+    generic.add_argument("--channels", choices=["RGB", "BGR", "GRAY"], help="channel order")
+    generic.add_argument("--scale", type=float, help="input = (pixel * scale - mean) / std")
+    generic.add_argument("--mean", type=_floats, help="per-channel mean, comma-separated")
+    generic.add_argument("--std", type=_floats, help="per-channel std, comma-separated")
     parser.add_argument("--reference-every", type=positive_int, default=30, metavar="K",
                         help="run a dense reference frame every K frames (default: 30)")
     parser.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads (default: 1)")
@@ -134,7 +153,8 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise DelucevaError("--controller learned needs --learned-model FILE.json")
     declared = _declared_input_shape(args.model)
     video = open_video(args.video, frames=args.frames, start=args.start, every=args.every)
-    preprocess = Preprocessor.for_model(tuple(declared), preset=args.preset, model_name=str(args.model))
+    preprocess = Preprocessor.for_model(tuple(declared), preset=args.preset, model_name=str(args.model),
+                                        **generic_preprocessing(args))
     input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
     model = load_model(args.model, input_shape)
     metric = get_metric(args.metric, args.preset, input_shape=input_shape, output_names=model.output_names)
