@@ -108,8 +108,7 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
     from deluceva.planner import load_model
     from deluceva.runtime.metrics import get_metric
     from deluceva.runtime.video import open_video
-    from deluceva.runtime.video_runner import PlanSet, VideoRunner
-    from deluceva.session import Session
+    from deluceva.runtime.video_runner import VideoRunner
 
     proto = build_demo_model()
     metric = get_metric("rel-l2", None)
@@ -126,8 +125,6 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
             # Profiled on the clip's first frames like `deluceva run` without --plan; compiled
             # once for both percentages (plan construction is outside the per-frame times).
             plans = compile_plans(model, tensors[:PROFILE_FRAMES], threads, (0.0, percentage), progress=False)
-            if plans is None:
-                plans = PlanSet([Session(model, plan="delta", threads=threads)], [0.0], "delta (no profiler)")
             for p in (0.0, percentage):
                 def make_runner(p=p):
                     for session in plans.sessions:

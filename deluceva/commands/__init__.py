@@ -12,10 +12,4 @@ COMMANDS = ["demo", "run", "bench", "profile", "compile", "explain"]
 
 def register_all(commands, **types) -> None:
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"deluceva.commands.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"deluceva.commands.{name}":
-                raise
-            continue  # not written yet
-        module.add_parser(commands, **types)
+        importlib.import_module(f"deluceva.commands.{name}").add_parser(commands, **types)

@@ -178,24 +178,13 @@ def build_plans(setup: Setup, announce=None):
         session = Session(setup.model, plan=args.plan, threads=args.threads)
         return PlanSet([session], [0.0], description=f"{args.plan} (every node that can)")
     if args.plan:
-        plans = _plans_from_file(args.plan, setup)
-        if plans is not None:
-            return plans
-        raise DelucevaError(f"{args.plan}: reading plan files needs deluceva.planner.plan_file, which this build lacks")
-    compiled = _compile_on_the_fly(setup, announce)
-    if compiled is not None:
-        return compiled
-    announce("no --plan given and no profiler in this build: running every node that has a delta kernel as delta")
-    session = Session(setup.model, plan="delta", threads=args.threads)
-    return PlanSet([session], [0.0], description="delta wherever a kernel exists (no profile)")
+        return _plans_from_file(args.plan, setup)
+    return _compile_on_the_fly(setup, announce)
 
 
 def _plans_from_file(path: str, setup: Setup):
-    """PlanSet from a plan JSON written by `deluceva compile` (None when that module is absent)."""
-    try:
-        from deluceva.planner import plan_file
-    except ImportError:
-        return None
+    """PlanSet from a plan JSON written by `deluceva compile`."""
+    from deluceva.planner import plan_file
     from deluceva.runtime.video_runner import PlanSet
     from deluceva.session import Session
 
@@ -207,27 +196,22 @@ def _plans_from_file(path: str, setup: Setup):
 def compile_plans(model, frames: list, threads: int = 1, percentages=None, progress: bool = True):
     """Profile `model` on `frames` (model inputs) and choose a plan by cost for each percentage.
 
-    Returns a PlanSet (plans identical to a lower percentage's are merged), or None when this
-    build has no profiler.
+    Returns a PlanSet (plans identical to a lower percentage's are merged).
     """
-    try:
-        from deluceva.planner.plan_file import compile_plan
-        from deluceva.profiles import measure_profile
-    except ImportError:
-        return None
+    from deluceva.planner.plan_file import compile_plan
+    from deluceva.profiles import measure_profile
     from deluceva.runtime.video_runner import PlanSet
     from deluceva.session import Session
 
     percentages = tuple(percentages or ON_THE_FLY_PERCENTAGES)
     profile = measure_profile(model, frames, threads=threads, percentages=percentages, progress=progress)
     plan = compile_plan(model, profile, percentages)
-    sessions, compiled, seen = [], [], set()
+    sessions, compiled, previous = [], [], None
     for percentage in plan.percentages:
         variants = plan.variants_for(percentage)
-        key = tuple(sorted(variants.items()))
-        if key in seen:
-            continue  # same plan as a lower percentage: that session serves this range too
-        seen.add(key)
+        if variants == previous:
+            continue  # same plan as the next lower percentage: that session serves this range too
+        previous = variants
         sessions.append(Session(model, plan=variants, threads=threads))
         compiled.append(percentage)
     return PlanSet(sessions, compiled, description=f"profiled on {len(frames)} frames, compiled on the fly")
@@ -236,11 +220,6 @@ def compile_plans(model, frames: list, threads: int = 1, percentages=None, progr
 def _compile_on_the_fly(setup: Setup, announce):
     from deluceva.runtime.video import open_video
 
-    try:
-        import deluceva.planner.plan_file  # noqa: F401
-        import deluceva.profiles  # noqa: F401
-    except ImportError:
-        return None
     args = setup.args
     announce(f"no --plan given: profiling on the first {PROFILE_FRAMES} frames and compiling on the fly "
              f"for p in {', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} (save one with `deluceva compile`)")
