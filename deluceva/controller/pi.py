@@ -66,6 +66,10 @@ class PIController:
         p_start: the percentage before the first measurement.
         overshoot_clip: r is clipped at -overshoot_clip (an error above (1 + clip) x budget
             counts as that much).
+        setpoint: the share of the budget the mean error is held at; below 1 so that a finite
+            run, whose mean wanders around the setpoint, stays within the budget.
+        debt: how far (in u) the integral may fall below the output range after errors far
+            over budget; the output itself stays within [p_min, p_max].
 
     Updates only when an error measurement arrives; between them the output stays put.
 
@@ -82,7 +86,9 @@ class PIController:
     p_min: float = 0.0
     p_max: float = 0.99
     p_start: float = 0.0
-    overshoot_clip: float = 4.0
+    overshoot_clip: float = 30.0
+    debt: float = 10.0
+    setpoint: float = 1.0
     wants_reference: bool = False
     state: PIState = field(default_factory=PIState)
 
@@ -111,17 +117,20 @@ class PIController:
         error = float(observation.error)
         if not math.isfinite(error) or error < 0:
             error = (1 + self.overshoot_clip) * self.budget  # a broken measurement: back off
-        r = max(1.0 - error / self.budget, -self.overshoot_clip)
+        r = max(1.0 - error / (self.setpoint * self.budget), -self.overshoot_clip)
         u_min, u_max = self.u_range
         integral = s.integral + self.ki * r
         raw = self.kp * r + integral
-        # Conditional integration: integrate only up to where the output just saturates,
-        # never further into the saturated direction.
+        # Conditional integration upwards: integrate only up to where the output just
+        # saturates, so a long still scene at p_max does not wind the integral up.
         if raw > u_max and r > 0:
             integral = max(s.integral, u_max - self.kp * r)
-        elif raw < u_min and r < 0:
-            integral = min(s.integral, u_min - self.kp * r)
-        s.integral = clamp(integral, u_min, u_max)
+        # Downwards the integral may run up to `debt` below the range: on a plant whose error
+        # jumps from 0 to many budgets (detections), that debt keeps p low long enough for the
+        # *mean* error to meet the budget. Clamped at u_min it was forgotten, and on YOLOX-nano
+        # with `det` the controller swung between p = 0 and the failure point (mean 0.16
+        # against a budget of 0.02 over 300 frames).
+        s.integral = clamp(integral, u_min - self.debt, u_max)
         s.percentage = clamp(to_p(clamp(self.kp * r + s.integral, u_min, u_max)), self.p_min, self.p_max)
         s.updates += 1
         s.last_error = error
