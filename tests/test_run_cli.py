@@ -157,7 +157,7 @@ def _rel_l2(outputs, references):
 
 
 def test_runner_references_and_plan_switch(tiny):
-    """References every K frames; crossing a compiled percentage switches plan at a dense frame."""
+    """References every K frames; crossing a compiled percentage switches plan at the next reference."""
     from deluceva.planner import load_model
     from deluceva.runtime.preprocess import Preprocessor
     from deluceva.runtime.video import open_video
@@ -172,12 +172,14 @@ def test_runner_references_and_plan_switch(tiny):
     pre = Preprocessor.for_model(model.input_shape)
     results = [runner.step(pre(rgb)) for rgb in open_video(clip)]
     reference = [r.index for r in results if r.reference]
-    assert reference == [0, 3, 7, 11]  # 3: plan switch (dense, unmeasured); then every 4 frames
-    assert [r.plan for r in results[:3]] == [0, 0, 0] and all(r.plan == 1 for r in results[3:])
-    assert [r.index for r in results if r.error is not None] == [7, 11]
-    assert all(r.density == 1.0 for r in results[:4])
-    assert all(r.density < 1.0 for r in results[4:] if not r.reference)
-    assert results[3].percentage == 0.4 and controller.seen[7].error is not None
+    assert reference == [0, 4, 8]  # every 4 frames
+    # p = 0.4 from frame 3 on; plan 0 runs until the reference at frame 4, which measures it and
+    # whose dense run fills plan 1's caches.
+    assert [r.plan for r in results[:5]] == [0] * 5 and all(r.plan == 1 for r in results[5:])
+    assert [r.index for r in results if r.error is not None] == [4, 8]
+    assert all(r.density == 1.0 for r in results[:5])
+    assert all(r.density < 1.0 for r in results[5:] if not r.reference)
+    assert results[3].percentage == 0.4 and controller.seen[4].error is not None
 
 
 def test_runner_rejects_zero_reference_interval(tiny):

@@ -4,9 +4,9 @@ Each frame runs through a `Session` at the controller's filtering percentage. Ev
 whenever the controller asks, the frame is a *reference*: its delta result is computed as usual,
 then the same frame runs densely (an executor keyframe, which also refreshes every cache); the
 error of the delta result against the dense one feeds the controller, and the frame's output is
-the exact dense one. When p crosses into another compiled plan's range, the next frame runs
-densely in the new plan's session to fill its caches (unmeasured). A reference frame's whole
-cost counts in the frame's time.
+the exact dense one. When p crosses into another compiled plan's range, the plan switches at the
+next reference: its dense run fills the new plan's caches. A reference frame's whole cost counts
+in the frame's time.
 
 `FrameRecorder` writes outputs as the run goes (see its docstring for why a stopped run keeps
 every finished frame).
@@ -54,10 +54,10 @@ class FrameResult:
         outputs: the model's outputs, in its output order (exact on reference frames).
         seconds: wall time of the model work for the frame: the delta run, plus the dense run
             and the error measurement on a reference frame, plus the controller update.
-        reference: whether the frame ran densely: the first frame, every K-th frame, when the
-            controller asks, and when the plan switches.
-        error: the delta result's error against the dense one, on measured reference frames
-            (every K-th, or asked for); None otherwise, including first and plan-switch frames.
+        reference: whether the frame ran densely: the first frame, every K-th frame, and when
+            the controller asks (plans switch only on these).
+        error: the delta result's error against the dense one on reference frames; None
+            otherwise, and on the first frame.
         percentage: the filtering percentage the frame ran at.
         density: FLOP-weighted share of the delta nodes' outputs recomputed (1.0 on the first
             frame, which has no delta run).
@@ -218,23 +218,26 @@ class VideoRunner:
         asked = bool(getattr(self.controller, "wants_reference", False))
         error = None
         percentage = self.percentage
-        if self.index == 0 or wanted != self.current:
-            # First frame, or a plan switch: the new plan's caches are filled by a dense run. Its
-            # error is not measured: a switch follows the reference that moved p, so it would see
-            # one frame of drift and read ~0, misleading the controller.
+        if self.index == 0:
             self.current = wanted
             outputs = self.session.run(frame, percentage, keyframe=True)
             flops, density, reference = self.plans.costs[self.current].total, 1.0, True
+            used = self.current
         else:
+            used = self.current
             outputs = self.session.run(frame, percentage)
-            flops, density = self.plans.costs[self.current].delta_frame(self.session.executor.densities)
+            flops, density = self.plans.costs[used].delta_frame(self.session.executor.densities)
             reference = asked or self.since_reference + 1 >= self.reference_every
             if reference:
+                # The plan switches only here: the reference's dense run fills the new plan's
+                # caches, and the error of this frame is still measured on the plan that ran it.
+                # (Switching on any frame p crosses a compiled percentage let a controller that
+                # moves p every frame trigger a dense run every frame and never get a measurement.)
+                self.current = wanted
                 dense = self.session.run(frame, percentage, keyframe=True)
                 error = float(self.metric(outputs, dense))
                 outputs = dense
                 flops += self.plans.costs[self.current].total
-        used = self.current
         self.since_reference = 0 if reference else self.since_reference + 1
         observation = self.observation(
             frame=self.index, error=error, percentage=percentage, statistics={**stats, "density": density}
