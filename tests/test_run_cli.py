@@ -172,11 +172,12 @@ def test_runner_references_and_plan_switch(tiny):
     pre = Preprocessor.for_model(model.input_shape)
     results = [runner.step(pre(rgb)) for rgb in open_video(clip)]
     reference = [r.index for r in results if r.reference]
-    assert reference == [0, 4, 8]  # every 4 frames
+    # Every 4 frames, plus frame 5: plan 1's first delta frame is measured at once (a probe).
+    assert reference == [0, 4, 5, 9]
     # p = 0.4 from frame 3 on; plan 0 runs until the reference at frame 4, which measures it and
     # whose dense run fills plan 1's caches.
     assert [r.plan for r in results[:5]] == [0] * 5 and all(r.plan == 1 for r in results[5:])
-    assert [r.index for r in results if r.error is not None] == [4, 8]
+    assert [r.index for r in results if r.error is not None] == [4, 5, 9]
     assert all(r.density == 1.0 for r in results[:5])
     assert all(r.density < 1.0 for r in results[5:] if not r.reference)
     assert results[3].percentage == 0.4 and controller.seen[4].error is not None
