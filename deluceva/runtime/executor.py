@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
+from threadpoolctl import threadpool_limits
 
 from deluceva.errors import DelucevaError
 from deluceva.operators import Delta, get_operator
@@ -62,6 +63,10 @@ class Executor:
     """
 
     def __init__(self, model: Model, graph, plan: PhysicalPlan, threads: int = 1, profile: bool = False):
+        # numpy's BLAS (the pointwise delta Conv) gets the same thread count as onnxruntime: the
+        # comparison with plain onnxruntime is at equal threads, and on a busy 2-core machine a
+        # second BLAS thread made a 128x128x2000 product 1.5x slower, not faster.
+        threadpool_limits(limits=threads, user_api="blas")
         self.model = model
         self.graph = graph
         self.plan = plan
