@@ -25,7 +25,8 @@ def _clip(spec: OpSpec) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    # The tanh form never overflows (1 / (1 + exp(-x)) warns for x below about -88).
+    return 0.5 + 0.5 * np.tanh(0.5 * x)
 
 
 def _prelu(spec: OpSpec) -> Callable[[np.ndarray], np.ndarray]:
