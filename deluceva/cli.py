@@ -9,29 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deluceva.commands import _types as types
 from deluceva.errors import DelucevaError
 
 __all__ = ["main"]
-
-
-def _percentage(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"percentage {value} is outside [0, 1)")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each command module adds its own parser and sets `handler`.
     from deluceva.commands import register_all
 
-    register_all(commands, percentage=_percentage, positive_int=_positive_int)
+    register_all(commands, percentage=types.percentage, positive_int=types.positive_int)
     return parser
 
 

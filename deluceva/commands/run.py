@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from deluceva.commands._types import budget, non_negative_int
 from deluceva.errors import DelucevaError
 
 __all__ = ["add_parser", "add_run_options", "Setup", "prepare", "build_plans", "compile_plans", "progress", "write_json", "handle"]
@@ -26,26 +26,6 @@ __all__ = ["add_parser", "add_run_options", "Setup", "prepare", "build_plans", "
 # left the PI controller only "exact" or "far over budget" to choose from.
 ON_THE_FLY_PERCENTAGES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8)
 PROFILE_FRAMES = 10
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
-def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"error budget {value} must be a positive number")
-    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -71,7 +51,7 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int) -
                         help="how the filtering percentage moves (default: pi)")
     parser.add_argument("--percentage", type=percentage, default=None,
                         help="filtering percentage in [0, 1): fixed value, or starting value")
-    parser.add_argument("--error-budget", type=_budget, default=None,
+    parser.add_argument("--error-budget", type=budget, default=None,
                         help="error to hold on reference frames (default: 0.05 rel-l2, 0.02 det)")
     parser.add_argument("--metric", choices=["det", "rel-l2"], default="rel-l2",
                         help="error metric on reference frames (default: rel-l2)")
@@ -86,7 +66,7 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int) -
                         help="run a dense reference frame every K frames (default: 30)")
     parser.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads (default: 1)")
     parser.add_argument("--frames", type=positive_int, default=None, metavar="N", help="process at most N frames")
-    parser.add_argument("--start", type=_non_negative_int, default=0, metavar="S", help="skip the first S frames")
+    parser.add_argument("--start", type=non_negative_int, default=0, metavar="S", help="skip the first S frames")
     parser.add_argument("--every", type=positive_int, default=1, metavar="K", help="keep one frame in K")
     parser.add_argument("--learned-model", help="learned controller JSON (for --controller learned)")
 
