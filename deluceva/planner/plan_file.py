@@ -187,17 +187,10 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
 
 def load_plan(path: str | os.PathLike) -> PlanFile:
     """Read and validate a plan file; one-line DelucevaError naming the file when it is bad."""
+    from deluceva.profiles.profile import read_json
+
     label = str(path)
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DelucevaError(f"{label}: no such file") from None
-    except IsADirectoryError:
-        raise DelucevaError(f"{label}: is a directory, not a plan") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DelucevaError(f"{label}: cannot read plan ({type(error).__name__})") from None
-    except json.JSONDecodeError as error:
-        raise DelucevaError(f"{label}: not a deluceva plan (invalid JSON at line {error.lineno})") from None
+    data = read_json(path, "plan")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise DelucevaError(f"{label}: not a deluceva plan (no \"format\": \"{FORMAT}\")")
     if data.get("schema_version") != SCHEMA_VERSION:

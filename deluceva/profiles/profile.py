@@ -37,6 +37,7 @@ from pathlib import Path
 from deluceva.errors import DelucevaError
 
 __all__ = [
+    "read_json",
     "Profile",
     "FORMAT",
     "SCHEMA_VERSION",
@@ -165,20 +166,27 @@ def load_profile(path: str | os.PathLike) -> Profile:
         >>> profile.percentages
         [0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99]
     """
+    return Profile.from_json(read_json(path, "profile"), str(path))
+
+
+def read_json(path: str | os.PathLike, kind: str):
+    """The JSON in `path`; a one-line DelucevaError naming the file when it cannot be read.
+
+    `kind` names what the file should be ("profile", "plan") in the messages.
+    """
     label = str(path)
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
         raise DelucevaError(f"{label}: no such file") from None
     except IsADirectoryError:
-        raise DelucevaError(f"{label}: is a directory, not a profile") from None
+        raise DelucevaError(f"{label}: is a directory, not a {kind}") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise DelucevaError(f"{label}: cannot read profile ({type(error).__name__})") from None
+        raise DelucevaError(f"{label}: cannot read {kind} ({type(error).__name__})") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
-        raise DelucevaError(f"{label}: not a deluceva profile (invalid JSON at line {error.lineno})") from None
-    return Profile.from_json(data, label)
+        raise DelucevaError(f"{label}: not a deluceva {kind} (invalid JSON at line {error.lineno})") from None
 
 
 def _number(value) -> bool:
