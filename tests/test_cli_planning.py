@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -127,3 +128,10 @@ def test_explain_refuses_bad_plan_and_graph_suffix(workspace, capsys, tmp_path):
     assert_refused(code, err, "g.jpg", ".png or .svg")
     code, _, err = run_cli(["explain", tmp_path / "missing.json"], capsys)
     assert_refused(code, err, "missing.json", "no such file")
+
+
+def test_explain_graph_without_matplotlib_is_one_line(workspace, capsys, tmp_path, monkeypatch):
+    # matplotlib is optional (the `plot` extra); without it --graph must say so, not trace back.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = run_cli(["explain", workspace["plan"], "--graph", tmp_path / "g.png"], capsys)
+    assert_refused(code, err, "--graph needs matplotlib")

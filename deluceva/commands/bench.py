@@ -31,7 +31,6 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from deluceva.errors import DelucevaError
 
 __all__ = ["add_parser", "handle", "PeakMemory", "OnnxruntimeRun", "run_onnxruntime", "run_deluceva",
            "compare", "format_table", "machine_info", "plot"]
@@ -259,12 +258,9 @@ def machine_info() -> dict:
 
 def plot(path: str, ort_run: OnnxruntimeRun, delta_run: DelucevaRun, metric: str, budget: float | None) -> None:
     """Per-frame time (both), error against onnxruntime, and filtering percentage."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise DelucevaError("--plot needs matplotlib: pip install 'deluceva[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from deluceva.commands._plotting import pyplot
+
+    plt = pyplot("--plot")
 
     frames = np.arange(len(delta_run.results))
     figure, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)

@@ -40,11 +40,11 @@ def explain_table(plan, percentage: float) -> str:
 
 def draw_plan(plan, percentage: float, path: str | Path) -> Path:
     """Draw the DAG, nodes coloured by variant, to a .png or .svg file (matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import networkx as nx
+
+    from deluceva.commands._plotting import pyplot
+
+    plt = pyplot("--graph")
     from matplotlib.patches import Patch
 
     path = Path(path)
