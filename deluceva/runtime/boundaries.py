@@ -19,7 +19,7 @@ from deluceva.operators import Delta, Grid
 from deluceva.operators._common import TiledBuffer
 from deluceva.runtime.kernels import take_changed_tiles, tile_change_magnitudes
 
-__all__ = ["ToDelta", "Filter", "ToDense", "select_tiles"]
+__all__ = ["ToDelta", "Filter", "ToDense", "threshold_for"]
 
 
 def tile_magnitudes(values: np.ndarray) -> np.ndarray:
@@ -41,10 +41,6 @@ def threshold_for(magnitudes: np.ndarray, percentage: float) -> float:
     rank = int(percentage * (len(candidates) - 1))
     return float(np.partition(candidates, rank)[rank])
 
-
-def select_tiles(magnitudes: np.ndarray, percentage: float) -> np.ndarray:
-    """Boolean mask of the tiles whose magnitude exceeds the p-quantile of the non-zero ones."""
-    return magnitudes > threshold_for(magnitudes, percentage)
 
 
 class ToDelta:
