@@ -57,12 +57,14 @@ def main() -> None:
     graph = session.graph
     by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0])  # ms, count, density sum
     steps = []
+    step_outputs = {step.name: step.outputs[0] for step in session.executor.plan.steps if step.outputs}
+    fused = {step.name: len(step.fused) for step in session.executor.plan.steps if getattr(step, "fused", None)}
     for name, times in session.executor.step_times.items():
         ms = float(np.median(times)) * 1e3  # median: the first call of a kernel includes compiling it
         if name.startswith("delta["):
             node = name[len("delta["):-1]
-            op = graph.nodes[node]["op_type"]
-            density = float(np.mean(densities.get(graph.nodes[node]["outputs"][0], [1.0])))
+            op = graph.nodes[node]["op_type"] + ("+epilogue" if name in fused else "")
+            density = float(np.mean(densities.get(step_outputs[name], [1.0])))
         else:
             op, density = name.split("[")[0], float("nan")
         entry = by_op[op]

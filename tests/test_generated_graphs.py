@@ -1,7 +1,8 @@
 """Generated CNN DAGs, differential against onnxruntime: every frame, every output, p = 0.
 
 Hypothesis builds small random networks (branches, residual adds, concats, squeeze-excite
-style broadcast multiplies, pools, upsampling, channel slices and splits) with random channel
+style broadcast multiplies, pools, upsampling, channel slices and splits, Conv blocks with the
+epilogues the planner fuses) with random channel
 counts, kernels, strides, dilations, groups and odd spatial sizes, and runs each under the
 all-delta plan and a random mixed plan.
 """
@@ -104,6 +105,20 @@ class Builder:
             return self.add(op, [source], shape, alpha=0.1)
         return self.add(op, [source], shape)
 
+    def conv_block(self, source: str) -> str:
+        """A Conv and an elementwise epilogue, the groups the planner fuses into one delta step:
+        SiLU (x * sigmoid(x)), an activation, or a per-channel scale and shift then an activation."""
+        conv = self.conv(source)
+        if self.nodes[-1].op_type != "Conv":  # the Conv did not fit and became a unary
+            return conv
+        shape = self.tensors[conv]
+        kind = self.draw(st.sampled_from(["silu", "activation", "affine"]), "epilogue")
+        if kind == "silu":
+            return self.add("Mul", [conv, self.add("Sigmoid", [conv], shape)], shape)
+        if kind == "affine":
+            conv = self.scale(conv)
+        return self.unary(conv)
+
     def residual(self, source: str) -> str:
         shape = self.tensors[source]
         others = [t for t in self.order if t != source and self.tensors[t] == shape]
@@ -173,7 +188,8 @@ class Builder:
         return parts[1]
 
 
-STEPS = ["conv", "conv", "unary", "residual", "excite", "scale", "concat", "pool", "upsample", "channels"]
+STEPS = ["conv", "conv", "conv_block", "conv_block", "unary", "residual", "excite", "scale", "concat", "pool",
+         "upsample", "channels"]
 
 
 def build(data) -> tuple[onnx.ModelProto, tuple[int, ...]]:

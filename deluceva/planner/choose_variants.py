@@ -14,6 +14,10 @@ adjacent dense nodes share one onnxruntime session: each dense node that follows
 starts a new session and pays one call's fixed overhead. (partition_dense may merge or split a
 little differently on branching graphs; this is the cost the optimum is exact for.)
 
+A fused group (`mark_fusion`: a Conv and its elementwise epilogue) is profiled and run as one
+step, so its nodes are tied to one variant by infinite edges both ways; the optimum is then
+over the assignments that respect the ties.
+
 Every "some" term is made pairwise with one auxiliary label per tensor or node, bounded by
 infinite edges; every pairwise term then costs only when its two labels differ in one
 direction, which is submodular, so the s-t minimum cut is the exact minimum. Nodes without a
@@ -132,6 +136,11 @@ def _optimal(graph: nx.DiGraph) -> dict[str, str]:
                 net.add(w, u, to_dense)
                 for c in users:
                     net.add(c, w, math.inf)
+    for v, data in graph.nodes(data=True):
+        head = data.get("fused_into")
+        if head is not None:  # a fused group takes one variant (mark_fusion)
+            net.add(v, head, math.inf)
+            net.add(head, v, math.inf)
     segment = float(graph.graph.get("segment_ms", 0.0))
     if segment > 0:
         for v in graph.nodes:
@@ -164,6 +173,8 @@ def _optimal(graph: nx.DiGraph) -> dict[str, str]:
 def _reason(data, variant: str) -> str:
     if data.get("delta_reason") is not None:
         return data["delta_reason"]
+    if data.get("fused_into") is not None:
+        return f"fused with {data['fused_into']}, whose step it runs in ({variant})"
     dense, delta, density = float(data["cost_dense"]), float(data["cost_delta"]), data.get("density")
     at = f" at density {density:.2f}" if density is not None else ""
     numbers = f"({delta:.3f} ms vs dense {dense:.3f} ms)"

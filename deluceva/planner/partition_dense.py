@@ -38,7 +38,8 @@ def partition_dense(graph: nx.DiGraph) -> PhysicalPlan:
     """Build the physical plan from the variants on the DAG.
 
     Each segment is a maximal run of dense nodes in a topological order, so every segment's
-    inputs are ready before it runs and merging never creates a cycle.
+    inputs are ready before it runs and merging never creates a cycle. A fused group (see
+    `mark_fusion`) whose nodes all run delta becomes one step at its Conv's place.
     """
     model = graph.graph["model"]
     outputs = set(graph.graph["output_names"])
@@ -64,11 +65,21 @@ def partition_dense(graph: nx.DiGraph) -> PhysicalPlan:
         steps.append(DenseSegment(list(run), consumed, exported))
         run.clear()
 
+    fused = {}  # Conv -> its epilogue, for groups whose nodes all run delta
+    for name, data in graph.nodes(data=True):
+        members = data.get("epilogue")
+        if members and all(graph.nodes[n]["variant"] == "delta" for n in [name, *members]):
+            fused[name] = members
+    inside = {m for members in fused.values() for m in members}
     for name in _grouped_order(graph):
         data = graph.nodes[name]
         if data["variant"] == "dense":
             run.append(name)
-        else:
+        elif name in fused:
+            # The group's members read only its own tensors, so it can run where the Conv does.
+            close_run()
+            steps.append(DeltaStep(name, list(data["inputs"]), [data["fused_output"]], list(fused[name])))
+        elif name not in inside:
             close_run()
             steps.append(DeltaStep(name, list(data["inputs"]), list(data["outputs"])))
     close_run()

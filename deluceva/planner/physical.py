@@ -23,12 +23,17 @@ class DenseSegment:
 
 @dataclass
 class DeltaStep:
-    """One node run by its delta operator."""
+    """One node run by its delta operator, or a Conv fused with its epilogue (`fused`)."""
 
     node: str
     inputs: list[str]  # "" for an omitted optional input
     outputs: list[str]
+    fused: list[str] = field(default_factory=list)  # epilogue nodes run inside this step
     kind = "delta"
+
+    @property
+    def nodes(self) -> list[str]:
+        return [self.node, *self.fused]
 
     @property
     def name(self) -> str:
@@ -51,7 +56,7 @@ class PhysicalPlan:
         """One line per step: its kind, its nodes, and why each node has its variant."""
         lines = []
         for step in self.steps:
-            nodes = step.nodes if isinstance(step, DenseSegment) else [step.node]
+            nodes = step.nodes
             lines.append(f"{step.name}  ({len(nodes)} node{'s' if len(nodes) != 1 else ''})")
             for node in nodes:
                 lines.append(f"    {node}: {self.variants[node]} ({self.reasons.get(node, '')})")

@@ -7,7 +7,9 @@ What is measured, and how:
   whole-model time to within the error that `validation` reports.
 - delta time per node and densities: the executor on the all-delta plan (delta wherever a kernel
   exists), at each filtering percentage, on the calibration frames after a keyframe. Step times
-  exclude the conversions at a step's edges (the executor times those on their own).
+  exclude the conversions at a step's edges (the executor times those on their own). A fused
+  step (a Conv and its epilogue) counts against its Conv; its epilogue nodes get 0 ms, and the
+  planner keeps a group's nodes on one variant.
 - conversion cost per tensor: `ToDelta` and `ToDense` timed on each 1xCxHxW tensor's real change
   between consecutive frames, at each percentage, whether or not the all-delta plan converts it.
 The last quarter of the frames is held out: measured there, never fitted, to validate the cost
@@ -233,15 +235,17 @@ def _measure_delta(model, graph, fit, heldout, percentages, threads, bar):
     plan = partition_dense(graph)
     executor = Executor(model, graph, plan, threads=threads, profile=True)
     delta_nodes = [s.node for s in plan.steps if s.kind == "delta"]
+    # A fused step's time is its Conv's; the epilogue nodes inside it cost nothing more.
+    fused = {m: s.node for s in plan.steps if s.kind == "delta" for m in s.fused}
     # Warm-up: the first delta frame compiles the numba kernels.
     executor.reset()
     executor.run(fit[0])
     executor.run(fit[1], percentages[-1])
-    samples = {n: {"density": [], "ms": []} for n in delta_nodes}
+    samples = {n: {"density": [], "ms": []} for n in [*delta_nodes, *fused]}
     densities = []
     heldout_ms = []
     for p in percentages:
-        for n in delta_nodes:
+        for n in samples:
             samples[n]["density"].append([])
             samples[n]["ms"].append([])
         seen: dict[str, list[float]] = {}
@@ -256,6 +260,9 @@ def _measure_delta(model, graph, fit, heldout, percentages, threads, bar):
                        if t and i not in spec.constants and t in executor.densities]
                 samples[n]["density"][-1].append(max(ins) if ins else 0.0)
                 samples[n]["ms"][-1].append(executor.step_times[f"delta[{n}]"][0] * 1e3)
+            for member, head in fused.items():
+                samples[member]["density"][-1].append(samples[head]["density"][-1][-1])
+                samples[member]["ms"][-1].append(0.0)
             for t, d in executor.densities.items():
                 seen.setdefault(t, []).append(d)
             bar.update(1)

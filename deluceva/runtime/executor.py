@@ -18,6 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from deluceva.errors import DelucevaError
 from deluceva.operators import Delta, get_operator
+from deluceva.operators.fused import EpilogueNode, FusedConv
 from deluceva.operators._ort import session_options
 from deluceva.planner.load_model import Model
 from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
@@ -82,7 +83,7 @@ class Executor:
         for step in plan.steps:
             if isinstance(step, DeltaStep):
                 spec = graph.nodes[step.node]["spec"]
-                self._operators[step.node] = get_operator(spec.op_type)(spec)
+                self._operators[step.node] = self._delta_operator(step)
                 delta_consumed.update(t for i, t in enumerate(step.inputs) if t and i not in spec.constants)
                 delta_produced.update(t for t in step.outputs if t)
             else:
@@ -114,6 +115,14 @@ class Executor:
         self._keyframe_names = [o.name for o in keyframe.graph.output]
         self._keyframe = _session(keyframe, threads)
         self._compiled = self._compile_steps()
+
+    def _delta_operator(self, step: DeltaStep):
+        spec = self.graph.nodes[step.node]["spec"]
+        if not step.fused:
+            return get_operator(spec.op_type)(spec)
+        epilogue = [EpilogueNode(self.graph.nodes[n]["spec"], list(self.graph.nodes[n]["inputs"]),
+                                 list(self.graph.nodes[n]["outputs"])) for n in step.fused]
+        return FusedConv(spec, self.graph.nodes[step.node]["outputs"][0], epilogue, step.outputs[0])
 
     # -- public API --------------------------------------------------------------------
 
@@ -157,9 +166,10 @@ class Executor:
         start = time.perf_counter()
         values = dict(zip(self._keyframe_names, self._keyframe.run(None, {self.model.input_name: frame})))
         values[self.model.input_name] = frame
-        for node, operator in self._operators.items():
-            data = self.graph.nodes[node]
-            operator.reset([values.get(t) if t else None for t in data["inputs"]], [values[t] for t in data["outputs"]])
+        for step in self.plan.steps:
+            if isinstance(step, DeltaStep):
+                self._operators[step.node].reset([values.get(t) if t else None for t in step.inputs],
+                                                 [values[t] for t in step.outputs])
         for tensor, boundary in self.to_delta.items():
             boundary.reset(values[tensor])
         for tensor, boundary in self.to_dense.items():

@@ -1,0 +1,99 @@
+"""Find each Conv's elementwise epilogue, which can run with it as one fused delta step.
+
+A group is a delta-capable Conv plus the elementwise nodes (activations, SiLU's Mul, ...) that
+read only the Conv's output, each other's outputs and spatially uniform constants, such that
+exactly one tensor of the group leaves it. YOLOX's Conv -> Sigmoid -> Mul and P-Net's
+Conv -> PRelu are such groups.
+
+Annotations: on the Conv, `epilogue` (member nodes in model order) and `fused_output` (the
+tensor that leaves the group); on each member, `fused_into` (the Conv). The planner gives a
+group's nodes one variant (`choose_variants`), and `partition_dense` emits a group whose nodes
+all run delta as one step.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+
+from deluceva.operators.fused import EPILOGUE_OP_TYPES
+
+__all__ = ["mark_fusion"]
+
+
+def _uniform_constant(value) -> bool:
+    """True when a constant broadcasts over a (N, C, t, t) patch as over the whole tensor."""
+    shape = np.shape(value)
+    if len(shape) < 2:
+        return int(np.prod(shape)) == 1
+    return shape[-1] == 1 and shape[-2] == 1
+
+
+def _absorbable(data, conv_shape, inside: set[str], constants) -> bool:
+    if data["op_type"] not in EPILOGUE_OP_TYPES or data["delta_reason"] is not None:
+        return False
+    if data["domain"] not in ("", "ai.onnx") or len(data["outputs"]) != 1:
+        return False
+    if tuple(data["output_shapes"][0]) != tuple(conv_shape):
+        return False
+    for tensor in data["inputs"]:
+        if not tensor:
+            continue
+        if tensor in constants:
+            if not _uniform_constant(constants[tensor]):
+                return False
+        elif tensor not in inside:
+            return False
+    return True
+
+
+def _group(graph: nx.DiGraph, conv: str, consumers, outputs: set[str]) -> tuple[list[str], str] | None:
+    """(members, exit tensor) of `conv`'s epilogue, or None when it has none."""
+    data = graph.nodes[conv]
+    constants = graph.graph["model"].constants
+    conv_output = data["outputs"][0]
+    inside, members = {conv_output}, []
+    grown = True
+    while grown:
+        grown = False
+        for tensor in list(inside):
+            for user in consumers.get(tensor, ()):
+                if user not in members and _absorbable(graph.nodes[user], data["output_shapes"][0], inside, constants):
+                    members.append(user)
+                    inside.update(graph.nodes[user]["outputs"])
+                    grown = True
+    if not members:
+        return None
+    group = set(members)
+    exits = [t for t in inside if t in outputs or set(consumers.get(t, ())) - group]
+    if len(exits) != 1 or exits[0] == conv_output:
+        return None
+    order = {name: i for i, name in enumerate(graph.nodes)}
+    return sorted(members, key=order.get), exits[0]
+
+
+def mark_fusion(graph: nx.DiGraph) -> bool:
+    """Annotate fusable Conv groups (see the module docstring); returns whether anything changed."""
+    consumers: dict[str, list[str]] = {}
+    for name, data in graph.nodes(data=True):
+        for tensor in data["inputs"]:
+            if tensor:
+                consumers.setdefault(tensor, []).append(name)
+    outputs = set(graph.graph["output_names"])
+    before = {n: (d.get("epilogue"), d.get("fused_output"), d.get("fused_into")) for n, d in graph.nodes(data=True)}
+    for _, data in graph.nodes(data=True):
+        data["epilogue"], data["fused_output"], data["fused_into"] = None, None, None
+    for name, data in graph.nodes(data=True):
+        if data["op_type"] != "Conv" or data["delta_reason"] is not None or data["fused_into"] is not None:
+            continue
+        found = _group(graph, name, consumers, outputs)
+        if found is None:
+            continue
+        members, exit_tensor = found
+        if any(graph.nodes[m]["epilogue"] or graph.nodes[m]["fused_into"] for m in members):
+            continue
+        data["epilogue"], data["fused_output"] = members, exit_tensor
+        for member in members:
+            graph.nodes[member]["fused_into"] = name
+    after = {n: (d.get("epilogue"), d.get("fused_output"), d.get("fused_into")) for n, d in graph.nodes(data=True)}
+    return before != after

@@ -1,0 +1,229 @@
+"""Conv + elementwise epilogue groups: which the planner fuses, and that fused steps stay exact."""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_end_to_end import Differential, sparse_frames
+
+from deluceva.planner import build_dag, build_plan, load_model
+from deluceva.planner.choose_variants import choose_variants, frame_cost
+
+OPSET = 14
+
+
+class Net:
+    """A tiny ONNX graph builder for hand-written fusion cases."""
+
+    def __init__(self, channels: int, height: int, width: int, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits = [], []
+        self.shape = {"x": (channels, height, width)}
+
+    def const(self, value) -> str:
+        name = f"w{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def node(self, op_type: str, inputs: list[str], shape, name: str | None = None, **attrs) -> str:
+        out = f"t{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=name or f"{op_type}_{len(self.nodes)}", **attrs))
+        self.shape[out] = shape
+        return out
+
+    def conv(self, source: str, out_channels: int, kernel: int = 3, stride: int = 1, dilation: int = 1,
+             group: int = 1, name: str | None = None) -> str:
+        c, h, w = self.shape[source]
+        pad = (kernel - 1) * dilation // 2
+        oh = (h + 2 * pad - (kernel - 1) * dilation - 1) // stride + 1
+        ow = (w + 2 * pad - (kernel - 1) * dilation - 1) // stride + 1
+        weight = self.rng.standard_normal((out_channels, c // group, kernel, kernel)) / math.sqrt(c * kernel * kernel / group)
+        bias = 0.1 * self.rng.standard_normal(out_channels)
+        return self.node("Conv", [source, self.const(weight), self.const(bias)], (out_channels, oh, ow), name=name,
+                         kernel_shape=[kernel, kernel], strides=[stride, stride], dilations=[dilation, dilation],
+                         pads=[pad] * 4, group=group)
+
+    def silu(self, source: str) -> str:
+        shape = self.shape[source]
+        return self.node("Mul", [source, self.node("Sigmoid", [source], shape)], shape)
+
+    def model(self, outputs: list[str]):
+        c, h, w = self.shape["x"]
+        graph = helper.make_graph(
+            self.nodes, "fusion", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])],
+            [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, *self.shape[t]]) for t in outputs], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = 8
+        return model
+
+
+def backbone():
+    """Stride 1, 2, 4 and 8 stages (tiles 8 down to 1), SiLU, PReLU, Clip and affine epilogues,
+    depthwise, dilated and pointwise convolutions, odd sizes so edge tiles are partial."""
+    net = Net(3, 45, 61)
+    x = net.silu(net.conv("x", 8, name="stem"))
+    x = net.silu(net.conv(x, 8, stride=2, group=8, name="down1"))
+    x = net.silu(net.conv(x, 12, kernel=1, name="point1"))
+    slope = net.const(0.25 * np.ones((12, 1, 1)))
+    x = net.node("PRelu", [net.conv(x, 12, stride=2, name="down2"), slope], None)
+    net.shape[x] = net.shape[net.nodes[-1].input[0]]
+    y = net.conv(x, 12, dilation=2, name="dilated")
+    scaled = net.node("Mul", [y, net.const(1.5 * np.ones((1, 12, 1, 1)))], net.shape[y])
+    shifted = net.node("Add", [scaled, net.const(np.float32(0.1))], net.shape[y])
+    y = net.node("Clip", [shifted, net.const(np.float32(-1.0)), net.const(np.float32(2.0))], net.shape[y])
+    deep = net.silu(net.conv(net.conv(y, 16, stride=2, name="down3"), 16, name="deep"))
+    deep = net.silu(net.conv(deep, 16, kernel=1, name="point2"))
+    return net.model([deep])
+
+
+def test_backbone_groups_are_found():
+    graph = build_dag(load_model(backbone()))
+    groups = {n: d["epilogue"] for n, d in graph.nodes(data=True) if d.get("epilogue")}
+    op_types = {n: [graph.nodes[m]["op_type"] for m in members] for n, members in groups.items()}
+    assert op_types == {
+        "stem": ["Sigmoid", "Mul"], "down1": ["Sigmoid", "Mul"], "point1": ["Sigmoid", "Mul"],
+        # Loading folds the constant Mul into the Conv's weights (onnxruntime's basic level).
+        "down2": ["PRelu"], "dilated": ["Add", "Clip"], "deep": ["Sigmoid", "Mul"],
+        "point2": ["Sigmoid", "Mul"],
+    }
+    plan = build_plan(graph, "delta")
+    fused = {s.node: s.fused for s in plan.steps if s.kind == "delta" and s.fused}
+    assert fused == groups
+    # down3 has no epilogue (a Conv reads it), so it runs as a plain delta Conv.
+    assert any(s.kind == "delta" and s.node == "down3" and not s.fused for s in plan.steps)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fused_backbone_matches_onnxruntime(seed):
+    frames = sparse_frames((1, 3, 45, 61), 6, seed=seed)
+    differential = Differential(backbone(), frames, measured_bound=False)
+    differential.check("delta", "fused backbone")
+    # A group with one member dense runs unfused; mixing must stay exact too.
+    differential.check({"stem": "delta", "down1": "delta", "point1": "delta"}, "part delta")
+
+
+def test_no_group_when_the_conv_output_is_read_outside():
+    net = Net(2, 16, 16)
+    conv = net.conv("x", 4, name="conv")
+    act = net.node("Relu", [conv], net.shape[conv])
+    other = net.node("Add", [conv, act], net.shape[conv])  # reads the Conv's output: that leaves the group...
+    graph = build_dag(load_model(net.model([other])))
+    # ...unless the Add is absorbed too (it reads only group tensors), leaving one exit.
+    assert graph.nodes["conv"]["epilogue"] == ["Relu_1", "Add_2"]
+    net = Net(2, 16, 16)
+    conv = net.conv("x", 4, name="conv")
+    act = net.node("Relu", [conv], net.shape[conv])
+    graph = build_dag(load_model(net.model([act, conv])))  # the Conv's output is a model output
+    assert graph.nodes["conv"]["epilogue"] is None
+    assert graph.nodes["Relu_1"]["fused_into"] is None
+
+
+def test_no_group_with_a_spatially_varying_constant():
+    net = Net(2, 16, 16)
+    conv = net.conv("x", 4, name="conv")
+    varying = net.node("Mul", [conv, net.const(np.ones((1, 4, 16, 16)))], net.shape[conv])
+    graph = build_dag(load_model(net.model([varying])))
+    assert graph.nodes["conv"]["epilogue"] is None
+
+
+def _tied_brute_force(graph) -> float:
+    nodes = list(graph.nodes)
+    best = math.inf
+    for bits in range(2 ** len(nodes)):
+        variants = {n: "delta" if bits >> i & 1 else "dense" for i, n in enumerate(nodes)}
+        if any(d.get("fused_into") and variants[n] != variants[d["fused_into"]] for n, d in graph.nodes(data=True)):
+            continue
+        best = min(best, frame_cost(graph, variants))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_min_cut_keeps_groups_together_and_stays_optimal(seed):
+    """Random costs on a chain conv -> sigmoid -> mul -> conv2 -> relu with two groups: the cut
+    never splits a group, and its cost equals brute force over the assignments that keep them."""
+    rng = np.random.default_rng(seed)
+    graph = nx.DiGraph(input_name="x", output_names=["r"])
+    chain = [("conv", ["x"], ["c"]), ("sigmoid", ["c"], ["s"]), ("mul", ["c", "s"], ["m"]),
+             ("conv2", ["m"], ["c2"]), ("relu", ["c2"], ["r"])]
+    for name, inputs, outputs in chain:
+        graph.add_node(name, inputs=inputs, outputs=outputs, delta_reason=None,
+                       cost_dense=float(rng.uniform(0, 2)), cost_delta=float(rng.uniform(0, 2)))
+    for a, b in [("conv", "sigmoid"), ("conv", "mul"), ("sigmoid", "mul"), ("mul", "conv2"), ("conv2", "relu")]:
+        graph.add_edge(a, b)
+    for member, head in [("sigmoid", "conv"), ("mul", "conv"), ("relu", "conv2")]:
+        graph.nodes[member]["fused_into"] = head
+    graph.graph["conversion"] = {t: (float(rng.uniform(0, 1)), float(rng.uniform(0, 1))) for t in "x c s m c2 r".split()}
+    graph.graph["segment_ms"] = float(rng.uniform(0, 0.5))
+    choose_variants(graph)
+    variants = {n: d["variant"] for n, d in graph.nodes(data=True)}
+    assert variants["sigmoid"] == variants["mul"] == variants["conv"]
+    assert variants["relu"] == variants["conv2"]
+    assert frame_cost(graph, variants) == pytest.approx(_tied_brute_force(graph))
+
+
+# -- FusedConv on its own: each layout, against onnxruntime on the whole tensor -------------------
+
+from deluceva.operators import Delta, Grid  # noqa: E402
+from deluceva.operators.fused import EpilogueNode, FusedConv  # noqa: E402
+from deluceva.operators.testing import make_spec, single_node_model  # noqa: E402
+from deluceva.operators._ort import session_options  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+
+def _silu_conv_model(weight, bias, attrs):
+    c = weight.shape[1] * attrs["group"]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], **attrs),
+             helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,group,tile,changed", [
+    (3, 1, 1, 1, 1, 2),    # one position per tile: patches side by side, stride = patch width
+    (3, 2, 1, 4, 1, 3),    # the same, strided and depthwise
+    (5, 1, 2, 1, 1, 1),    # dilated
+    (1, 1, 1, 1, 1, 4),    # pointwise, side by side
+    (1, 1, 1, 1, 4, 2),    # pointwise on 4x4 tiles
+    (3, 1, 1, 1, 4, 2),    # a batch of patches
+    (3, 2, 1, 1, 4, 1),    # a strided batch
+    (3, 1, 1, 1, 1, 60),   # so many tiles that one call over the whole buffer is cheaper
+])
+def test_fused_conv_layouts(kernel, stride, dilation, group, tile, changed):
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + tile)
+    c, h, w = 4, 13, 11
+    pad = (kernel - 1) * dilation // 2
+    attrs = {"kernel_shape": [kernel, kernel], "strides": [stride, stride], "dilations": [dilation, dilation],
+             "pads": [pad] * 4, "group": group}
+    weight = rng.standard_normal((4, c // group, kernel, kernel)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    reference = _silu_conv_model(weight, bias, attrs)
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    y = reference.run(None, {"x": x})[0]
+    out_tile = max(1, tile // stride)
+    spec = make_spec("Conv", attrs, [(1, c, h, w), weight, bias], [y.shape], tile, out_tiles=[out_tile])
+    spec.input_grids = [Grid(c, h, w, tile), None, None]
+    conv_out = "c"
+    sigmoid = make_spec("Sigmoid", {}, [y.shape], [y.shape], tile)
+    mul = make_spec("Mul", {}, [y.shape, y.shape], [y.shape], tile)
+    operator = FusedConv(spec, conv_out, [EpilogueNode(sigmoid, ["c"], ["s"]), EpilogueNode(mul, ["c", "s"], ["y"])], "y")
+    operator.reset([x, None, None], [y])
+    grid, out_grid = spec.input_grids[0], spec.output_grids[0]
+    total = y.copy()
+    for _ in range(3):
+        index = np.sort(rng.choice(grid.n_tiles, min(changed, grid.n_tiles), replace=False)).astype(np.int64)
+        values = rng.standard_normal((len(index), c, tile, tile)).astype(np.float32)
+        values = grid.zero_phantom(index, values)
+        change = Delta(grid, index, values)
+        x = x + change.to_dense()
+        (out,) = operator.step([change, None, None])
+        assert out.grid == out_grid
+        total = total + out.to_dense()
+        np.testing.assert_allclose(total, reference.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
