@@ -296,3 +296,21 @@ def test_mixed_plan_runs_and_matches_dense_at_zero():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     # assign_variants with the chosen mapping reproduces it (the session's plan is that plan)
     assert assign_variants(graph, variants) is False
+
+
+@pytest.mark.parametrize("delta_ms,expected", [(1.9, "dense"), (1.5, "delta")])
+def test_a_predicted_gain_under_min_gain_gives_all_dense(delta_ms, expected):
+    """Three 2 ms nodes, free conversions: delta at 1.9 ms saves 5% (under 10%: all dense, with
+    the reason said), at 1.5 ms 25% (kept)."""
+    rng = random.Random(0)
+    graph = costed_dag(3, [(0, 1), (1, 2)], rng, forced_share=0.0)
+    for _, d in graph.nodes(data=True):
+        d.update(cost_dense=2.0, cost_delta=delta_ms, density=0.1)
+    graph.graph["conversion"] = {t: (0.0, 0.0) for t in graph.graph["conversion"]}
+    graph.graph["segment_ms"] = 0.0
+    choose_variants(graph, min_gain=0.1)
+    assert set(chosen(graph).values()) == {expected}
+    if expected == "dense":
+        assert graph.nodes["n0"]["reason"].startswith("all dense: the best mixed plan (5.70 ms) saves under 10%")
+    choose_variants(graph)  # without a minimum gain, any saving counts
+    assert set(chosen(graph).values()) == {"delta"}

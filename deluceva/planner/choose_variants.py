@@ -187,11 +187,17 @@ def _reason(data, variant: str) -> str:
     return f"delta faster{at} {numbers} but conversions and session splits cost more"
 
 
-def choose_variants(graph: nx.DiGraph) -> bool:
+def choose_variants(graph: nx.DiGraph, min_gain: float = 0.0) -> bool:
     """Set `variant`, `reason` and `predicted_ms` on every node; returns whether any variant changed.
 
     Needs `cost_dense`, `cost_delta` and `density` on the nodes and `conversion`/`segment_ms` on
     the graph (`attach_costs`). Ties go to dense (exact at any percentage).
+
+    Args:
+        min_gain: keep the optimum only when it is predicted to save at least this share of the
+            all-dense time; otherwise run all dense. A prediction has an error, and a plan that
+            is predicted 3% faster is as likely to be slower; all dense is never slower than
+            onnxruntime.
 
     Example:
         >>> attach_costs(graph, cost_model, percentage=0.9)     # doctest: +SKIP
@@ -201,6 +207,11 @@ def choose_variants(graph: nx.DiGraph) -> bool:
     if not graph.number_of_nodes():
         return False
     chosen = _optimal(graph)
+    all_dense = {v: "dense" for v in graph.nodes}
+    dense_ms, chosen_ms = frame_cost(graph, all_dense), frame_cost(graph, chosen)
+    too_small = chosen != all_dense and chosen_ms > (1.0 - min_gain) * dense_ms
+    if too_small:
+        chosen = all_dense
     changed = False
     for v, data in graph.nodes(data=True):
         variant = chosen[v]
@@ -208,5 +219,8 @@ def choose_variants(graph: nx.DiGraph) -> bool:
             changed = True
         data["variant"] = variant
         data["reason"] = _reason(data, variant)
+        if too_small and data.get("delta_reason") is None:
+            data["reason"] = (f"all dense: the best mixed plan ({chosen_ms:.2f} ms) saves under {min_gain:.0%} "
+                              f"of all dense ({dense_ms:.2f} ms); " + data["reason"])
         data["predicted_ms"] = float(data["cost_dense"]) if variant == "dense" else _delta_cost(data)
     return changed
