@@ -17,7 +17,15 @@ import numpy as np
 
 from deluceva.operators import Delta, Grid
 from deluceva.operators._common import TiledBuffer
-from deluceva.runtime.kernels import take_changed_tiles, tile_change_magnitudes
+from deluceva.runtime.kernels import (
+    accumulate_tiles,
+    emit_tiles,
+    lower_quantile,
+    nonzero_tiles,
+    take_changed_tiles,
+    take_kept_tiles,
+    tile_change_magnitudes,
+)
 
 __all__ = ["ToDelta", "Filter", "ToDense", "threshold_for"]
 
@@ -66,10 +74,16 @@ class ToDelta:
             # The threshold comes from this frame's own change, not from everything held back:
             # held-back tiles pile up on a noisy video, and a quantile over them would pass a
             # share of the pile every frame, so the work would grow with time.
-            fresh = np.zeros((g.tiles_h, g.tiles_w), np.float32)
-            tile_change_magnitudes(value, self.last if self.previous is None else self.previous, g.tile, fresh)
+            if self.previous is None:  # then measured against `last`, as `magnitudes` just was
+                fresh = magnitudes
+            else:
+                fresh = np.zeros((g.tiles_h, g.tiles_w), np.float32)
+                tile_change_magnitudes(value, self.previous, g.tile, fresh)
             threshold = threshold_for(fresh.ravel(), percentage)
-            self.previous = value.copy()
+            if self.previous is None:
+                self.previous = value.copy()
+            else:
+                np.copyto(self.previous, value)  # not a new buffer every frame
         passed = np.flatnonzero(magnitudes.ravel() > threshold)
         values = np.zeros((len(passed), g.channels, g.tile, g.tile), np.float32)
         take_changed_tiles(value, self.last, passed, g.tile, g.tiles_w, values)
@@ -93,6 +107,42 @@ class Filter:
         self.magnitude = None
 
     def __call__(self, delta: Delta, percentage: float) -> Delta:
+        values = delta.values
+        if not (
+            percentage <= 1  # beyond, the quantile's rank can leave the candidates: numpy raises
+            and values.dtype == np.float32
+            and values.ndim == 4
+            and values.shape[1:] == (self.grid.channels, self.grid.tile, self.grid.tile)
+            and delta.index.dtype == np.int64
+            and delta.index.shape == (len(values),)
+        ):
+            return self._call_numpy(delta, percentage)
+        values = np.ascontiguousarray(values)
+        index = np.ascontiguousarray(delta.index)
+        if self.pending is None:
+            if percentage <= 0:
+                keep = np.empty(len(values), np.bool_)
+                kept = nonzero_tiles(values, keep)
+                if kept == len(keep):
+                    return delta
+                return Delta(self.grid, *take_kept_tiles(index, values, keep, kept))
+            g = self.grid
+            self.pending = np.zeros((g.n_tiles, g.channels, g.tile, g.tile), np.float32)
+            self.magnitude = np.zeros(g.n_tiles, np.float32)
+        candidates = np.empty(len(values), np.float32)
+        count = accumulate_tiles(index, values, self.pending, self.magnitude, candidates)
+        if count < 0:  # not strictly ascending within the grid: numpy's meaning of such an index
+            return self._call_numpy(delta, percentage)
+        # The threshold comes from this frame's own change (see ToDelta for why), as in
+        # `threshold_for`: the lower p-quantile of its non-zero tile magnitudes, by selection.
+        # It is a float32 value (or 0), so the kernel's float64 comparison is numpy's float32 one.
+        threshold = 0.0
+        if percentage > 0 and count:
+            threshold = lower_quantile(candidates[:count], int(percentage * (count - 1)))
+        return Delta(self.grid, *emit_tiles(self.pending, self.magnitude, threshold))
+
+    def _call_numpy(self, delta: Delta, percentage: float) -> Delta:
+        """The same filter in numpy, for what the kernels do not take (and as their reference)."""
         if self.pending is None:
             if percentage <= 0:
                 keep = tile_magnitudes(delta.values) > 0
@@ -102,7 +152,6 @@ class Filter:
             g = self.grid
             self.pending = np.zeros((g.n_tiles, g.channels, g.tile, g.tile), np.float32)
             self.magnitude = np.zeros(g.n_tiles, np.float32)
-        # The threshold comes from this frame's own change (see ToDelta for why).
         threshold = threshold_for(tile_magnitudes(delta.values), percentage)
         if len(delta.index):
             updated = self.pending[delta.index] + delta.values
