@@ -10,6 +10,7 @@ import numpy as np
 from deluceva.planner import Model, build_dag, build_plan, load_model
 from deluceva.planner.mark_delta_support import DEFAULT_TILE
 from deluceva.runtime.executor import Executor
+from deluceva.runtime.thresholds import Thresholds, tensor_grids
 
 __all__ = ["Session"]
 
@@ -25,9 +26,13 @@ class Session:
         threads: onnxruntime intra-op threads.
         tile: tile edge at the input's resolution.
         profile: record per-step times in `session.executor.step_times`.
+        thresholds: filter thresholds calibrated on frames (`calibrate`), shareable between
+            sessions of one model; without them each filter uses the quantile of each frame's
+            own changes.
 
     Example:
         >>> session = Session("model.onnx", plan="delta", input_shape=(1, 3, 224, 224))  # doctest: +SKIP
+        >>> session.calibrate(first_frames)                   # thresholds for p, in each tensor's units
         >>> outputs = session.run(frame, percentage=0.9)      # list of arrays, like onnxruntime
         >>> session.reset()                                    # next frame is an exact keyframe
     """
@@ -40,11 +45,26 @@ class Session:
         threads: int = 1,
         tile: int = DEFAULT_TILE,
         profile: bool = False,
+        thresholds: Thresholds | None = None,
     ):
         self.model = model if isinstance(model, Model) else load_model(model, input_shape)
         self.graph = build_dag(self.model, base_tile=tile, threads=threads)
         self.plan = build_plan(self.graph, plan)
         self.executor = Executor(self.model, self.graph, self.plan, threads=threads, profile=profile)
+        self.executor.use_thresholds(thresholds)
+
+    def calibrate(self, frames: list[np.ndarray]) -> Thresholds:
+        """Calibrate filter thresholds on consecutive `frames` (model inputs), for every tensor
+        of the model, so other plans of it can share them; the next frame is a keyframe."""
+        thresholds = Thresholds.calibrate(self.model, [self.executor._check_frame(f) for f in frames],
+                                          tensor_grids(self.graph))
+        self.use_thresholds(thresholds)
+        return thresholds
+
+    def use_thresholds(self, thresholds: Thresholds | None) -> None:
+        """Filter with `thresholds` (from `calibrate`, maybe another session's); next frame is a keyframe."""
+        self.executor.use_thresholds(thresholds)
+        self.executor.reset()
 
     def run(self, frame: np.ndarray, percentage: float = 0.0, keyframe: bool = False) -> list[np.ndarray]:
         """Outputs for `frame` (shape `model.input_shape`), in the model's output order."""

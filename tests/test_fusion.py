@@ -169,7 +169,7 @@ def test_min_cut_keeps_groups_together_and_stays_optimal(seed):
 
 from deluceva.operators import Delta, Grid  # noqa: E402
 from deluceva.operators.fused import EpilogueNode, FusedConv  # noqa: E402
-from deluceva.operators.testing import make_spec, single_node_model  # noqa: E402
+from deluceva.operators.testing import make_spec  # noqa: E402
 from deluceva.operators._ort import session_options  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 

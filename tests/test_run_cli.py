@@ -89,6 +89,7 @@ def test_run_without_plan_compiles_on_the_fly_and_says_so(tiny, tmp_path, capsys
 def test_interrupted_run_keeps_finished_frames(tiny, tmp_path, monkeypatch):
     """Ctrl-C after 7 frames: OUT.npz and the summary hold exactly frames 0..6."""
     import deluceva.runtime.video as video_module
+    from deluceva.commands.run import PROFILE_FRAMES
 
     model, clip = tiny
     real_open = video_module.open_video
@@ -106,7 +107,12 @@ def test_interrupted_run_keeps_finished_frames(tiny, tmp_path, monkeypatch):
                     raise KeyboardInterrupt
                 yield frame
 
-    monkeypatch.setattr(video_module, "open_video", lambda *a, **k: Interrupting(real_open(*a, **k)))
+    def open_video(*args, **kwargs):
+        if kwargs.get("frames") == PROFILE_FRAMES:  # the first frames, read to calibrate the filters
+            return real_open(*args, **kwargs)
+        return Interrupting(real_open(*args, **kwargs))
+
+    monkeypatch.setattr(video_module, "open_video", open_video)
     out, summary_path = tmp_path / "out.npz", tmp_path / "summary.json"
     code = main(["run", str(model), str(clip), "--plan", "delta", "--controller", "fixed", "--percentage", "0.3",
                  "--outputs", str(out), "--summary", str(summary_path)])

@@ -154,12 +154,37 @@ def build_plans(setup: Setup, announce=None):
 
     args = setup.args
     announce = announce or (lambda text: print(f"deluceva: {text}", file=sys.stderr))
+    frames = _first_frames(setup)
     if args.plan in ("dense", "delta"):
         session = Session(setup.model, plan=args.plan, threads=args.threads)
-        return PlanSet([session], [0.0], description=f"{args.plan} (every node that can)")
-    if args.plan:
-        return _plans_from_file(args.plan, setup)
-    return _compile_on_the_fly(setup, announce)
+        plans = PlanSet([session], [0.0], description=f"{args.plan} (every node that can)")
+    elif args.plan:
+        plans = _plans_from_file(args.plan, setup)
+    else:
+        announce(f"no --plan given: profiling on the first {len(frames)} frames and compiling on the fly "
+                 f"for p in {', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} (save one with `deluceva compile`)")
+        return compile_plans(setup.model, frames, args.threads)
+    calibrate(plans.sessions, frames)
+    return plans
+
+
+def calibrate(sessions: list, frames: list) -> None:
+    """Calibrate the filter thresholds on `frames` once and give them to every session."""
+    thresholds = sessions[0].calibrate(frames)
+    for session in sessions[1:]:
+        session.use_thresholds(thresholds)
+
+
+def _first_frames(setup: Setup) -> list:
+    """The video's first frames (model inputs): what profiling and threshold calibration see."""
+    from deluceva.runtime.video import open_video
+
+    args = setup.args
+    video = open_video(args.video, frames=PROFILE_FRAMES, start=args.start, every=args.every)
+    frames = [setup.preprocess(rgb) for rgb in video]
+    if len(frames) < 2:
+        raise DelucevaError(f"{args.video}: needs at least 2 frames to calibrate the filters, has {len(frames)}")
+    return frames
 
 
 def _plans_from_file(path: str, setup: Setup):
@@ -194,18 +219,8 @@ def compile_plans(model, frames: list, threads: int = 1, percentages=None, progr
         previous = variants
         sessions.append(Session(model, plan=variants, threads=threads))
         compiled.append(percentage)
+    calibrate(sessions, frames)
     return PlanSet(sessions, compiled, description=f"profiled on {len(frames)} frames, compiled on the fly")
-
-
-def _compile_on_the_fly(setup: Setup, announce):
-    from deluceva.runtime.video import open_video
-
-    args = setup.args
-    announce(f"no --plan given: profiling on the first {PROFILE_FRAMES} frames and compiling on the fly "
-             f"for p in {', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} (save one with `deluceva compile`)")
-    video = open_video(args.video, frames=PROFILE_FRAMES, start=args.start, every=args.every)
-    frames = [setup.preprocess(rgb) for rgb in video]
-    return compile_plans(setup.model, frames, args.threads)
 
 
 def progress(total: int | None, description: str):

@@ -12,6 +12,7 @@ What is measured, and how:
   planner keeps a group's nodes on one variant.
 - conversion cost per tensor: `ToDelta` and `ToDense` timed on each 1xCxHxW tensor's real change
   between consecutive frames, at each percentage, whether or not the all-delta plan converts it.
+Filters use thresholds calibrated on the fit frames (`deluceva.runtime.thresholds`), as `run` does.
 The last quarter of the frames is held out: measured there, never fitted, to validate the cost
 model (see `deluceva.profiles.cost_model.validate`).
 """
@@ -24,7 +25,6 @@ import time
 from typing import Iterable
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 from deluceva.errors import DelucevaError
@@ -38,6 +38,7 @@ from deluceva.planner.pipeline import build_dag
 from deluceva.profiles.profile import DEFAULT_PERCENTAGES, Profile, machine_fingerprint
 from deluceva.runtime.boundaries import ToDelta, ToDense
 from deluceva.runtime.executor import Executor, _session
+from deluceva.runtime.thresholds import Thresholds, tensor_values
 
 __all__ = ["measure_profile", "session_call_overhead", "DENSE_METHOD"]
 
@@ -144,8 +145,9 @@ def measure_profile(
     try:
         overhead = session_call_overhead(threads)
         node_dense, dense_model = _measure_dense(model, graph, inputs[:dense_frames], threads, bar)
-        delta = _measure_delta(model, graph, fit, heldout, percentages, threads, bar)
-        conversions = _measure_conversions(model, grids, fit[: conversion_pairs + 1], percentages, bar)
+        thresholds = Thresholds.calibrate(model, fit, grids)
+        delta = _measure_delta(model, graph, fit, heldout, percentages, threads, thresholds, bar)
+        conversions = _measure_conversions(model, grids, fit[: conversion_pairs + 1], percentages, thresholds, bar)
     finally:
         bar.close()
 
@@ -229,11 +231,12 @@ def _measure_dense(model, graph, frames, threads, bar):
     return per_node, float(np.median(times))
 
 
-def _measure_delta(model, graph, fit, heldout, percentages, threads, bar):
+def _measure_delta(model, graph, fit, heldout, percentages, threads, thresholds, bar):
     """Per-node delta samples on the fit frames, tensor densities, held-out per-frame times."""
     assign_variants(graph, "delta")
     plan = partition_dense(graph)
     executor = Executor(model, graph, plan, threads=threads, profile=True)
+    executor.use_thresholds(thresholds)
     delta_nodes = [s.node for s in plan.steps if s.kind == "delta"]
     # A fused step's time is its Conv's; the epilogue nodes inside it cost nothing more.
     fused = {m: s.node for s in plan.steps if s.kind == "delta" for m in s.fused}
@@ -280,28 +283,9 @@ def _measure_delta(model, graph, fit, heldout, percentages, threads, bar):
     return {"samples": samples, "density": densities, "heldout": heldout_ms}
 
 
-def _all_tensor_values(model, frames):
-    """Every float 1xCxHxW tensor's value for each frame (one onnxruntime run per frame)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.onnx)
-    present = {o.name for o in proto.graph.output}
-    for node in proto.graph.node:
-        for t in node.output:
-            if t and t not in present and len(model.shapes.get(t, ())) == 4:
-                proto.graph.output.append(helper.make_tensor_value_info(t, model.dtypes.get(t, 1), model.shapes[t]))
-    session = _session(proto, 1)
-    names = [o.name for o in proto.graph.output]
-    values = []
-    for frame in frames:
-        result = dict(zip(names, session.run(None, {model.input_name: frame})))
-        result[model.input_name] = frame
-        values.append(result)
-    return values
-
-
-def _measure_conversions(model, grids, frames, percentages, bar):
+def _measure_conversions(model, grids, frames, percentages, thresholds, bar):
     """Per tensor and percentage: ms of ToDelta, of ToDense (apply + read), and the density."""
-    values = _all_tensor_values(model, frames)
+    values = list(tensor_values(model, frames, grids))
     result = {}
     for tensor, grid in grids.items():
         to_delta_ms, to_dense_ms, density = [], [], []
@@ -311,6 +295,7 @@ def _measure_conversions(model, grids, frames, percentages, bar):
                 if tensor not in before:
                     continue
                 into = ToDelta(grid)
+                into.threshold_at = lambda p, t=tensor: thresholds.threshold(t, p)
                 into.reset(before[tensor])
                 start = time.perf_counter()
                 change = into(after[tensor], p)

@@ -7,11 +7,15 @@
 - `ToDense`: a delta tensor leaving for dense operators or the model's outputs.
 
 For filtering percentage p, a tile passes when its largest absolute change held back so far
-exceeds the p-quantile of the magnitudes of this frame's non-zero changes at that point (the
-magnitude of a tile is its largest absolute value); p = 0 passes every non-zero change.
+(its magnitude) exceeds a threshold; p = 0 passes every non-zero change. The threshold is, once
+calibrated (`threshold_at`, set from `deluceva.runtime.thresholds`), the p-quantile of the
+tensor's tile change magnitudes on calibration frames, fixed while the video plays; before
+that, the p-quantile of the magnitudes of this frame's non-zero changes at that point.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -58,6 +62,7 @@ class ToDelta:
         self.grid = grid
         self.last: np.ndarray | None = None  # (C, H, W): what downstream has seen
         self.previous: np.ndarray | None = None  # (C, H, W): last frame's value, once p > 0
+        self.threshold_at: Callable[[float], float] | None = None  # calibrated: p -> threshold
 
     def reset(self, value: np.ndarray) -> None:
         g = self.grid
@@ -70,8 +75,10 @@ class ToDelta:
         magnitudes = np.zeros((g.tiles_h, g.tiles_w), np.float32)
         tile_change_magnitudes(value, self.last, g.tile, magnitudes)
         threshold = 0.0
-        if percentage > 0:
-            # The threshold comes from this frame's own change, not from everything held back:
+        if percentage > 0 and self.threshold_at is not None:
+            threshold = self.threshold_at(percentage)
+        elif percentage > 0:
+            # Uncalibrated, the threshold comes from this frame's own change, not from everything held back:
             # held-back tiles pile up on a noisy video, and a quantile over them would pass a
             # share of the pile every frame, so the work would grow with time.
             if self.previous is None:  # then measured against `last`, as `magnitudes` just was
@@ -101,6 +108,7 @@ class Filter:
         self.grid = grid
         self.pending: np.ndarray | None = None  # allocated the first time p > 0
         self.magnitude: np.ndarray | None = None
+        self.threshold_at: Callable[[float], float] | None = None  # calibrated: p -> threshold
 
     def reset(self) -> None:
         self.pending = None
@@ -133,11 +141,14 @@ class Filter:
         count = accumulate_tiles(index, values, self.pending, self.magnitude, candidates)
         if count < 0:  # not strictly ascending within the grid: numpy's meaning of such an index
             return self._call_numpy(delta, percentage)
-        # The threshold comes from this frame's own change (see ToDelta for why), as in
-        # `threshold_for`: the lower p-quantile of its non-zero tile magnitudes, by selection.
-        # It is a float32 value (or 0), so the kernel's float64 comparison is numpy's float32 one.
+        # Calibrated, the threshold is fixed; otherwise it comes from this frame's own change
+        # (see ToDelta for why), as in `threshold_for`: the lower p-quantile of its non-zero
+        # tile magnitudes, by selection. Either way it is a float32 value (or 0), so the
+        # kernel's float64 comparison is numpy's float32 one.
         threshold = 0.0
-        if percentage > 0 and count:
+        if percentage > 0 and self.threshold_at is not None:
+            threshold = self.threshold_at(percentage)
+        elif percentage > 0 and count:
             threshold = lower_quantile(candidates[:count], int(percentage * (count - 1)))
         return Delta(self.grid, *emit_tiles(self.pending, self.magnitude, threshold))
 
@@ -152,7 +163,10 @@ class Filter:
             g = self.grid
             self.pending = np.zeros((g.n_tiles, g.channels, g.tile, g.tile), np.float32)
             self.magnitude = np.zeros(g.n_tiles, np.float32)
-        threshold = threshold_for(tile_magnitudes(delta.values), percentage)
+        if percentage > 0 and self.threshold_at is not None:
+            threshold = self.threshold_at(percentage)
+        else:
+            threshold = threshold_for(tile_magnitudes(delta.values), percentage)
         if len(delta.index):
             updated = self.pending[delta.index] + delta.values
             self.pending[delta.index] = updated

@@ -23,6 +23,7 @@ from deluceva.operators._ort import session_options
 from deluceva.planner.load_model import Model
 from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
 from deluceva.runtime.boundaries import Filter, ToDelta, ToDense
+from deluceva.runtime.thresholds import Thresholds
 
 __all__ = ["Executor", "StepError"]
 
@@ -102,6 +103,7 @@ class Executor:
         self.to_delta = {t: ToDelta(self.grids[t]) for t in delta_consumed - delta_produced}
         self.to_dense = {t: ToDense(self.grids[t]) for t in dense_consumed & delta_produced}
         self.filters = {t: Filter(self.grids[t]) for t in delta_produced}
+        self.thresholds: Thresholds | None = None
         # The keyframe session exposes every tensor a cache is filled from.
         cached = sorted(delta_consumed | delta_produced)
         keyframe = onnx.ModelProto()
@@ -129,6 +131,17 @@ class Executor:
     def reset(self) -> None:
         """Make the next frame a keyframe: exact, and every cache refreshed from it."""
         self.keyframe_pending = True
+
+    def use_thresholds(self, thresholds: Thresholds | None) -> None:
+        """Filter with thresholds calibrated on frames (see `deluceva.runtime.thresholds`).
+
+        Without them (or for a tensor they do not cover), a filter's threshold is the p-quantile
+        of the changes arriving on that frame.
+        """
+        self.thresholds = thresholds
+        for tensor, boundary in [*self.filters.items(), *self.to_delta.items()]:
+            covered = thresholds is not None and tensor in thresholds
+            boundary.threshold_at = (lambda p, t=tensor: thresholds.threshold(t, p)) if covered else None
 
     def run(self, frame: np.ndarray, percentage: float = 0.0, keyframe: bool = False) -> list[np.ndarray]:
         """Outputs for one frame, in the model's output order.

@@ -1,0 +1,102 @@
+"""Filter thresholds calibrated on a few frames, in each tensor's own units.
+
+For filtering percentage p, the filter on tensor t holds back a tile while its largest absolute
+change stays under threshold(t, p): the p-quantile of the magnitudes of t's tile changes
+between consecutive calibration frames, computed exactly (one onnxruntime run per frame that
+exposes every tensor). So p is the share of a typical frame's changes that is held back, as
+measured on the calibration frames, and the threshold stays fixed while the video plays.
+
+Why not the quantile of each frame's own change, at each filter: deep in the network most of
+what arrives is the tail of changes already held back upstream, and a per-frame quantile still
+passes 1 - p of it, so the work hardly falls as p rises. A fixed threshold lets quiet frames
+and quiet layers cost almost nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from deluceva.errors import DelucevaError
+from deluceva.operators import Grid
+from deluceva.operators._ort import session_options
+from deluceva.runtime.kernels import tile_change_magnitudes
+
+__all__ = ["Thresholds", "QUANTILE_POINTS", "tensor_values", "tensor_grids"]
+
+QUANTILE_POINTS = 201  # quantiles stored per tensor, at p = 0, 0.005, ..., 1
+
+
+def tensor_values(model, frames: Iterable[np.ndarray], tensors: Iterable[str]):
+    """For each frame, {tensor: value} for `tensors` (and the model input), from one onnxruntime run."""
+    import onnxruntime as ort
+
+    wanted = [t for t in dict.fromkeys(tensors) if t != model.input_name]
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.onnx)
+    present = {o.name for o in proto.graph.output}
+    for tensor in wanted:
+        if tensor not in present:
+            proto.graph.output.append(helper.make_tensor_value_info(tensor, model.dtypes.get(tensor, 1), model.shapes.get(tensor)))
+    session = ort.InferenceSession(proto.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    for frame in frames:
+        values = dict(zip(wanted, session.run(wanted, {model.input_name: frame}))) if wanted else {}
+        values[model.input_name] = frame
+        yield values
+
+
+def tensor_grids(graph) -> dict[str, Grid]:
+    """Every tensor of the annotated DAG that has a tile grid (a float 1xCxHxW tensor)."""
+    grids = {}
+    for _, data in graph.nodes(data=True):
+        spec = data["spec"]
+        for tensor, grid in [*zip(data["inputs"], spec.input_grids), *zip(data["outputs"], spec.output_grids)]:
+            if tensor and grid is not None:
+                grids[tensor] = grid
+    return grids
+
+
+class Thresholds:
+    """Per tensor, the quantiles of its tile change magnitudes; `threshold(t, p)` reads them."""
+
+    def __init__(self, quantiles: Mapping[str, np.ndarray], frames: int = 0):
+        self.quantiles = {t: np.asarray(q, np.float64) for t, q in quantiles.items()}
+        self.frames = frames
+        self.positions = np.linspace(0.0, 1.0, QUANTILE_POINTS)
+
+    def __contains__(self, tensor: str) -> bool:
+        return tensor in self.quantiles
+
+    def threshold(self, tensor: str, percentage: float) -> float:
+        """The threshold on `tensor` for filtering percentage p (0 at p = 0: exact)."""
+        if percentage <= 0:
+            return 0.0
+        # Rounded to float32, the magnitudes' type, so every filter path compares the same way.
+        return float(np.float32(np.interp(percentage, self.positions, self.quantiles[tensor])))
+
+    @classmethod
+    def calibrate(cls, model, frames: list[np.ndarray], grids: Mapping[str, Grid]) -> "Thresholds":
+        """Measure on consecutive `frames` (model inputs), for every tensor in `grids`."""
+        if len(frames) < 2:
+            raise DelucevaError(f"calibrating thresholds needs at least 2 frames, got {len(frames)}")
+        samples: dict[str, list[np.ndarray]] = {t: [] for t in grids}
+        previous = None
+        for values in tensor_values(model, frames, grids):
+            if previous is not None:
+                for tensor, grid in grids.items():
+                    after = np.ascontiguousarray(values[tensor], np.float32).reshape(grid.channels, grid.height, grid.width)
+                    before = np.ascontiguousarray(previous[tensor], np.float32).reshape(after.shape)
+                    magnitudes = np.zeros((grid.tiles_h, grid.tiles_w), np.float32)
+                    tile_change_magnitudes(after, before, grid.tile, magnitudes)
+                    samples[tensor].append(magnitudes.ravel())
+            previous = values
+        positions = np.linspace(0.0, 1.0, QUANTILE_POINTS)
+        quantiles = {}
+        for tensor, parts in samples.items():
+            magnitudes = np.concatenate(parts).astype(np.float64)
+            magnitudes = magnitudes[magnitudes > 0]
+            quantiles[tensor] = np.quantile(magnitudes, positions) if len(magnitudes) else np.zeros(QUANTILE_POINTS)
+        return cls(quantiles, frames=len(frames))
