@@ -227,3 +227,16 @@ def test_fused_conv_layouts(kernel, stride, dilation, group, tile, changed):
         assert out.grid == out_grid
         total = total + out.to_dense()
         np.testing.assert_allclose(total, reference.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_flop_accounting_measures_fused_nodes_by_the_group_output():
+    """A fused Conv's own output never exists as a delta: its work is read off the group's exit."""
+    from deluceva.runtime.video_runner import frame_flops
+    from deluceva.session import Session
+
+    session = Session(backbone(), plan="delta")
+    total = sum(d["flops"] for _, d in session.graph.nodes(data=True))
+    delta_flops = sum(d["flops"] for _, d in session.graph.nodes(data=True) if d["variant"] == "delta")
+    outputs = [s.outputs[0] for s in session.plan.steps if s.kind == "delta"]
+    assert frame_flops(session, {t: 0.0 for t in outputs}) == pytest.approx(total - delta_flops)
+    assert frame_flops(session, {t: 1.0 for t in outputs}) == pytest.approx(total)

@@ -24,7 +24,7 @@ __all__ = ["add_parser", "add_run_options", "Setup", "prepare", "build_plans", "
 # the controllers settle: YOLOX-nano on intersection_cctv keeps det error 0 up to p = 0.2 and
 # reaches 0.35 at p = 0.5, and the plan for p = 0 is all dense, so a coarse grid (0, 0.5, 0.9)
 # left the PI controller only "exact" or "far over budget" to choose from.
-ON_THE_FLY_PERCENTAGES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8)
+ON_THE_FLY_PERCENTAGES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
 PROFILE_FRAMES = 10
 
 

@@ -103,6 +103,9 @@ class Executor:
         self.to_delta = {t: ToDelta(self.grids[t]) for t in delta_consumed - delta_produced}
         self.to_dense = {t: ToDense(self.grids[t]) for t in dense_consumed & delta_produced}
         self.filters = {t: Filter(self.grids[t]) for t in delta_produced}
+        # A change that only dense steps or the model's outputs read saves no work when held
+        # back, only adds error: those filters pass everything (p = 0).
+        self.filtered = delta_produced & delta_consumed
         self.thresholds: Thresholds | None = None
         # The keyframe session exposes every tensor a cache is filled from.
         cached = sorted(delta_consumed | delta_produced)
@@ -198,7 +201,7 @@ class Executor:
         """Per step, everything the frame loop needs, looked up once instead of every frame.
 
         A delta step becomes (step, operator, input tensors with None for constants, outputs as
-        (tensor, filter, ToDense or None)); a dense step becomes (step, session).
+        (tensor, filter, ToDense or None, whether to filter)); a dense step becomes (step, session).
         """
         compiled = []
         for step in self.plan.steps:
@@ -207,7 +210,7 @@ class Executor:
                 continue
             operator = self._operators[step.node]
             inputs = [None if (not t or i in operator.spec.constants) else t for i, t in enumerate(step.inputs)]
-            outputs = [(t, self.filters[t], self.to_dense.get(t)) for t in step.outputs]
+            outputs = [(t, self.filters[t], self.to_dense.get(t), t in self.filtered) for t in step.outputs]
             compiled.append((step, operator, inputs, outputs))
         return compiled
 
@@ -261,8 +264,8 @@ class Executor:
                 else:
                     _, operator, inputs, outputs = compiled
                     changes = operator.step([None if t is None else deltas.get(t) or read_delta(t) for t in inputs])
-                    for (tensor, delta_filter, to_dense), change in zip(outputs, changes):
-                        change = delta_filter(change, percentage)
+                    for (tensor, delta_filter, to_dense, filtered), change in zip(outputs, changes):
+                        change = delta_filter(change, percentage if filtered else 0.0)
                         deltas[tensor] = change
                         if to_dense is not None:
                             applied = time.perf_counter() if profile else 0.0

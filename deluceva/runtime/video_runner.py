@@ -87,10 +87,14 @@ class _Costs:
     def __init__(self, session):
         graph = session.graph
         self.total = float(sum(data.get("flops", 0) for _, data in graph.nodes(data=True)))
+        # A delta step's nodes are measured by the step's output: for a fused Conv and its
+        # epilogue, that is the group's one exit tensor, not each node's own output.
+        measured_by = {node: step.outputs[0] for step in session.plan.steps
+                       if step.kind == "delta" and step.outputs for node in step.nodes}
         self.delta = [
-            (float(data.get("flops", 0)), data["outputs"][0])
-            for _, data in graph.nodes(data=True)
-            if data.get("variant") == "delta" and data["outputs"]
+            (float(data.get("flops", 0)), measured_by[name])
+            for name, data in graph.nodes(data=True)
+            if data.get("variant") == "delta" and name in measured_by
         ]
         self.delta_total = sum(f for f, _ in self.delta)
         self.dense_part = self.total - self.delta_total
