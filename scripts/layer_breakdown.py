@@ -1,9 +1,10 @@
 """Per-layer breakdown of one model on a video: where the delta frame time goes, density per layer.
 
 Usage:
-    python scripts/layer_breakdown.py MODEL VIDEO --preset yolox [--percentage 0.2] [--frames 40]
+    python scripts/layer_breakdown.py MODEL VIDEO --preset yolox [--percentage 0.8] [--frames 40]
 
-Runs the all-delta plan with per-step timing (the profiler's executor) and prints markdown:
+Runs the all-delta plan with per-step timing (the profiler's executor), its filter thresholds
+calibrated on the first 10 frames as `deluceva run` does, and prints markdown:
 time and mean output density per op type, then the ten most expensive steps, against the
 same frames through plain onnxruntime.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from deluceva.cli import build_parser
+from deluceva.commands.run import PROFILE_FRAMES as CALIBRATION_FRAMES
 from deluceva.commands.run import prepare
 from deluceva.operators._ort import session_options
 from deluceva.session import Session
@@ -28,7 +30,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("video")
     parser.add_argument("--preset")
-    parser.add_argument("--percentage", type=float, default=0.2)
+    parser.add_argument("--percentage", type=float, default=0.8)
     parser.add_argument("--frames", type=int, default=40)
     options = parser.parse_args()
     # The same option checks and preprocessing as `deluceva run`.
@@ -38,6 +40,8 @@ def main() -> None:
     args = options
     session = Session(setup.model, plan="delta", profile=True)
     frames = [setup.preprocess(rgb) for rgb in setup.video]
+    session.calibrate(frames[:CALIBRATION_FRAMES])
+    frames = frames[CALIBRATION_FRAMES - 1:]  # timed from the last calibration frame on
     plain = ort.InferenceSession(args.model, session_options(1), providers=["CPUExecutionProvider"])
     dense_ms = []
     for frame in frames[1:]:

@@ -22,7 +22,35 @@ from deluceva.operators._common import (
 )
 from deluceva.operators._ort import single_node_session
 
-__all__ = ["DeltaConv"]
+__all__ = ["DeltaConv", "ConvWindows"]
+
+
+class ConvWindows:
+    """Where a Conv's output tiles read their input, for the delta Conv and the fused step.
+
+    `patch`: the input patch (halo included) under one output tile; `buffer_pad`: the padding
+    (top, left, bottom, right) an input buffer needs so every patch lies inside it, the Conv's
+    own zero padding included; `rows`/`cols`: per output tile, the input tiles its patch reads.
+    """
+
+    def __init__(self, spec: OpSpec):
+        in_grid, out_grid = spec.input_grids[0], spec.output_grids[0]
+        kh, kw = spec.constants[1].shape[2:]
+        self.strides = tuple(spec.attrs.get("strides", [1, 1]))
+        self.dilations = tuple(spec.attrs.get("dilations", [1, 1]))
+        self.group = int(spec.attrs.get("group", 1))
+        self.pads = resolve_pads(spec.attrs, (in_grid.height, in_grid.width), (kh, kw), self.strides, self.dilations)
+        top, left = self.pads[0], self.pads[1]
+        ti, to = in_grid.tile, out_grid.tile
+        self.patch = ((to - 1) * self.strides[0] + (kh - 1) * self.dilations[0] + 1,
+                      (to - 1) * self.strides[1] + (kw - 1) * self.dilations[1] + 1)
+        # Enough room below and right for the last output tile's patch.
+        need_h = (out_grid.tiles_h - 1) * to * self.strides[0] + self.patch[0]
+        need_w = (out_grid.tiles_w - 1) * to * self.strides[1] + self.patch[1]
+        self.buffer_pad = (top, left, max(0, need_h - top - in_grid.tiles_h * ti),
+                           max(0, need_w - left - in_grid.tiles_w * ti))
+        self.rows = window_ranges(out_grid.tiles_h, to, self.strides[0], top, self.patch[0], ti, in_grid.tiles_h)
+        self.cols = window_ranges(out_grid.tiles_w, to, self.strides[1], left, self.patch[1], ti, in_grid.tiles_w)
 
 
 @register("Conv")
@@ -42,32 +70,15 @@ class DeltaConv(DeltaOperator):
         weight = spec.constants[1].astype(np.float32)
         self.in_grid, self.out_grid = spec.input_grids[0], spec.output_grids[0]
         kh, kw = weight.shape[2:]
-        self.strides = tuple(spec.attrs.get("strides", [1, 1]))
-        self.dilations = tuple(spec.attrs.get("dilations", [1, 1]))
-        group = int(spec.attrs.get("group", 1))
-        top, left, bottom, right = resolve_pads(
-            spec.attrs, (self.in_grid.height, self.in_grid.width), (kh, kw), self.strides, self.dilations
-        )
-        to = self.out_grid.tile
-        self.patch = (
-            (to - 1) * self.strides[0] + (kh - 1) * self.dilations[0] + 1,
-            (to - 1) * self.strides[1] + (kw - 1) * self.dilations[1] + 1,
-        )
-        ti = self.in_grid.tile
-        # Enough room below and right for the last output tile's patch.
-        need_h = (self.out_grid.tiles_h - 1) * to * self.strides[0] + self.patch[0]
-        need_w = (self.out_grid.tiles_w - 1) * to * self.strides[1] + self.patch[1]
-        extra_h = max(0, need_h - top - self.in_grid.tiles_h * ti)
-        extra_w = max(0, need_w - left - self.in_grid.tiles_w * ti)
-        self.scratch = TiledBuffer(self.in_grid, (top, left, extra_h, extra_w))
-        self.windows = self.scratch.windows(self.out_grid, self.strides, self.patch)
+        window = ConvWindows(spec)
+        self.patch, self.rows, self.cols = window.patch, window.rows, window.cols
+        self.scratch = TiledBuffer(self.in_grid, window.buffer_pad)
+        self.windows = self.scratch.windows(self.out_grid, window.strides, self.patch)
         # Past this many output tiles, convolving the whole scratch reads less than the patches do.
         self.dense_from = self.scratch.data[0].size // (self.patch[0] * self.patch[1])
-        self.rows = window_ranges(self.out_grid.tiles_h, to, self.strides[0], top, self.patch[0], ti, self.in_grid.tiles_h)
-        self.cols = window_ranges(self.out_grid.tiles_w, to, self.strides[1], left, self.patch[1], ti, self.in_grid.tiles_w)
         self.pointwise = (
-            (kh, kw) == (1, 1) and self.strides == (1, 1) and group == 1
-            and (top, left, bottom, right) == (0, 0, 0, 0) and ti == to
+            (kh, kw) == (1, 1) and window.strides == (1, 1) and window.group == 1
+            and window.pads == (0, 0, 0, 0) and self.in_grid.tile == self.out_grid.tile
         )
         if self.pointwise:
             self.matrix = weight.reshape(weight.shape[0], weight.shape[1])
@@ -75,7 +86,7 @@ class DeltaConv(DeltaOperator):
             self.session = single_node_session(
                 "Conv",
                 [weight],
-                {"strides": list(self.strides), "dilations": list(self.dilations), "group": group},
+                {"strides": list(window.strides), "dilations": list(window.dilations), "group": window.group},
                 in_channels=self.in_grid.channels,
                 threads=spec.threads,
             )

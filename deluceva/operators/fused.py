@@ -19,15 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from deluceva.operators._common import (
-    Delta,
-    DeltaOperator,
-    OpSpec,
-    TiledBuffer,
-    resolve_pads,
-    take_tiles,
-    window_ranges,
-)
+from deluceva.operators._common import Delta, DeltaOperator, OpSpec, TiledBuffer, take_tiles
 from deluceva.operators._kernels import (
     dilate_tiles,
     exchange_tiles,
@@ -36,6 +28,7 @@ from deluceva.operators._kernels import (
     scatter_add_tiles,
 )
 from deluceva.operators._ort import session_options
+from deluceva.operators.conv import ConvWindows
 
 __all__ = ["EpilogueNode", "FusedConv", "EPILOGUE_OP_TYPES"]
 
@@ -115,39 +108,29 @@ class FusedConv(DeltaOperator):
 
     def __init__(self, spec: OpSpec, conv_output: str, epilogue: list[EpilogueNode], exit_tensor: str):
         super().__init__(spec)
-        weight = spec.constants[1]
         self.in_grid, self.out_grid = spec.input_grids[0], spec.output_grids[0]
-        kh, kw = weight.shape[2:]
-        strides = tuple(spec.attrs.get("strides", [1, 1]))
-        dilations = tuple(spec.attrs.get("dilations", [1, 1]))
-        group = int(spec.attrs.get("group", 1))
-        pads = resolve_pads(spec.attrs, (self.in_grid.height, self.in_grid.width), (kh, kw), strides, dilations)
-        top, left = pads[0], pads[1]
-        to, ti = self.out_grid.tile, self.in_grid.tile
-        self.patch = ((to - 1) * strides[0] + (kh - 1) * dilations[0] + 1,
-                      (to - 1) * strides[1] + (kw - 1) * dilations[1] + 1)
-        need_h = (self.out_grid.tiles_h - 1) * to * strides[0] + self.patch[0]
-        need_w = (self.out_grid.tiles_w - 1) * to * strides[1] + self.patch[1]
-        extra_h = max(0, need_h - top - self.in_grid.tiles_h * ti)
-        extra_w = max(0, need_w - left - self.in_grid.tiles_w * ti)
+        window = ConvWindows(spec)
+        self.patch = window.patch
         # The Conv's current input; its zero border stands for the Conv's own zero padding.
-        self.state = TiledBuffer(self.in_grid, (top, left, extra_h, extra_w))
-        self.steps = (to * strides[0], to * strides[1])  # buffer offset between output tiles' patches
+        self.state = TiledBuffer(self.in_grid, window.buffer_pad)
+        to = self.out_grid.tile
+        self.steps = (to * window.strides[0], to * window.strides[1])  # buffer offset between patches
         # Past this many output tiles, one call over the whole buffer reads less than the patches.
         self.dense_from = self.state.data[0].size // (self.patch[0] * self.patch[1])
-        rows = window_ranges(self.out_grid.tiles_h, to, strides[0], top, self.patch[0], ti, self.in_grid.tiles_h)
-        cols = window_ranges(self.out_grid.tiles_w, to, strides[1], left, self.patch[1], ti, self.in_grid.tiles_w)
-        self.reach = (*_inverse_ranges(*rows, self.in_grid.tiles_h), *_inverse_ranges(*cols, self.in_grid.tiles_w))
+        self.reach = (*_inverse_ranges(*window.rows, self.in_grid.tiles_h),
+                      *_inverse_ranges(*window.cols, self.in_grid.tiles_w))
         self.mask = np.zeros((self.out_grid.tiles_h, self.out_grid.tiles_w), np.uint8)
-        self.pointwise = (kh, kw) == (1, 1) and strides == (1, 1) and pads == (0, 0, 0, 0) and ti == to
-        attrs = {"strides": list(strides), "dilations": list(dilations), "group": group}
+        kh, kw = spec.constants[1].shape[2:]
+        self.pointwise = ((kh, kw) == (1, 1) and window.strides == (1, 1) and window.pads == (0, 0, 0, 0)
+                          and self.in_grid.tile == to)
+        attrs = {"strides": list(window.strides), "dilations": list(window.dilations), "group": window.group}
         self.session = _fused_session(spec, conv_output, epilogue, exit_tensor, attrs)
         self.in_row = self.pointwise or to == 1
         self.row_session = self.session
         if self.in_row and not self.pointwise:
             # One output position per patch: a horizontal stride of one patch width.
             self.row_session = _fused_session(spec, conv_output, epilogue, exit_tensor,
-                                              {**attrs, "strides": [strides[0], self.patch[1]]})
+                                              {**attrs, "strides": [window.strides[0], self.patch[1]]})
         self.cache: np.ndarray | None = None  # (n_tiles, C, t, t): the exit tensor's value
 
     def reset(self, inputs, outputs) -> None:
