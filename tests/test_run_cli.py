@@ -261,6 +261,8 @@ def test_bench_reports_and_writes_json_and_plot(tiny, tmp_path, capsys):
     assert figures["frames"] == 12 and figures["threads"] == 1
     assert figures["error_max"] < 1e-3  # p = 0 is exact against onnxruntime
     assert figures["speedup"] == pytest.approx(figures["onnxruntime_ms_mean"] / figures["deluceva_ms_mean"])
+    assert figures["timing"] == "interleaved"  # onnxruntime timed frame by frame beside deluceva
+    assert figures["onnxruntime_ms_mean"] == pytest.approx(np.mean(figures["onnxruntime_ms_trace"]), rel=1e-3)
     assert figures["flop_reduction_bound"] > 0
     assert figures["efficiency"] == pytest.approx(figures["speedup"] / figures["flop_reduction_bound"])
     assert figures["onnxruntime_peak_mib"] is not None and figures["deluceva_peak_mib"] is not None

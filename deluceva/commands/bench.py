@@ -6,6 +6,12 @@ one inter-op thread), then deluceva. Each frame's time is the model work alone (
 preprocessing, identical for both, are left out). Onnxruntime's outputs are kept in a temporary
 file and deluceva's error against them is computed on every frame outside deluceva's timing.
 
+The times compared are interleaved: during deluceva's pass, a second plain onnxruntime session
+runs each frame right after deluceva does, outside deluceva's timing, so a busy or drifting
+machine slows both alike (on this project's shared 2-core machine, two consecutive passes of
+the same model differed by up to 10%). The first pass gives the outputs and onnxruntime's
+memory.
+
 Peak memory of each pass: the process's peak resident set (VmHWM in /proc/self/status) is reset
 before the pass (`echo 5 > /proc/self/clear_refs`, Linux 4.0+), and the pass's peak is VmHWM at
 its end minus the resident set at its start, so it counts the sessions, their buffers and the
@@ -146,18 +152,27 @@ class DelucevaRun:
     memory_mib: float | None
     plans: object
     summary: dict = field(default_factory=dict)
+    paired_ms: list[float] = field(default_factory=list)  # plain onnxruntime, interleaved
 
 
 def run_deluceva(make_runner: Callable, tensors: Iterable[np.ndarray], reference: OnnxruntimeRun,
-                 error_metric: Callable, progress=None) -> DelucevaRun:
-    """Run deluceva on each frame; `make_runner()` builds the sessions inside the memory count."""
+                 error_metric: Callable, progress=None, paired: Callable | None = None) -> DelucevaRun:
+    """Run deluceva on each frame; `make_runner()` builds the sessions inside the memory count.
+
+    `paired(tensor)`, when given, runs plain onnxruntime on the same frame right after deluceva,
+    timed on its own (see the module docstring).
+    """
     from deluceva.runtime.video_runner import summarise
 
-    results, errors = [], []
+    results, errors, paired_ms = [], [], []
     with PeakMemory() as memory:
         runner = make_runner()
         for index, tensor in enumerate(tensors):
             result = runner.step(tensor)
+            if paired is not None:
+                start = time.perf_counter()
+                paired(tensor)
+                paired_ms.append((time.perf_counter() - start) * 1000)
             # Outside the timed region: deluceva's error against plain onnxruntime on this frame.
             errors.append(float(error_metric(result.outputs, reference.outputs(index))))
             result.outputs = None
@@ -166,7 +181,7 @@ def run_deluceva(make_runner: Callable, tensors: Iterable[np.ndarray], reference
                 progress.update(1)
         plans = runner.plans
         del runner
-    run = DelucevaRun(results, errors, memory.mib, plans)
+    run = DelucevaRun(results, errors, memory.mib, plans, paired_ms=paired_ms)
     run.summary = summarise(results, plans)
     return run
 
@@ -176,13 +191,14 @@ def compare(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
     from deluceva.runtime.video_runner import _percentile
 
     frames = min(len(ort_run.ms), len(delta_run.results))
-    ort_ms = ort_run.ms[:frames]
+    ort_ms = (delta_run.paired_ms or ort_run.ms)[:frames]
     delta_ms = [r.seconds * 1000 for r in delta_run.results[:frames]]
     errors = delta_run.errors[:frames]
     speedup = statistics.fmean(ort_ms) / statistics.fmean(delta_ms)
     bound = delta_run.summary["flop_reduction_bound"]
     return {
         "frames": frames,
+        "timing": "interleaved" if delta_run.paired_ms else "separate passes",
         "onnxruntime_ms_mean": statistics.fmean(ort_ms),
         "onnxruntime_ms_median": statistics.median(ort_ms),
         "deluceva_ms_mean": statistics.fmean(delta_ms),
@@ -264,7 +280,8 @@ def plot(path: str, ort_run: OnnxruntimeRun, delta_run: DelucevaRun, metric: str
 
     frames = np.arange(len(delta_run.results))
     figure, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
-    axes[0].plot(np.arange(len(ort_run.ms)), ort_run.ms, label="onnxruntime", lw=0.8)
+    ort_ms = delta_run.paired_ms or ort_run.ms
+    axes[0].plot(np.arange(len(ort_ms)), ort_ms, label="onnxruntime", lw=0.8)
     axes[0].plot(frames, [r.seconds * 1000 for r in delta_run.results], label="deluceva", lw=0.8)
     references = [r.index for r in delta_run.results if r.reference]
     axes[0].plot(references, [delta_run.results[i].seconds * 1000 for i in references], "k.", ms=3, label="reference frames")
@@ -307,10 +324,17 @@ def handle(args: argparse.Namespace) -> int:
             return VideoRunner(holder["plans"], setup.controller, setup.metric, args.reference_every,
                                percentage=args.percentage or 0.0)
 
+        import onnxruntime as ort
+
+        from deluceva.operators._ort import session_options
+
+        plain = ort.InferenceSession(str(args.model), session_options(args.threads), providers=["CPUExecutionProvider"])
+        input_name = plain.get_inputs()[0].name
         bar = progress(len(ort_run.ms), "deluceva")
         try:
             frames = (preprocess(rgb) for rgb, _ in zip(setup.video, range(len(ort_run.ms))))
-            delta_run = run_deluceva(make_runner, frames, ort_run, setup.metric, bar)
+            delta_run = run_deluceva(make_runner, frames, ort_run, setup.metric, bar,
+                                     paired=lambda tensor: plain.run(None, {input_name: tensor}))
         finally:
             bar.close()
         figures = compare(ort_run, delta_run)
@@ -321,7 +345,7 @@ def handle(args: argparse.Namespace) -> int:
                 "plan_variants": delta_run.summary["plan_variants"],
                 "memory_method": "VmHWM reset per pass (see deluceva bench --help)",
                 "machine": machine_info(),
-                "onnxruntime_ms_trace": [round(m, 4) for m in ort_run.ms],
+                "onnxruntime_ms_trace": [round(m, 4) for m in (delta_run.paired_ms or ort_run.ms)],
                 "deluceva_ms_trace": delta_run.summary["ms_trace"],
                 "error_trace": [round(e, 6) for e in delta_run.errors],
                 "percentage_trace": delta_run.summary["percentage_trace"],
