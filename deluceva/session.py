@@ -12,7 +12,7 @@ from deluceva.planner.mark_delta_support import DEFAULT_TILE
 from deluceva.runtime.executor import Executor
 from deluceva.runtime.thresholds import Thresholds, tensor_grids
 
-__all__ = ["Session"]
+__all__ = ["Session", "calibrate_sessions"]
 
 
 class Session:
@@ -76,3 +76,11 @@ class Session:
 
     def explain(self) -> str:
         return self.plan.explain()
+
+
+def calibrate_sessions(sessions: list[Session], frames: list[np.ndarray]) -> Thresholds:
+    """Calibrate filter thresholds on `frames` once (sessions of one model) and give them to all."""
+    thresholds = sessions[0].calibrate(frames)
+    for session in sessions[1:]:
+        session.use_thresholds(thresholds)
+    return thresholds

@@ -306,7 +306,7 @@ def _learned_model(tmp_path, model, video, preset, metric):
     setup = prepare(args)
     frames = [setup.preprocess(rgb) for rgb in open_video(video, frames=40)]
     plans = PlanSet([Session(setup.model, plan="delta")], [0.0])
-    samples = calibration_samples(plans, setup.metric, frames, percentages=(0.0, 0.3, 0.5, 0.7, 0.9))
+    samples = calibration_samples(plans, setup.metric, frames, percentages=(0.0, 0.5, 0.7, 0.8, 0.9))
     path = tmp_path / "learned.json"
     LearnedController(budget=setup.budget).fit(samples).to_json(path)
     return path

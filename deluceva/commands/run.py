@@ -25,7 +25,7 @@ __all__ = ["add_parser", "add_run_options", "Setup", "prepare", "build_plans", "
 # reaches 0.35 at p = 0.5, and the plan for p = 0 is all dense, so a coarse grid (0, 0.5, 0.9)
 # left the PI controller only "exact" or "far over budget" to choose from.
 ON_THE_FLY_PERCENTAGES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
-PROFILE_FRAMES = 10
+PROFILE_FRAMES = 10  # the first frames, profiled on the fly and calibrating the filters (CALIBRATION_FRAMES)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -150,7 +150,7 @@ def prepare(args: argparse.Namespace) -> Setup:
 def build_plans(setup: Setup, announce=None):
     """Sessions for `--plan`, or compiled on the fly (said on stderr through `announce`)."""
     from deluceva.runtime.video_runner import PlanSet
-    from deluceva.session import Session
+    from deluceva.session import Session, calibrate_sessions
 
     args = setup.args
     announce = announce or (lambda text: print(f"deluceva: {text}", file=sys.stderr))
@@ -164,15 +164,8 @@ def build_plans(setup: Setup, announce=None):
         announce(f"no --plan given: profiling on the first {len(frames)} frames and compiling on the fly "
                  f"for p in {', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} (save one with `deluceva compile`)")
         return compile_plans(setup.model, frames, args.threads)
-    calibrate(plans.sessions, frames)
+    calibrate_sessions(plans.sessions, frames)
     return plans
-
-
-def calibrate(sessions: list, frames: list) -> None:
-    """Calibrate the filter thresholds on `frames` once and give them to every session."""
-    thresholds = sessions[0].calibrate(frames)
-    for session in sessions[1:]:
-        session.use_thresholds(thresholds)
 
 
 def _first_frames(setup: Setup) -> list:
@@ -206,7 +199,7 @@ def compile_plans(model, frames: list, threads: int = 1, percentages=None, progr
     from deluceva.planner.plan_file import compile_plan
     from deluceva.profiles import measure_profile
     from deluceva.runtime.video_runner import PlanSet
-    from deluceva.session import Session
+    from deluceva.session import Session, calibrate_sessions
 
     percentages = tuple(percentages or ON_THE_FLY_PERCENTAGES)
     profile = measure_profile(model, frames, threads=threads, percentages=percentages, progress=progress)
@@ -219,7 +212,7 @@ def compile_plans(model, frames: list, threads: int = 1, percentages=None, progr
         previous = variants
         sessions.append(Session(model, plan=variants, threads=threads))
         compiled.append(percentage)
-    calibrate(sessions, frames)
+    calibrate_sessions(sessions, frames)
     return PlanSet(sessions, compiled, description=f"profiled on {len(frames)} frames, compiled on the fly")
 
 

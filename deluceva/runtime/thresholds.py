@@ -25,9 +25,10 @@ from deluceva.operators import Grid
 from deluceva.operators._ort import session_options
 from deluceva.runtime.kernels import tile_change_magnitudes
 
-__all__ = ["Thresholds", "QUANTILE_POINTS", "tensor_values", "tensor_grids"]
+__all__ = ["Thresholds", "QUANTILE_POINTS", "CALIBRATION_FRAMES", "tensor_values", "tensor_grids"]
 
 QUANTILE_POINTS = 201  # quantiles stored per tensor, at p = 0, 0.005, ..., 1
+CALIBRATION_FRAMES = 10  # a video's first frames that `run` and `bench` calibrate on
 
 
 def tensor_values(model, frames: Iterable[np.ndarray], tensors: Iterable[str]):

@@ -270,17 +270,24 @@ def _default_observation() -> Callable:
 
 
 def calibration_samples(plans: PlanSet, metric: Metric, frames: Sequence[np.ndarray],
-                        percentages: Sequence[float] = (0.0, 0.3, 0.5, 0.7, 0.9),
+                        percentages: Sequence[float] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95),
                         reference_every: int = 4) -> list:
     """Observations with measured errors, for fitting a learned controller: `frames` run once
     per fixed percentage, with a reference every `reference_every` frames.
+
+    Sessions without filter thresholds are calibrated first on the first frames, as `deluceva
+    run` calibrates them, so the errors learned are the ones a run will see.
 
     Example:
         >>> samples = calibration_samples(plans, metric, inputs)                # doctest: +SKIP
         >>> LearnedController(budget=0.05).fit(samples).to_json("learned.json")  # doctest: +SKIP
     """
     from deluceva.controller import FixedController
+    from deluceva.runtime.thresholds import CALIBRATION_FRAMES
+    from deluceva.session import calibrate_sessions
 
+    if any(session.executor.thresholds is None for session in plans.sessions):
+        calibrate_sessions(plans.sessions, list(frames[:CALIBRATION_FRAMES]))
     samples = []
 
     class Recording(FixedController):
