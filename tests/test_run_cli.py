@@ -189,6 +189,27 @@ def test_runner_references_and_plan_switch(tiny):
     assert results[3].percentage == 0.4 and controller.seen[4].error is not None
 
 
+def test_runner_measures_a_plan_without_delta_steps_without_a_second_run(tiny):
+    """An all-dense plan is exact: its reference frames report error 0 and run the model once."""
+    from deluceva.planner import load_model
+    from deluceva.runtime.preprocess import Preprocessor
+    from deluceva.runtime.video import open_video
+    from deluceva.session import Session
+
+    model_path, clip = tiny
+    model = load_model(str(model_path))
+    session = Session(model, plan="dense")
+    calls = []
+    run = session.run
+    session.run = lambda *args, **kwargs: calls.append(kwargs.get("keyframe", False)) or run(*args, **kwargs)
+    runner = VideoRunner(PlanSet([session], [0.0]), _Steps([0.0]), _rel_l2, reference_every=4, percentage=0.0)
+    pre = Preprocessor.for_model(model.input_shape)
+    results = [runner.step(pre(rgb)) for rgb in open_video(clip)]
+    assert len(calls) == len(results)  # one run per frame, reference frames included
+    assert [r.index for r in results if r.reference] == [0, 4, 8] and all(
+        r.error == 0.0 for r in results if r.reference and r.index)
+
+
 def test_runner_rejects_zero_reference_interval(tiny):
     with pytest.raises(Exception, match="at least 1"):
         VideoRunner(PlanSet.__new__(PlanSet), None, _rel_l2, reference_every=0)
