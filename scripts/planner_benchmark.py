@@ -7,7 +7,8 @@ For each model of the issue-5 table, on its video: profile on the first --profil
 frames (as `deluceva profile`), compile for p in PERCENTAGES (as `deluceva compile`), then time
 on the next --frames frames, in one process with one thread: plain onnxruntime, the all-dense
 plan, the compiled plan and the all-delta plan at each p, with the filter thresholds
-calibrated on the first 10 frames (as `deluceva run`). Prints a markdown table: ms per frame
+calibrated on the first 10 frames (as `deluceva run`). The four run each frame in turn
+(interleaved), so the machine's drift hits them alike. Prints a markdown table: ms per frame
 (median), the error against onnxruntime (mean over frames, the row's metric) and the cost
 model's prediction for the compiled plan.
 """
@@ -36,17 +37,19 @@ ROWS = [
 ]
 
 
-def timed(session: Session, frames, references, metric, percentage: float) -> tuple[float, float]:
-    """(median ms per frame, mean error) over `frames` after a keyframe on the first."""
-    session.reset()
-    session.run(frames[0])
-    times, errors = [], []
-    for frame, reference in zip(frames[1:], references[1:]):
-        start = time.perf_counter()
-        outputs = session.run(frame, percentage)
-        times.append(time.perf_counter() - start)
-        errors.append(metric(outputs, reference))
-    return float(np.median(times)) * 1e3, float(np.mean(errors))
+def interleaved(runs: dict, frames, references, metric) -> dict:
+    """{label: (median ms per frame, mean error)} for runs {label: (callable(frame), has_error)},
+    each frame run by every callable in turn, so a drifting machine slows all of them alike."""
+    times = {label: [] for label in runs}
+    errors = {label: [] for label in runs}
+    for frame, reference in zip(frames, references):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            outputs = run(frame)
+            times[label].append(time.perf_counter() - start)
+            errors[label].append(metric(outputs, reference))
+    # The first frame is every session's keyframe (and onnxruntime's warm-up): left out.
+    return {label: (float(np.median(times[label][1:])) * 1e3, float(np.mean(errors[label][1:]))) for label in runs}
 
 
 def main() -> None:
@@ -68,26 +71,28 @@ def main() -> None:
         plan = compile_plan(setup.model, profile, PERCENTAGES)
         plain = ort.InferenceSession(str(args.data / "models" / model_file), session_options(1),
                                      providers=["CPUExecutionProvider"])
-        references, ort_times = [], []
-        for frame in timing:
-            start = time.perf_counter()
-            references.append(plain.run(None, {setup.model.input_name: frame}))
-            ort_times.append(time.perf_counter() - start)
-        ort_ms = float(np.median(ort_times[1:])) * 1e3
+        feed = setup.model.input_name
+        references = [plain.run(None, {feed: frame}) for frame in timing]
         dense = Session(setup.model, plan="dense")
         delta = Session(setup.model, plan="delta")
         thresholds = delta.calibrate(frames[:PROFILE_FRAMES])
-        dense_ms, _ = timed(dense, timing, references, setup.metric, 0.0)
         for index, p in enumerate(PERCENTAGES):
             variants = plan.variants_for(p)
             compiled = Session(setup.model, plan=variants, thresholds=thresholds)
-            compiled_ms, compiled_error = timed(compiled, timing, references, setup.metric, p)
-            delta_ms, delta_error = timed(delta, timing, references, setup.metric, p)
+            for session in (dense, delta, compiled):
+                session.reset()
+            measured = interleaved({
+                "ort": lambda frame: plain.run(None, {feed: frame}),
+                "dense": lambda frame: dense.run(frame),
+                "compiled": lambda frame, p=p, s=compiled: s.run(frame, p),
+                "delta": lambda frame, p=p: delta.run(frame, p),
+            }, timing, references, setup.metric)
             count = sum(v == "delta" for v in variants.values())
             predicted = plan.data["totals"]["plan_ms"][index]
-            print(f"| {name} | {p:g} | {ort_ms:.1f} | {dense_ms:.1f} | {compiled_ms:.1f} ({count}) | {delta_ms:.1f} | "
-                  f"{compiled_error:.3f} / {delta_error:.3f} ({metric_name}) | {predicted:.1f} |", flush=True)
-            del compiled
+            ms = {label: value[0] for label, value in measured.items()}
+            print(f"| {name} | {p:g} | {ms['ort']:.1f} | {ms['dense']:.1f} | {ms['compiled']:.1f} ({count}) | "
+                  f"{ms['delta']:.1f} | {measured['compiled'][1]:.3f} / {measured['delta'][1]:.3f} ({metric_name}) | "
+                  f"{predicted:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
