@@ -156,6 +156,7 @@ def test_min_cut_keeps_groups_together_and_stays_optimal(seed):
         graph.add_edge(a, b)
     for member, head in [("sigmoid", "conv"), ("mul", "conv"), ("relu", "conv2")]:
         graph.nodes[member]["fused_into"] = head
+    graph.nodes["conv"]["epilogue"], graph.nodes["conv2"]["epilogue"] = ["sigmoid", "mul"], ["relu"]
     graph.graph["conversion"] = {t: (float(rng.uniform(0, 1)), float(rng.uniform(0, 1))) for t in "x c s m c2 r".split()}
     graph.graph["segment_ms"] = float(rng.uniform(0, 0.5))
     choose_variants(graph)
@@ -163,6 +164,10 @@ def test_min_cut_keeps_groups_together_and_stays_optimal(seed):
     assert variants["sigmoid"] == variants["mul"] == variants["conv"]
     assert variants["relu"] == variants["conv2"]
     assert frame_cost(graph, variants) == pytest.approx(_tied_brute_force(graph))
+    # The reason compares the group's step with the whole group run dense.
+    group_dense = sum(graph.nodes[n]["cost_dense"] for n in ("conv", "sigmoid", "mul"))
+    assert f"vs dense {group_dense:.3f} ms with its 2-node epilogue" in graph.nodes["conv"]["reason"]
+    assert graph.nodes["mul"]["reason"] == f"fused with conv: takes its variant ({variants['conv']})"
 
 
 # -- FusedConv on its own: each layout, against onnxruntime on the whole tensor -------------------

@@ -170,14 +170,18 @@ def _optimal(graph: nx.DiGraph) -> dict[str, str]:
     return {v: "delta" if v in reach else "dense" for v in graph.nodes}
 
 
-def _reason(data, variant: str) -> str:
+def _reason(graph: nx.DiGraph, data, variant: str) -> str:
     if data.get("delta_reason") is not None:
         return data["delta_reason"]
     if data.get("fused_into") is not None:
-        return f"fused with {data['fused_into']}, whose step it runs in ({variant})"
+        return f"fused with {data['fused_into']}: takes its variant ({variant})"
     dense, delta, density = float(data["cost_dense"]), float(data["cost_delta"]), data.get("density")
+    members = data.get("epilogue") or []
+    # A fused group's delta time is its whole step's: compare it with the whole group dense.
+    dense += sum(float(graph.nodes[m]["cost_dense"]) for m in members)
+    group = f" with its {len(members)}-node epilogue" if members else ""
     at = f" at density {density:.2f}" if density is not None else ""
-    numbers = f"({delta:.3f} ms vs dense {dense:.3f} ms)"
+    numbers = f"({delta:.3f} ms vs dense {dense:.3f} ms{group})"
     if variant == "delta":
         if delta <= dense:
             return f"delta faster{at} {numbers}"
@@ -218,7 +222,7 @@ def choose_variants(graph: nx.DiGraph, min_gain: float = 0.0) -> bool:
         if data.get("variant") != variant:
             changed = True
         data["variant"] = variant
-        data["reason"] = _reason(data, variant)
+        data["reason"] = _reason(graph, data, variant)
         if too_small and data.get("delta_reason") is None:
             data["reason"] = (f"all dense: the best mixed plan ({chosen_ms:.2f} ms) saves under {min_gain:.0%} "
                               f"of all dense ({dense_ms:.2f} ms); " + data["reason"])
