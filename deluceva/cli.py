@@ -15,8 +15,18 @@ from deluceva.errors import DelucevaError
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refusal is one line (argparse prints its usage line first), status 2.
+
+    Subcommand parsers are made with the parent's class, so they refuse the same way.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deluceva", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="deluceva", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command module adds its own parser and sets `handler`.
     from deluceva.commands import register_all

@@ -281,8 +281,9 @@ def test_cli_run_refuses_a_preset_that_does_not_fit(files, clip, capsys, tmp_pat
 
 @pytest.mark.parametrize("percentage", ["1.5", "-0.2", "1", "half"])
 def test_cli_percentage_outside_zero_one(files, clip, percentage, capsys):
-    with pytest.raises(SystemExit) as caught:  # argparse: usage line plus the error, status 2
+    with pytest.raises(SystemExit) as caught:  # an argparse refusal: one line, status 2
         main(["run", str(files["good"]), str(clip), "--controller", "fixed", "--percentage", percentage])
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and ("percentage" in err or "number" in err), err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("deluceva run: error:"), err
