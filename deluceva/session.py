@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -53,13 +53,24 @@ class Session:
         self.executor = Executor(self.model, self.graph, self.plan, threads=threads, profile=profile)
         self.executor.use_thresholds(thresholds)
 
-    def calibrate(self, frames: list[np.ndarray]) -> Thresholds:
-        """Calibrate filter thresholds on consecutive `frames` (model inputs), for every tensor
-        of the model, so other plans of it can share them; the next frame is a keyframe."""
-        thresholds = Thresholds.calibrate(self.model, [self.executor._check_frame(f) for f in frames],
-                                          tensor_grids(self.graph))
+    def calibrate(self, frames: list[np.ndarray], tensors: Iterable[str] | None = None) -> Thresholds:
+        """Calibrate filter thresholds on consecutive `frames` (model inputs); the next frame is a
+        keyframe.
+
+        Args:
+            tensors: the tensors to calibrate (default: every tensor of the model that has a
+                tile grid, so that other plans of the model can share the thresholds).
+        """
+        grids = tensor_grids(self.graph)
+        if tensors is not None:
+            grids = {t: grids[t] for t in tensors}
+        thresholds = Thresholds.calibrate(self.model, [self.executor._check_frame(f) for f in frames], grids)
         self.use_thresholds(thresholds)
         return thresholds
+
+    def filtered_tensors(self) -> set[str]:
+        """The tensors this session's plan filters (delta outputs and delta entries)."""
+        return set(self.executor.filters) | set(self.executor.to_delta)
 
     def use_thresholds(self, thresholds: Thresholds | None) -> None:
         """Filter with `thresholds` (from `calibrate`, maybe another session's); next frame is a keyframe."""
@@ -79,8 +90,13 @@ class Session:
 
 
 def calibrate_sessions(sessions: list[Session], frames: list[np.ndarray]) -> Thresholds:
-    """Calibrate filter thresholds on `frames` once (sessions of one model) and give them to all."""
-    thresholds = sessions[0].calibrate(frames)
+    """Calibrate filter thresholds on `frames` once (sessions of one model) and give them to all.
+
+    Only the tensors some session filters are measured: when every plan is all dense (the usual
+    case within a tight error budget), that is none, and calibration costs nothing.
+    """
+    tensors = sorted(set().union(*(session.filtered_tensors() for session in sessions)))
+    thresholds = sessions[0].calibrate(frames, tensors)
     for session in sessions[1:]:
         session.use_thresholds(thresholds)
     return thresholds

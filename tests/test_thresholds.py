@@ -112,3 +112,15 @@ def test_thresholds_shared_between_sessions_of_one_model():
     second.use_thresholds(thresholds)
     assert all(b.threshold_at is not None for b in [*second.executor.filters.values(), *second.executor.to_delta.values()])
     assert isinstance(thresholds, Thresholds)
+
+
+def test_calibrate_sessions_measures_only_the_tensors_some_plan_filters():
+    from deluceva.session import calibrate_sessions
+
+    frames = _frames(6)
+    dense = Session(_model(), plan="dense")
+    assert calibrate_sessions([dense], frames).quantiles == {}  # nothing filtered: nothing measured
+    delta = Session(_model(), plan={"relu": "delta"})
+    thresholds = calibrate_sessions([dense, delta], frames)
+    assert set(thresholds.quantiles) == delta.filtered_tensors() == {"c", "y"}
+    assert delta.executor.filters["y"].threshold_at is not None

@@ -83,6 +83,8 @@ class Thresholds:
         """Measure on consecutive `frames` (model inputs), for every tensor in `grids`."""
         if len(frames) < 2:
             raise DelucevaError(f"calibrating thresholds needs at least 2 frames, got {len(frames)}")
+        if not grids:
+            return cls({}, frames=len(frames))
         samples: dict[str, list[np.ndarray]] = {t: [] for t in grids}
         previous = None
         for values in tensor_values(model, frames, grids):
