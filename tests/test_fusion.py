@@ -245,3 +245,19 @@ def test_flop_accounting_measures_fused_nodes_by_the_group_output():
     outputs = [s.outputs[0] for s in session.plan.steps if s.kind == "delta"]
     assert frame_flops(session, {t: 0.0 for t in outputs}) == pytest.approx(total - delta_flops)
     assert frame_flops(session, {t: 1.0 for t in outputs}) == pytest.approx(total)
+
+
+@pytest.mark.parametrize("plan", ["delta", "dense"])
+def test_returned_outputs_are_not_changed_by_later_frames(plan):
+    """Delta outputs are views of a buffer the next frame updates, so they are copied; dense
+    segments' outputs are onnxruntime's own arrays and are returned as they are."""
+    from deluceva.session import Session
+
+    frames = sparse_frames((1, 3, 45, 61), 3, seed=5)
+    session = Session(backbone(), plan=plan)
+    session.run(frames[0])
+    second = session.run(frames[1])
+    kept = [o.copy() for o in second]
+    session.run(frames[2])  # must not write into the arrays frame 1 returned
+    for a, b in zip(kept, second):
+        np.testing.assert_array_equal(a, b)

@@ -210,6 +210,29 @@ def test_runner_measures_a_plan_without_delta_steps_without_a_second_run(tiny):
         r.error == 0.0 for r in results if r.reference and r.index)
 
 
+def test_runner_computes_change_statistics_only_for_controllers_that_use_them(tiny):
+    from deluceva.planner import load_model
+    from deluceva.runtime.preprocess import Preprocessor
+    from deluceva.runtime.video import open_video
+    from deluceva.session import Session
+
+    class Statistical(_Steps):
+        uses_statistics = True
+
+    model_path, clip = tiny
+    model = load_model(str(model_path))
+    pre = Preprocessor.for_model(model.input_shape)
+    frames = [pre(rgb) for rgb in open_video(clip)]
+    seen = {}
+    for controller in (_Steps([0.0]), Statistical([0.0])):
+        runner = VideoRunner(PlanSet([Session(model, plan="dense")], [0.0]), controller, _rel_l2, 4, 0.0)
+        for frame in frames:
+            runner.step(frame)
+        seen[type(controller).__name__] = [o.changed_tiles for o in controller.seen]
+    assert not any(seen["_Steps"])
+    assert any(seen["Statistical"])
+
+
 def test_runner_rejects_zero_reference_interval(tiny):
     with pytest.raises(Exception, match="at least 1"):
         VideoRunner(PlanSet.__new__(PlanSet), None, _rel_l2, reference_every=0)

@@ -40,6 +40,8 @@ class Controller(Protocol):
     """Chooses the filtering percentage for the next frame.
 
     `wants_reference` may be set to ask the run loop for a dense reference on the next frame.
+    A controller with `uses_statistics` set gets the frame-level change statistics in each
+    observation; the run loop skips computing them (about 0.6 ms at 416x416) for the others.
     """
 
     wants_reference: bool

@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -198,6 +199,7 @@ class LearnedController:
     adapt: float = 0.3
     margin: float = 0.0
     wants_reference: bool = False
+    uses_statistics: ClassVar[bool] = True  # changed_tiles and mean_abs_change are features
     feature_range: list[list[float]] | None = None
     state: LearnedState = field(default_factory=LearnedState)
     _curves: dict = field(default_factory=dict, init=False, repr=False, compare=False)

@@ -278,5 +278,8 @@ class Executor:
                 raise StepError(f"{step.name}: {type(error).__name__}: {error}") from error
             if profile:
                 self._timed(step.name, start, exclude=converting[0])
-        return [np.array(read_dense(name)) for name in self.model.output_names]
+        # An output kept by ToDense is a view of its buffer, which the next frame updates: copied.
+        # One that a dense segment produced is onnxruntime's fresh array: returned as it is.
+        return [np.array(read_dense(name)) if name in self.to_dense else read_dense(name)
+                for name in self.model.output_names]
 

@@ -218,8 +218,10 @@ class VideoRunner:
     def step(self, frame: np.ndarray) -> FrameResult:
         """Run one (preprocessed) frame."""
         start = time.perf_counter()  # the controller's statistics are deluceva's work too
-        stats = change_statistics(frame, self.previous)
-        self.previous = frame
+        stats = {}
+        if getattr(self.controller, "uses_statistics", False):
+            stats = change_statistics(frame, self.previous)
+            self.previous = frame
         wanted = self.plans.index_for(self.percentage)
         asked = bool(getattr(self.controller, "wants_reference", False))
         error = None
@@ -295,6 +297,8 @@ def calibration_samples(plans: PlanSet, metric: Metric, frames: Sequence[np.ndar
     samples = []
 
     class Recording(FixedController):
+        uses_statistics = True  # the samples are a learned controller's features
+
         def update(self, observation):
             samples.append(observation)
             return super().update(observation)
