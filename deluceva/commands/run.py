@@ -16,6 +16,7 @@ import onnx
 
 from deluceva.commands._types import budget, non_negative_int
 from deluceva.errors import DelucevaError
+from deluceva.runtime.thresholds import CALIBRATION_FRAMES
 
 __all__ = ["add_parser", "add_run_options", "Setup", "prepare", "build_plans", "compile_plans", "progress", "write_json", "handle"]
 
@@ -25,7 +26,8 @@ __all__ = ["add_parser", "add_run_options", "Setup", "prepare", "build_plans", "
 # reaches 0.35 at p = 0.5, and the plan for p = 0 is all dense, so a coarse grid (0, 0.5, 0.9)
 # left the PI controller only "exact" or "far over budget" to choose from.
 ON_THE_FLY_PERCENTAGES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
-PROFILE_FRAMES = 10  # the first frames, profiled on the fly and calibrating the filters (CALIBRATION_FRAMES)
+# The video's first frames, profiled on the fly; the same frames calibrate the filters.
+PROFILE_FRAMES = CALIBRATION_FRAMES
 
 
 def _floats(text: str) -> tuple[float, ...]:

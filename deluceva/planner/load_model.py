@@ -54,6 +54,18 @@ class Model:
     def opset(self) -> int:
         return next(o.version for o in self.onnx.opset_import if o.domain in ("", "ai.onnx"))
 
+    def exposing(self, tensors) -> onnx.ModelProto:
+        """A copy of the normalised model whose outputs also include `tensors` (after its own
+        outputs, in the given order; the input and tensors already output are skipped)."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.onnx)
+        present = {o.name for o in proto.graph.output} | {self.input_name}
+        for tensor in dict.fromkeys(tensors):
+            if tensor not in present:
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(
+                    tensor, self.dtypes.get(tensor, onnx.TensorProto.FLOAT), self.shapes.get(tensor)))
+        return proto
+
 
 def load_model(source: str | os.PathLike | onnx.ModelProto, input_shape: tuple[int, ...] | None = None) -> Model:
     """Load and normalise a model for frames of `input_shape` (default: the model's own).

@@ -295,7 +295,7 @@ def _measure_conversions(model, grids, frames, percentages, thresholds, bar):
                 if tensor not in before:
                     continue
                 into = ToDelta(grid)
-                into.threshold_at = lambda p, t=tensor: thresholds.threshold(t, p)
+                into.threshold_at = thresholds.for_tensor(tensor)
                 into.reset(before[tensor])
                 start = time.perf_counter()
                 change = into(after[tensor], p)

@@ -108,15 +108,7 @@ class Executor:
         self.filtered = delta_produced & delta_consumed
         self.thresholds: Thresholds | None = None
         # The keyframe session exposes every tensor a cache is filled from.
-        cached = sorted(delta_consumed | delta_produced)
-        keyframe = onnx.ModelProto()
-        keyframe.CopyFrom(model.onnx)
-        present = {o.name for o in keyframe.graph.output}
-        for tensor in cached:
-            if tensor not in present and tensor != model.input_name:
-                keyframe.graph.output.append(
-                    helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, model.shapes.get(tensor))
-                )
+        keyframe = model.exposing(sorted(delta_consumed | delta_produced))
         self._keyframe_names = [o.name for o in keyframe.graph.output]
         self._keyframe = _session(keyframe, threads)
         self._compiled = self._compile_steps()
@@ -143,8 +135,7 @@ class Executor:
         """
         self.thresholds = thresholds
         for tensor, boundary in [*self.filters.items(), *self.to_delta.items()]:
-            covered = thresholds is not None and tensor in thresholds
-            boundary.threshold_at = (lambda p, t=tensor: thresholds.threshold(t, p)) if covered else None
+            boundary.threshold_at = None if thresholds is None else thresholds.for_tensor(tensor)
 
     def run(self, frame: np.ndarray, percentage: float = 0.0, keyframe: bool = False) -> list[np.ndarray]:
         """Outputs for one frame, in the model's output order.

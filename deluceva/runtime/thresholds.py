@@ -14,11 +14,9 @@ and quiet layers cost almost nothing.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
-import onnx
-from onnx import helper
 
 from deluceva.errors import DelucevaError
 from deluceva.operators import Grid
@@ -28,6 +26,7 @@ from deluceva.runtime.kernels import tile_change_magnitudes
 __all__ = ["Thresholds", "QUANTILE_POINTS", "CALIBRATION_FRAMES", "tensor_values", "tensor_grids"]
 
 QUANTILE_POINTS = 201  # quantiles stored per tensor, at p = 0, 0.005, ..., 1
+_POSITIONS = np.linspace(0.0, 1.0, QUANTILE_POINTS)
 CALIBRATION_FRAMES = 10  # a video's first frames that `run` and `bench` calibrate on
 
 
@@ -36,13 +35,8 @@ def tensor_values(model, frames: Iterable[np.ndarray], tensors: Iterable[str]):
     import onnxruntime as ort
 
     wanted = [t for t in dict.fromkeys(tensors) if t != model.input_name]
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.onnx)
-    present = {o.name for o in proto.graph.output}
-    for tensor in wanted:
-        if tensor not in present:
-            proto.graph.output.append(helper.make_tensor_value_info(tensor, model.dtypes.get(tensor, 1), model.shapes.get(tensor)))
-    session = ort.InferenceSession(proto.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.exposing(wanted).SerializeToString(), session_options(1),
+                                   providers=["CPUExecutionProvider"])
     for frame in frames:
         values = dict(zip(wanted, session.run(wanted, {model.input_name: frame}))) if wanted else {}
         values[model.input_name] = frame
@@ -66,7 +60,6 @@ class Thresholds:
     def __init__(self, quantiles: Mapping[str, np.ndarray], frames: int = 0):
         self.quantiles = {t: np.asarray(q, np.float64) for t, q in quantiles.items()}
         self.frames = frames
-        self.positions = np.linspace(0.0, 1.0, QUANTILE_POINTS)
 
     def __contains__(self, tensor: str) -> bool:
         return tensor in self.quantiles
@@ -76,7 +69,11 @@ class Thresholds:
         if percentage <= 0:
             return 0.0
         # Rounded to float32, the magnitudes' type, so every filter path compares the same way.
-        return float(np.float32(np.interp(percentage, self.positions, self.quantiles[tensor])))
+        return float(np.float32(np.interp(percentage, _POSITIONS, self.quantiles[tensor])))
+
+    def for_tensor(self, tensor: str) -> Callable[[float], float] | None:
+        """p -> threshold on `tensor`, for a filter's `threshold_at`; None when not calibrated."""
+        return (lambda percentage: self.threshold(tensor, percentage)) if tensor in self.quantiles else None
 
     @classmethod
     def calibrate(cls, model, frames: list[np.ndarray], grids: Mapping[str, Grid]) -> "Thresholds":
@@ -96,10 +93,9 @@ class Thresholds:
                     tile_change_magnitudes(after, before, grid.tile, magnitudes)
                     samples[tensor].append(magnitudes.ravel())
             previous = values
-        positions = np.linspace(0.0, 1.0, QUANTILE_POINTS)
         quantiles = {}
         for tensor, parts in samples.items():
             magnitudes = np.concatenate(parts).astype(np.float64)
             magnitudes = magnitudes[magnitudes > 0]
-            quantiles[tensor] = np.quantile(magnitudes, positions) if len(magnitudes) else np.zeros(QUANTILE_POINTS)
+            quantiles[tensor] = np.quantile(magnitudes, _POSITIONS) if len(magnitudes) else np.zeros(QUANTILE_POINTS)
         return cls(quantiles, frames=len(frames))
