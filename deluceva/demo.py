@@ -104,7 +104,7 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
     frame right after deluceva), speedup, error_mean, error_max (relative L2 against
     onnxruntime, the largest over the two outputs, on every frame).
     """
-    from deluceva.commands.bench import run_deluceva, run_onnxruntime
+    from deluceva.commands.bench import plain_onnxruntime, run_deluceva, run_onnxruntime
     from deluceva.commands.run import PROFILE_FRAMES, compile_plans
     from deluceva.controller import make_controller
     from deluceva.planner import load_model
@@ -122,16 +122,10 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
         tensors = [_to_tensor(rgb) for rgb in video]
         reference = run_onnxruntime(proto.SerializeToString(), tensors, threads)
         try:
-            import onnxruntime as ort
-
-            from deluceva.operators._ort import session_options
-
             model = load_model(proto)
             # Onnxruntime is timed on each frame right after deluceva (as `bench` does), so the
             # machine's drift slows both alike; its row shows the mean over all runs.
-            plain = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
-                                         providers=["CPUExecutionProvider"])
-            paired = lambda tensor: plain.run(None, {model.input_name: tensor})  # noqa: E731
+            paired = plain_onnxruntime(proto.SerializeToString(), threads)
             ort_row = dict(name="onnxruntime", ms_per_frame=0.0, speedup=1.0, error_mean=0.0, error_max=0.0)
             rows.append(ort_row)
             ort_times = []

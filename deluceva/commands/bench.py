@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 
-__all__ = ["add_parser", "handle", "PeakMemory", "OnnxruntimeRun", "run_onnxruntime", "run_deluceva",
+__all__ = ["add_parser", "handle", "PeakMemory", "OnnxruntimeRun", "run_onnxruntime", "plain_onnxruntime", "run_deluceva",
            "compare", "format_table", "machine_info", "plot"]
 
 
@@ -141,6 +141,18 @@ def run_onnxruntime(model: str | bytes, tensors: Iterable[np.ndarray], threads: 
                 progress.update(1)
         del session
     return OnnxruntimeRun(ms, store, names, memory.mib, folder)
+
+
+def plain_onnxruntime(model: str | bytes, threads: int) -> Callable[[np.ndarray], list]:
+    """tensor -> outputs through plain onnxruntime, configured as the baseline is, for timing it
+    frame by frame beside deluceva."""
+    import onnxruntime as ort
+
+    from deluceva.operators._ort import session_options
+
+    session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    return lambda tensor: session.run(None, {input_name: tensor})
 
 
 @dataclass
@@ -324,17 +336,11 @@ def handle(args: argparse.Namespace) -> int:
             return VideoRunner(holder["plans"], setup.controller, setup.metric, args.reference_every,
                                percentage=args.percentage or 0.0)
 
-        import onnxruntime as ort
-
-        from deluceva.operators._ort import session_options
-
-        plain = ort.InferenceSession(str(args.model), session_options(args.threads), providers=["CPUExecutionProvider"])
-        input_name = plain.get_inputs()[0].name
+        paired = plain_onnxruntime(str(args.model), args.threads)
         bar = progress(len(ort_run.ms), "deluceva")
         try:
             frames = (preprocess(rgb) for rgb, _ in zip(setup.video, range(len(ort_run.ms))))
-            delta_run = run_deluceva(make_runner, frames, ort_run, setup.metric, bar,
-                                     paired=lambda tensor: plain.run(None, {input_name: tensor}))
+            delta_run = run_deluceva(make_runner, frames, ort_run, setup.metric, bar, paired=paired)
         finally:
             bar.close()
         figures = compare(ort_run, delta_run)
