@@ -17,6 +17,7 @@ import networkx as nx
 import numpy as np
 
 from deluceva.operators.fused import EPILOGUE_OP_TYPES
+from deluceva.planner.choose_variants import tensor_users
 
 __all__ = ["mark_fusion"]
 
@@ -74,12 +75,9 @@ def _group(graph: nx.DiGraph, conv: str, consumers, outputs: set[str]) -> tuple[
 
 def mark_fusion(graph: nx.DiGraph) -> bool:
     """Annotate fusable Conv groups (see the module docstring); returns whether anything changed."""
-    consumers: dict[str, list[str]] = {}
-    for name, data in graph.nodes(data=True):
-        for tensor in data["inputs"]:
-            if tensor:
-                consumers.setdefault(tensor, []).append(name)
-    outputs = set(graph.graph["output_names"])
+    users = tensor_users(graph)
+    consumers = {tensor: readers for tensor, (_, readers, _) in users.items()}
+    outputs = {tensor for tensor, (_, _, is_output) in users.items() if is_output}
     before = {n: (d.get("epilogue"), d.get("fused_output"), d.get("fused_into")) for n, d in graph.nodes(data=True)}
     for _, data in graph.nodes(data=True):
         data["epilogue"], data["fused_output"], data["fused_into"] = None, None, None
@@ -90,7 +88,7 @@ def mark_fusion(graph: nx.DiGraph) -> bool:
         if found is None:
             continue
         members, exit_tensor = found
-        if any(graph.nodes[m]["epilogue"] or graph.nodes[m]["fused_into"] for m in members):
+        if any(graph.nodes[m]["fused_into"] for m in members):  # already another Conv's
             continue
         data["epilogue"], data["fused_output"] = members, exit_tensor
         for member in members:
