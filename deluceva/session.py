@@ -8,9 +8,8 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from deluceva.planner import Model, build_dag, build_plan, load_model
-from deluceva.planner.mark_delta_support import DEFAULT_TILE
 from deluceva.runtime.executor import Executor
-from deluceva.runtime.thresholds import Thresholds, tensor_grids
+from deluceva.runtime.thresholds import Thresholds
 
 __all__ = ["Session", "calibrate_sessions"]
 
@@ -23,12 +22,10 @@ class Session:
         plan: "dense", "delta" (every node that has a delta variant), or a mapping from node
             name to "dense"/"delta".
         input_shape: (1, C, H, W), needed when the model's input size is dynamic.
-        threads: onnxruntime intra-op threads.
-        tile: tile edge at the input's resolution.
+        threads: onnxruntime intra-op threads (and the delta kernels' BLAS threads).
         profile: record per-step times in `session.executor.step_times`.
         thresholds: filter thresholds calibrated on frames (`calibrate`), shareable between
-            sessions of one model; without them each filter uses the quantile of each frame's
-            own changes.
+            sessions of one model; a session runs at p > 0 only once it has them.
 
     Example:
         >>> session = Session("model.onnx", plan="delta", input_shape=(1, 3, 224, 224))  # doctest: +SKIP
@@ -43,34 +40,32 @@ class Session:
         plan: str | Mapping[str, str] = "delta",
         input_shape: tuple[int, ...] | None = None,
         threads: int = 1,
-        tile: int = DEFAULT_TILE,
         profile: bool = False,
         thresholds: Thresholds | None = None,
     ):
         self.model = model if isinstance(model, Model) else load_model(model, input_shape)
-        self.graph = build_dag(self.model, base_tile=tile, threads=threads)
+        self.graph = build_dag(self.model)
         self.plan = build_plan(self.graph, plan)
         self.executor = Executor(self.model, self.graph, self.plan, threads=threads, profile=profile)
-        self.executor.use_thresholds(thresholds)
+        if thresholds is not None:
+            self.executor.use_thresholds(thresholds)
 
     def calibrate(self, frames: list[np.ndarray], tensors: Iterable[str] | None = None) -> Thresholds:
         """Calibrate filter thresholds on consecutive `frames` (model inputs); the next frame is a
         keyframe.
 
         Args:
-            tensors: the tensors to calibrate (default: every tensor of the model that has a
-                tile grid, so that other plans of the model can share the thresholds).
+            tensors: the tensors to calibrate (default: those this session's plan filters;
+                `calibrate_sessions` calibrates several plans' tensors at once).
         """
-        grids = tensor_grids(self.graph)
-        if tensors is not None:
-            grids = {t: grids[t] for t in tensors}
-        thresholds = Thresholds.calibrate(self.model, [self.executor._check_frame(f) for f in frames], grids)
+        tensors = self.filtered_tensors() if tensors is None else set(tensors)
+        thresholds = Thresholds.calibrate(self.model, [self.executor._check_frame(f) for f in frames], sorted(tensors))
         self.use_thresholds(thresholds)
         return thresholds
 
     def filtered_tensors(self) -> set[str]:
         """The tensors this session's plan filters (delta outputs and delta entries)."""
-        return set(self.executor.filters) | set(self.executor.to_delta)
+        return set(self.executor.filtered)
 
     def use_thresholds(self, thresholds: Thresholds | None) -> None:
         """Filter with `thresholds` (from `calibrate`, maybe another session's); next frame is a keyframe."""

@@ -1,8 +1,6 @@
-"""The compiled Filter against a plain numpy reference: same emitted tiles, bit for bit.
-
-The reference is the numpy Filter as it was before the kernels (commit fc7b59d);
-it is copied here, not imported, so that a change to the runtime cannot change it too.
-"""
+"""The compiled building blocks against plain numpy references: the filter (`emit_rows`), a dense
+value's change (`Entry`), the positions a window's change reaches (`mark_window`), and the
+elementwise program's exponential."""
 
 from __future__ import annotations
 
@@ -10,279 +8,126 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
-from deluceva.operators import Delta, Grid
-from deluceva.runtime.boundaries import Filter, ToDelta
+from deluceva.operators import DeltaTensor, Layout
+from deluceva.operators._kernels import _exp, collect_marked, emit_rows, mark_window
+from deluceva.runtime.boundaries import Entry
 
-
-def reference_magnitudes(values: np.ndarray) -> np.ndarray:
-    if len(values) == 0:
-        return np.zeros(0, values.dtype)
-    return np.abs(values.reshape(len(values), -1)).max(axis=1)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SPECIAL = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, -1e30]
 
 
-def reference_threshold(magnitudes: np.ndarray, percentage: float) -> float:
-    if percentage <= 0:
-        return 0.0
-    candidates = magnitudes[magnitudes > 0]
-    if len(candidates) == 0:
-        return 0.0
-    rank = int(percentage * (len(candidates) - 1))
-    return float(np.partition(candidates, rank)[rank])
-
-
-class ReferenceFilter:
-    def __init__(self, grid: Grid):
-        self.grid = grid
-        self.pending = None
-        self.magnitude = None
-
-    def __call__(self, delta: Delta, percentage: float) -> Delta:
-        if self.pending is None:
-            if percentage <= 0:
-                keep = reference_magnitudes(delta.values) > 0
-                if keep.all():
-                    return delta
-                return Delta(self.grid, delta.index[keep], delta.values[keep])
-            g = self.grid
-            self.pending = np.zeros((g.n_tiles, g.channels, g.tile, g.tile), np.float32)
-            self.magnitude = np.zeros(g.n_tiles, np.float32)
-        threshold = reference_threshold(reference_magnitudes(delta.values), percentage)
-        if len(delta.index):
-            updated = self.pending[delta.index] + delta.values
-            self.pending[delta.index] = updated
-            self.magnitude[delta.index] = reference_magnitudes(updated)
-        emitted = np.flatnonzero(self.magnitude > threshold)
-        values = self.pending[emitted]
-        self.pending[emitted] = 0
-        self.magnitude[emitted] = 0
-        return Delta(self.grid, emitted, values)
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
-
-
-# Exact zeros of both signs, values whose sums cancel, tiny and huge magnitudes, and (rarely
-# useful, but part of "every input") NaN and infinities.
-SPECIAL = [0.0, -0.0, 1.0, -1.0, 0.5, 2.5, -2.5, 1e-40, -1e-40, 3e38, -3e38, np.inf, -np.inf, np.nan]
-ELEMENTS = st.one_of(
-    st.sampled_from(SPECIAL),
-    st.floats(-4, 4, width=32),
-    st.sampled_from([0.0, 0.0, 1.0, -1.0]),
-)
-PERCENTAGES = st.one_of(st.sampled_from([0.0, -0.0, -0.5, 1e-9, 0.25, 0.5, 0.999, 1.0]), st.floats(0, 1))
+def _values(draw, shape, specials: bool) -> np.ndarray:
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(shape).astype(np.float32)
+    if specials and values.size:
+        flat = values.reshape(-1)
+        for _ in range(draw(st.integers(0, 4))):
+            flat[draw(st.integers(0, flat.size - 1))] = draw(st.sampled_from(SPECIAL))
+    return values
 
 
 @st.composite
-def frames(draw, nan=True):
-    grid = Grid(
-        channels=draw(st.integers(1, 4)),
-        height=draw(st.integers(1, 9)),
-        width=draw(st.integers(1, 9)),
-        tile=draw(st.integers(1, 4)),
-    )
-    elements = ELEMENTS if nan else ELEMENTS.filter(lambda v: not np.isnan(v))
-    sequence = []
-    for _ in range(draw(st.integers(1, 6))):
-        if sequence and draw(st.booleans()):
-            # Take back (some of) the last change: held-back tiles shrink, or cancel exactly.
-            last = sequence[-1][0]
-            scale = draw(st.sampled_from([-1.0, -0.5, -0.25]))
-            index, values = last.index, (last.values * np.float32(scale)).astype(np.float32)
-        else:
-            chosen = draw(st.sets(st.integers(0, grid.n_tiles - 1)))
-            index = np.array(sorted(chosen), np.int64)
-            shape = (len(index), grid.channels, grid.tile, grid.tile)
-            values = draw(arrays(np.float32, shape, elements=elements))
-        zero = draw(arrays(np.bool_, len(index)))
-        values[zero] = 0
-        sequence.append((Delta(grid, index, values), draw(PERCENTAGES)))
-    return grid, sequence
+def emit_cases(draw):
+    n, channels = draw(st.integers(0, 12)), draw(st.integers(1, 9))
+    positions = np.sort(draw(st.lists(st.integers(0, 39), min_size=n, max_size=n, unique=True))).astype(np.int64)
+    seen = _values(draw, (41, channels + 3), specials=False)
+    seen[-1] = 0.0
+    new = seen[positions, 1:1 + channels].copy()
+    # Some rows unchanged, some a little, some a lot, some NaN or infinite.
+    scale = draw(st.sampled_from([0.0, 1e-3, 1.0]))
+    with np.errstate(invalid="ignore"):  # inf * 0 is NaN: a NaN change, as intended
+        new += _values(draw, new.shape, specials=True) * np.float32(scale)
+    threshold = draw(st.sampled_from([0.0, 1e-4, 0.5, 3.0]))
+    return positions, new, seen, np.float32(threshold)
 
 
-def copy_delta(delta: Delta) -> Delta:
-    return Delta(delta.grid, delta.index.copy(), delta.values.copy())
-
-
-def check_same(grid: Grid, sequence: list[tuple[Delta, float]]) -> None:
-    reference, compiled = ReferenceFilter(grid), Filter(grid)
-
-    def numpy_path(delta, percentage):
-        raise AssertionError("a well-formed delta took the numpy path")
-
-    compiled._call_numpy = numpy_path
-    for frame, (delta, percentage) in enumerate(sequence):
-        given_ref, given_new = copy_delta(delta), copy_delta(delta)
-        with np.errstate(all="ignore"):  # the reference warns on overflow to inf
-            expected = reference(given_ref, percentage)
-        got = compiled(given_new, percentage)
-        assert (expected is given_ref) == (got is given_new), f"frame {frame}: passed through in one only"
-        assert same_bits(expected.index, got.index), f"frame {frame}: emitted {got.index}, expected {expected.index}"
-        assert same_bits(expected.values, got.values), f"frame {frame}: emitted values differ"
-        assert same_bits(given_new.values, delta.values) and same_bits(given_new.index, delta.index)
-        assert (reference.pending is None) == (compiled.pending is None)
-        if reference.pending is not None:
-            assert same_bits(reference.pending, compiled.pending), f"frame {frame}: pending differs"
-            # A NaN magnitude is never compared true, whichever NaN it is.
-            assert np.array_equal(reference.magnitude, compiled.magnitude, equal_nan=True)
-
-
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(frames())
-def test_filter_matches_numpy_reference(case):
-    check_same(*case)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(frames(nan=False))
-def test_filter_matches_numpy_reference_without_nan(case):
-    check_same(*case)
-
-
-def test_filter_matches_on_realistic_frames():
-    """Larger grids, a share of the tiles changing, p switching between 0 and > 0."""
-    rng = np.random.default_rng(7)
-    for grid in (Grid(16, 52, 52, 4), Grid(64, 13, 13, 1), Grid(32, 26, 26, 2)):
-        sequence = []
-        for frame in range(12):
-            n = int(rng.uniform(0.1, 0.5) * grid.n_tiles)
-            index = np.sort(rng.choice(grid.n_tiles, n, replace=False)).astype(np.int64)
-            values = rng.standard_normal((n, grid.channels, grid.tile, grid.tile)) * rng.exponential(1, (n, 1, 1, 1))
-            values = values.astype(np.float32)
-            values[rng.random(n) < 0.1] = 0
-            if frame % 3 == 2:  # take back half the last change
-                index, values = sequence[-1][0].index, sequence[-1][0].values * np.float32(-0.5)
-            percentage = [0.0, 0.0, 0.3, 0.3, 0.7, 0.0, 0.05, 0.999, 0.3, 0.0, 0.5, 0.2][frame]
-            sequence.append((Delta(grid, index, values), percentage))
-        check_same(grid, sequence)
-
-
-@pytest.mark.parametrize(
-    "index, percentage",
-    [
-        ([3, 1], 0.5),  # not ascending
-        ([1, 1], 0.5),  # repeated: numpy's last write wins
-        ([-1, 2], 0.5),  # negative: numpy counts from the end
-        ([0, 99], 0.5),  # beyond the grid: numpy raises
-        ([0, 2], 1.5),  # rank beyond the candidates: numpy raises
-        ([0, 2], float("nan")),
-        ([0, 2], float("inf")),
-    ],
-)
-def test_filter_off_contract_input_behaves_as_numpy(index, percentage):
-    grid = Grid(2, 6, 6, 2)
-    rng = np.random.default_rng(1)
-    for dtype in (np.float32, np.float64):
-        reference, compiled = ReferenceFilter(grid), Filter(grid)
-        for p in (0.3, percentage):
-            values = rng.standard_normal((len(index), 2, 2, 2)).astype(dtype)
-            delta = Delta(grid, np.array(index, np.int64), values)
-            outcomes = []
-            for f in (reference, compiled):
-                try:
-                    with np.errstate(all="ignore"):
-                        out = f(copy_delta(delta), p)
-                    outcomes.append((out.index, out.values))
-                except Exception as error:  # noqa: BLE001 - the same error is the point
-                    outcomes.append(type(error))
-            if isinstance(outcomes[0], type):
-                assert outcomes[0] is outcomes[1]
-            else:
-                assert all(same_bits(a, b) for a, b in zip(outcomes[0], outcomes[1]))
-            assert same_bits(reference.pending, compiled.pending)
-
-
-# ToDelta's kernels against the loops they replaced (commit fc7b59d), run as plain Python.
-
-
-def reference_change_magnitudes(x, last, tile, out):
-    channels, height, width = x.shape
-    tiles_w = out.shape[1]
-    for c in range(channels):
-        for y in range(height):
-            ty = y // tile
-            for tx in range(tiles_w):
-                biggest = out[ty, tx]
-                for col in range(tx * tile, min(width, tx * tile + tile)):
-                    change = abs(x[c, y, col] - last[c, y, col])
-                    if change > biggest:
-                        biggest = change
-                out[ty, tx] = biggest
-
-
-def reference_take(x, last, index, tile, tiles_w, out):
-    channels, height, width = x.shape
-    for i in range(index.shape[0]):
-        y0 = (index[i] // tiles_w) * tile
-        x0 = (index[i] % tiles_w) * tile
-        for c in range(channels):
-            for dy in range(min(tile, height - y0)):
-                for dx in range(min(tile, width - x0)):
-                    value = x[c, y0 + dy, x0 + dx]
-                    out[i, c, dy, dx] = value - last[c, y0 + dy, x0 + dx]
-                    last[c, y0 + dy, x0 + dx] = value
-
-
-class ReferenceToDelta:
-    def __init__(self, grid: Grid):
-        self.grid = grid
-        self.last = None
-        self.previous = None
-
-    def reset(self, value):
-        g = self.grid
-        self.last = np.array(value, np.float32).reshape(g.channels, g.height, g.width)
-        self.previous = None
-
-    def __call__(self, value, percentage):
-        g = self.grid
-        value = np.ascontiguousarray(value, np.float32).reshape(g.channels, g.height, g.width)
-        magnitudes = np.zeros((g.tiles_h, g.tiles_w), np.float32)
-        reference_change_magnitudes(value, self.last, g.tile, magnitudes)
-        threshold = 0.0
-        if percentage > 0:
-            fresh = np.zeros((g.tiles_h, g.tiles_w), np.float32)
-            reference_change_magnitudes(value, self.last if self.previous is None else self.previous, g.tile, fresh)
-            threshold = reference_threshold(fresh.ravel(), percentage)
-            self.previous = value.copy()
-        passed = np.flatnonzero(magnitudes.ravel() > threshold)
-        values = np.zeros((len(passed), g.channels, g.tile, g.tile), np.float32)
-        reference_take(value, self.last, passed, g.tile, g.tiles_w, values)
-        return Delta(self.grid, passed, values)
+@SETTINGS
+@given(emit_cases())
+def test_emit_rows_matches_numpy(case):
+    positions, new, seen, threshold = case
+    expected_seen = seen.copy()
+    change = np.abs(new - seen[positions, 1:1 + new.shape[1]])
+    passes = (np.nan_to_num(change, nan=np.inf).max(axis=1, initial=0) > threshold) | np.isnan(change).any(axis=1)
+    expected_seen[positions[passes], 1:1 + new.shape[1]] = new[passes]
+    changed = np.zeros(40, np.int64)
+    rows = np.zeros((max(1, len(positions)), new.shape[1]), np.float32)
+    rows[: len(positions)] = new
+    scratch = np.zeros(rows.size, np.int32)
+    count = emit_rows(rows, positions, 0, len(positions), seen, 1, threshold, changed, 0, scratch)
+    assert list(changed[:count]) == list(positions[passes])
+    np.testing.assert_array_equal(seen, expected_seen)  # NaNs compare equal here, in place
 
 
 @st.composite
-def dense_frames(draw):
-    grid = Grid(
-        channels=draw(st.integers(1, 3)),
-        height=draw(st.integers(1, 11)),
-        width=draw(st.integers(1, 11)),
-        tile=draw(st.integers(1, 5)),
-    )
-    shape = (grid.channels, grid.height, grid.width)
-    first = draw(arrays(np.float32, shape, elements=ELEMENTS))
-    sequence = []
-    for _ in range(draw(st.integers(1, 5))):
-        frame = (sequence[-1][0] if sequence else first).copy()
-        changed = draw(arrays(np.bool_, shape))
-        frame[changed] = draw(arrays(np.float32, int(changed.sum()), elements=ELEMENTS))
-        sequence.append((frame, draw(PERCENTAGES)))
-    return grid, first, sequence
+def entry_cases(draw):
+    channels, height, width = draw(st.integers(1, 4)), draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    before = _values(draw, (1, channels, height, width), specials=False)
+    after = before + _values(draw, before.shape, specials=False) * draw(st.sampled_from([0.0, 0.01, 1.0]))
+    if draw(st.booleans()):
+        after.reshape(-1)[draw(st.integers(0, after.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    return before, after, np.float32(draw(st.sampled_from([0.0, 0.005, 0.5])))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(dense_frames())
-def test_to_delta_matches_reference(case):
-    grid, first, sequence = case
-    reference, compiled = ReferenceToDelta(grid), ToDelta(grid)
-    reference.reset(first)
-    compiled.reset(first)
-    for frame, (value, percentage) in enumerate(sequence):
-        with np.errstate(all="ignore"):
-            expected = reference(value.copy(), percentage)
-            got = compiled(value.copy(), percentage)
-        assert same_bits(expected.index, got.index), f"frame {frame}: passed {got.index}, expected {expected.index}"
-        assert same_bits(expected.values, got.values), f"frame {frame}: values differ"
-        assert same_bits(reference.last, compiled.last)
+@SETTINGS
+@given(entry_cases(), st.sampled_from([0, 2]))
+def test_entry_matches_numpy(case, offset):
+    before, after, threshold = case
+    _, channels, height, width = before.shape
+    tensor = DeltaTensor(Layout(channels, height, width))
+    if offset:
+        tensor.share_storage(np.zeros((height * width + 1, channels + offset), np.float32), offset)
+    entry = Entry(tensor)
+    entry.load(before)
+    tensor.threshold[0] = threshold
+    finite = bool(np.isfinite(after).all())
+    assert entry(after) is finite
+    if not finite:
+        assert tensor.count[0] == 0  # refused: the caller runs a keyframe
+        return
+    magnitude = np.abs(after - before)[0].max(axis=0).reshape(-1)
+    passes = np.flatnonzero(magnitude > threshold)
+    assert list(tensor.positions()) == list(passes)
+    expected = before.reshape(channels, -1).copy()
+    expected[:, passes] = after.reshape(channels, -1)[:, passes]
+    np.testing.assert_array_equal(tensor.dense().reshape(channels, -1), expected)
+
+
+@SETTINGS
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3),
+       st.integers(1, 3), st.integers(1, 2), st.integers(1, 2), st.integers(0, 3), st.integers(0, 3),
+       st.integers(0, 2**31 - 1))
+def test_mark_window_matches_brute_force(height, width, kh, kw, sh, sw, dh, dw, top, left, seed):
+    out_h = (height + 2 * top - (kh - 1) * dh - 1) // sh + 1
+    out_w = (width + 2 * left - (kw - 1) * dw - 1) // sw + 1
+    if out_h < 1 or out_w < 1:
+        return
+    rng = np.random.default_rng(seed)
+    changed = np.flatnonzero(rng.random(height * width) < rng.random()).astype(np.int64)
+    geometry = np.array([kh, kw, sh, sw, dh, dw, top, left], np.int64)
+    mark, found = np.zeros(out_h * out_w, np.uint8), np.zeros(out_h * out_w, np.int64)
+    n = mark_window(changed, len(changed), width, geometry, out_h, out_w, mark, found)
+    collect_marked(mark, found, n)
+    expected = []
+    hit = set(changed.tolist())
+    for oy in range(out_h):
+        for ox in range(out_w):
+            reads = {(oy * sh - top + ky * dh) * width + (ox * sw - left + kx * dw)
+                     for ky in range(kh) for kx in range(kw)
+                     if 0 <= oy * sh - top + ky * dh < height and 0 <= ox * sw - left + kx * dw < width}
+            if reads & hit:
+                expected.append(oy * out_w + ox)
+    assert list(found[:n]) == expected
+    assert not mark.any()  # left clean for the next frame
+
+
+def test_exp_is_accurate_and_keeps_nan():
+    x = np.concatenate([np.linspace(-100, 100, 20001), [np.nan, np.inf, -np.inf, 0.0]]).astype(np.float32)
+    out = x.copy()
+    _exp(out, len(out), np.zeros(len(out), np.int32))
+    reference = np.exp(np.clip(x.astype(np.float64), -87, 87))
+    finite = np.isfinite(x)
+    assert np.max(np.abs(out[finite] - reference[finite]) / reference[finite]) < 3e-7
+    assert np.isnan(out[-4])
+    assert out[-3] == pytest.approx(np.exp(87.0), rel=1e-6) and out[-2] == pytest.approx(np.exp(-87.0), rel=1e-6)

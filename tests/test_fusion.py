@@ -122,12 +122,16 @@ def test_no_group_when_the_conv_output_is_read_outside():
     assert graph.nodes["Relu_1"]["fused_into"] is None
 
 
-def test_no_group_with_a_spatially_varying_constant():
+def test_group_with_a_spatially_varying_constant_stays_exact():
+    """An epilogue constant that varies over space is read per position by the program."""
     net = Net(2, 16, 16)
     conv = net.conv("x", 4, name="conv")
-    varying = net.node("Mul", [conv, net.const(np.ones((1, 4, 16, 16)))], net.shape[conv])
-    graph = build_dag(load_model(net.model([varying])))
-    assert graph.nodes["conv"]["epilogue"] is None
+    factor = net.const(np.random.default_rng(3).uniform(0.5, 2.0, (1, 4, 16, 16)))
+    varying = net.node("Mul", [net.node("Relu", [conv], net.shape[conv]), factor], net.shape[conv])
+    model = net.model([varying])
+    graph = build_dag(load_model(model))
+    assert graph.nodes["conv"]["epilogue"] == ["Relu_1", "Mul_2"]
+    Differential(model, sparse_frames((1, 2, 16, 16), 5, seed=2), measured_bound=False).check("delta", "varying")
 
 
 def _tied_brute_force(graph) -> float:
@@ -170,12 +174,13 @@ def test_min_cut_keeps_groups_together_and_stays_optimal(seed):
     assert graph.nodes["mul"]["reason"] == f"fused with conv: takes its variant ({variants['conv']})"
 
 
-# -- FusedConv on its own: each layout, against onnxruntime on the whole tensor -------------------
+# -- A Conv and its epilogue on their own: each kind, against onnxruntime on the whole tensor -------
 
-from deluceva.operators import Delta, Grid  # noqa: E402
-from deluceva.operators.fused import EpilogueNode, FusedConv  # noqa: E402
+from deluceva.operators import DeltaTensor, Layout, get_operator  # noqa: E402
+from deluceva.operators.program import ElementwiseNode  # noqa: E402
 from deluceva.operators.testing import make_spec  # noqa: E402
 from deluceva.operators._ort import session_options  # noqa: E402
+from deluceva.runtime.boundaries import Entry  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 
@@ -191,18 +196,16 @@ def _silu_conv_model(weight, bias, attrs):
     return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("kernel,stride,dilation,group,tile,changed", [
-    (3, 1, 1, 1, 1, 2),    # one position per tile: patches side by side, stride = patch width
-    (3, 2, 1, 4, 1, 3),    # the same, strided and depthwise
-    (5, 1, 2, 1, 1, 1),    # dilated
-    (1, 1, 1, 1, 1, 4),    # pointwise, side by side
-    (1, 1, 1, 1, 4, 2),    # pointwise on 4x4 tiles
-    (3, 1, 1, 1, 4, 2),    # a batch of patches
-    (3, 2, 1, 1, 4, 1),    # a strided batch
-    (3, 1, 1, 1, 1, 60),   # so many tiles that one call over the whole buffer is cheaper
+@pytest.mark.parametrize("kernel,stride,dilation,group,changed", [
+    (3, 1, 1, 1, 2),    # windows and one product
+    (3, 2, 1, 4, 3),    # depthwise, strided
+    (5, 1, 2, 1, 1),    # dilated
+    (1, 1, 1, 1, 4),    # pointwise: the changed rows themselves
+    (3, 1, 1, 2, 5),    # two groups: a product each
+    (3, 1, 1, 4, 143),  # every position: the marks are read in order, not sorted
 ])
-def test_fused_conv_layouts(kernel, stride, dilation, group, tile, changed):
-    rng = np.random.default_rng(kernel * 100 + stride * 10 + tile)
+def test_conv_with_silu_epilogue(kernel, stride, dilation, group, changed):
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + group)
     c, h, w = 4, 13, 11
     pad = (kernel - 1) * dilation // 2
     attrs = {"kernel_shape": [kernel, kernel], "strides": [stride, stride], "dilations": [dilation, dilation],
@@ -212,26 +215,22 @@ def test_fused_conv_layouts(kernel, stride, dilation, group, tile, changed):
     reference = _silu_conv_model(weight, bias, attrs)
     x = rng.standard_normal((1, c, h, w)).astype(np.float32)
     y = reference.run(None, {"x": x})[0]
-    out_tile = max(1, tile // stride)
-    spec = make_spec("Conv", attrs, [(1, c, h, w), weight, bias], [y.shape], tile, out_tiles=[out_tile])
-    spec.input_grids = [Grid(c, h, w, tile), None, None]
-    conv_out = "c"
-    sigmoid = make_spec("Sigmoid", {}, [y.shape], [y.shape], tile)
-    mul = make_spec("Mul", {}, [y.shape, y.shape], [y.shape], tile)
-    operator = FusedConv(spec, conv_out, [EpilogueNode(sigmoid, ["c"], ["s"]), EpilogueNode(mul, ["c", "s"], ["y"])], "y")
-    operator.reset([x, None, None], [y])
-    grid, out_grid = spec.input_grids[0], spec.output_grids[0]
-    total = y.copy()
+    spec = make_spec("Conv", attrs, [(1, c, h, w), weight, bias], [y.shape])
+    source, sink = DeltaTensor(Layout(c, h, w)), DeltaTensor(Layout(*y.shape[1:]))
+    epilogue = [ElementwiseNode(make_spec("Sigmoid", {}, [y.shape], [y.shape]), ["c"], ["s"]),
+                ElementwiseNode(make_spec("Mul", {}, [y.shape, y.shape], [y.shape]), ["c", "s"], ["y"])]
+    operator = get_operator("Conv")(spec, [source, None, None], [sink], epilogue=epilogue, conv_output="c", result="y")
+    assert operator.calls[0][1][-5].tolist() == [[14, 1, 0, 0]]  # the Sigmoid and Mul run as one SiLU
+    entry = Entry(source)
+    entry.load(x)
+    sink.load(y)
     for _ in range(3):
-        index = np.sort(rng.choice(grid.n_tiles, min(changed, grid.n_tiles), replace=False)).astype(np.int64)
-        values = rng.standard_normal((len(index), c, tile, tile)).astype(np.float32)
-        values = grid.zero_phantom(index, values)
-        change = Delta(grid, index, values)
-        x = x + change.to_dense()
-        (out,) = operator.step([change, None, None])
-        assert out.grid == out_grid
-        total = total + out.to_dense()
-        np.testing.assert_allclose(total, reference.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+        x = x.copy()
+        where = rng.choice(h * w, min(changed, h * w), replace=False)
+        x.reshape(c, -1)[:, where] += rng.standard_normal((c, len(where))).astype(np.float32)
+        assert entry(x)
+        operator.run()
+        np.testing.assert_allclose(sink.dense(), reference.run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
 def test_flop_accounting_measures_fused_nodes_by_the_group_output():

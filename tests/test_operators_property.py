@@ -1,4 +1,4 @@
-"""Property-based tests: for random shapes, attributes, tile sizes and change patterns, the delta
+"""Property-based tests: for random shapes, attributes, storage offsets and change patterns, the delta
 Conv, MaxPool and Mul/Add at p = 0 equal onnxruntime every frame."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from deluceva.operators.testing import run_operator
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-tiles = st.sampled_from([1, 2, 4, 8])
+offsets = st.sampled_from([0, 3])
 sizes = st.integers(5, 19)
 seeds = st.integers(0, 2**31 - 1)
 
@@ -23,8 +23,8 @@ def assert_exact(result):
 @SETTINGS
 @given(height=sizes, width=sizes, channels=st.integers(1, 5), kernel=st.sampled_from([1, 2, 3, 5]),
        stride=st.integers(1, 3), dilation=st.integers(1, 2), depthwise=st.booleans(),
-       pads=st.lists(st.integers(0, 2), min_size=4, max_size=4), tile=tiles, seed=seeds)
-def test_conv_property(height, width, channels, kernel, stride, dilation, depthwise, pads, tile, seed):
+       pads=st.lists(st.integers(0, 2), min_size=4, max_size=4), offset=offsets, seed=seeds)
+def test_conv_property(height, width, channels, kernel, stride, dilation, depthwise, pads, offset, seed):
     span = (kernel - 1) * dilation + 1
     if span > min(height + pads[0] + pads[2], width + pads[1] + pads[3]):
         return
@@ -33,22 +33,22 @@ def test_conv_property(height, width, channels, kernel, stride, dilation, depthw
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((out_channels, channels // group, kernel, kernel)).astype(np.float32)
     attrs = {"strides": [stride, stride], "dilations": [dilation, dilation], "group": group, "pads": pads}
-    assert_exact(run_operator("Conv", attrs, [(1, channels, height, width), weight], tile=tile, seed=seed))
+    assert_exact(run_operator("Conv", attrs, [(1, channels, height, width), weight], offset=offset, seed=seed))
 
 
 @SETTINGS
 @given(height=sizes, width=sizes, kernel=st.integers(1, 5), stride=st.integers(1, 3), ceil=st.booleans(),
-       pad=st.integers(0, 2), tile=tiles, seed=seeds)
-def test_maxpool_property(height, width, kernel, stride, ceil, pad, tile, seed):
+       pad=st.integers(0, 2), offset=offsets, seed=seeds)
+def test_maxpool_property(height, width, kernel, stride, ceil, pad, offset, seed):
     pad = min(pad, kernel - 1)  # ONNX: padding smaller than the kernel
     attrs = {"kernel_shape": [kernel, kernel], "strides": [stride, stride], "pads": [pad] * 4, "ceil_mode": int(ceil)}
-    assert_exact(run_operator("MaxPool", attrs, [(1, 2, height, width)], tile=tile, seed=seed))
+    assert_exact(run_operator("MaxPool", attrs, [(1, 2, height, width)], offset=offset, seed=seed))
 
 
 @SETTINGS
 @given(height=sizes, width=sizes, op_type=st.sampled_from(["Mul", "Add"]), shared=st.booleans(),
-       constant=st.sampled_from([None, "scalar", "channel", "row", "full"]), tile=tiles, seed=seeds)
-def test_binary_property(height, width, op_type, shared, constant, tile, seed):
+       constant=st.sampled_from([None, "scalar", "channel", "row", "full"]), offset=offsets, seed=seeds)
+def test_binary_property(height, width, op_type, shared, constant, offset, seed):
     shape = (1, 3, height, width)
     rng = np.random.default_rng(seed)
     other = {
@@ -58,5 +58,5 @@ def test_binary_property(height, width, op_type, shared, constant, tile, seed):
         "row": rng.standard_normal((1, 1, height, 1)).astype(np.float32),
         "full": rng.standard_normal(shape).astype(np.float32),
     }[constant]
-    result = run_operator(op_type, {}, [shape, other], tile=tile, seed=seed, shared_changes=shared)
+    result = run_operator(op_type, {}, [shape, other], offset=offset, seed=seed, shared_changes=shared)
     assert_exact(result)

@@ -186,9 +186,15 @@ def test_compile_plan_and_run_it(model, profile, tmp_path):
     loaded = load_plan(path)
     lrn = next(n for n in loaded.data["nodes"] if n["name"] == "lrn")
     assert lrn["variant"] == ["dense"] * 3 and lrn["reason"] == ["no delta kernel for LRN"] * 3
+    from deluceva.planner.plan_file import MIN_GAIN
+
     for i, _ in enumerate(PERCENTAGES):
-        assert loaded.data["totals"]["plan_ms"][i] <= loaded.data["totals"]["all_dense_ms"][i] + 1e-9
-        assert loaded.data["totals"]["plan_ms"][i] <= loaded.data["totals"]["all_delta_ms"][i] + 1e-9
+        totals = {k: v[i] for k, v in loaded.data["totals"].items()}
+        assert totals["plan_ms"] <= totals["all_dense_ms"] + 1e-9
+        # Never predicted slower than all delta, but where all delta saves under MIN_GAIN: then
+        # the plan is all dense, within the cost model's error of it.
+        assert totals["plan_ms"] <= totals["all_delta_ms"] + 1e-9 or (
+            totals["plan_ms"] == totals["all_dense_ms"] and totals["all_delta_ms"] > (1 - MIN_GAIN) * totals["all_dense_ms"])
     assert loaded.index_for(0.8) == 2 and loaded.index_for(0.2) == 0
     session = loaded.session(model, percentage=0.0)
     frames = moving_frames(3)

@@ -171,12 +171,16 @@ def test_runner_references_and_plan_switch(tiny):
 
     model_path, clip = tiny
     model = load_model(str(model_path))
+    from deluceva.session import calibrate_sessions
+
     plans = PlanSet([Session(model, plan="dense"), Session(model, plan="delta")], [0.0, 0.2])
+    pre = Preprocessor.for_model(model.input_shape)
+    inputs = [pre(rgb) for rgb in open_video(clip)]
+    calibrate_sessions(plans.sessions, inputs[:4])  # as `deluceva run` does
     # p: frames 0-2 at 0, then 0.4 from frame 3 on (the controller's answer applies next frame).
     controller = _Steps([0.0, 0.0, 0.4])
     runner = VideoRunner(plans, controller, _rel_l2, reference_every=4, percentage=0.0)
-    pre = Preprocessor.for_model(model.input_shape)
-    results = [runner.step(pre(rgb)) for rgb in open_video(clip)]
+    results = [runner.step(frame) for frame in inputs]
     reference = [r.index for r in results if r.reference]
     # Every 4 frames, plus frame 5: plan 1's first delta frame is measured at once (a probe).
     assert reference == [0, 4, 5, 9]

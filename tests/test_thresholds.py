@@ -7,9 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deluceva.errors import DelucevaError
-from deluceva.operators import Delta, Grid
-from deluceva.runtime.boundaries import Filter
-from deluceva.runtime.thresholds import Thresholds
+from deluceva.operators import DeltaTensor, Layout
+from deluceva.runtime.boundaries import Entry
 from deluceva.session import Session
 
 
@@ -37,45 +36,42 @@ def _frames(count: int, seed: int = 1, noise: float = 0.01, step: float = 1.0):
     return frames
 
 
-def test_calibrated_quantiles_are_the_tile_change_magnitudes():
+def test_calibrated_quantiles_are_the_position_change_magnitudes():
     session = Session(_model(), plan="delta")
     frames = _frames(6)
     thresholds = session.calibrate(frames)
-    grid = Grid(2, 16, 16, 8)
     magnitudes = []
     for before, after in zip(frames, frames[1:]):
-        change = np.abs(after - before)[0].reshape(2, 2, 8, 2, 8).max(axis=(0, 2, 4))
-        magnitudes.extend(change.ravel())
-    assert "x" in thresholds and "y" in thresholds
-    assert grid.n_tiles == 4
+        magnitudes.extend(np.abs(after - before)[0].max(axis=0).ravel())  # largest over channels
+    assert set(thresholds.quantiles) == {"x"}  # y is only the model's output: never filtered
     for p in (0.25, 0.5, 0.9):
         expected = np.float32(np.interp(p, np.linspace(0, 1, 201), np.quantile(magnitudes, np.linspace(0, 1, 201))))
         assert thresholds.threshold("x", p) == pytest.approx(float(expected), rel=1e-6)
     assert thresholds.threshold("x", 0.0) == 0.0
-    values = [thresholds.threshold("y", p) for p in np.linspace(0, 0.99, 50)]
+    values = [thresholds.threshold("x", p) for p in np.linspace(0, 0.99, 50)]
     assert values == sorted(values)
 
 
 def test_calibrated_filter_holds_back_noise_and_passes_motion():
-    """After calibration, p = 0.5 sits between the noise and the moving square: noise tiles are
-    held back every frame, the square's tile passes; what is held back stays under the
-    thresholds; p = 0 stays exact."""
+    """After calibration, p = 0.9 sits between the noise and the moving square (6% of the
+    positions): the square's positions pass, noise is mostly held back; what is held back stays
+    under the threshold, and its effect on the output under the Conv's gain times it; p = 0
+    stays exact."""
     frames = _frames(12)
     model = _model()
     session = Session(model, plan="delta")
     thresholds = session.calibrate(frames[:6])
     session.run(frames[5])
-    outputs = session.run(frames[6], 0.5)
-    # Tiles are 8x8 on the 16x16 input: the square (rows 8-11, cols 4-7) lies in tile 2.
-    assert list(session.executor._last_deltas["x"].index) == [2]
-    assert 2 in session.executor._last_deltas["y"].index
-    # Held back: under x's threshold at the input; nothing at the output y, which only the
-    # model's output reads (holding it back would save no work). The Conv carries the input's
-    # part by at most the largest absolute row sum of its weights (ReLU adds none).
+    outputs = session.run(frames[6], 0.9)
+    passed = set(session.executor.tensors["x"].positions())
+    square = {y * 16 + x for y in range(8, 12) for x in range(4, 8)}
+    assert square <= passed and len(passed - square) < 0.15 * (256 - 16)
+    seen = session.executor.tensors["x"].dense()
+    assert 0 < np.abs(seen - frames[6]).max() <= thresholds.threshold("x", 0.9)
     assert "y" not in session.executor.filtered
     weight = numpy_helper.to_array(model.graph.initializer[0])
     gain = np.abs(weight).reshape(4, -1).sum(axis=1).max()
-    bound = gain * thresholds.threshold("x", 0.5)
+    bound = gain * thresholds.threshold("x", 0.9)
     exact = Session(_model(), plan="dense").run(frames[6])
     assert 0 < np.abs(outputs[0] - exact[0]).max() <= bound
     session.reset()
@@ -85,18 +81,18 @@ def test_calibrated_filter_holds_back_noise_and_passes_motion():
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_calibrated_threshold_is_fixed_and_a_quiet_frame_does_not_flush_pending():
-    grid = Grid(1, 8, 8, 4)
-    filter_ = Filter(grid)
-    filter_.threshold_at = lambda p: 1.0
-    small = Delta(grid, np.array([0, 3], np.int64), np.full((2, 1, 4, 4), 0.4, np.float32))
-    assert len(filter_(small, 0.5).index) == 0  # 0.4 < 1
-    assert len(filter_(Delta.empty(grid), 0.5).index) == 0  # nothing new: still held
-    out = filter_(small, 0.5)  # 0.8 < 1
-    assert len(out.index) == 0
-    out = filter_(small, 0.5)  # 1.2 > 1: both pass, with everything held back
-    assert list(out.index) == [0, 3]
-    np.testing.assert_allclose(out.values, 1.2, rtol=1e-6)
+def test_held_back_change_accumulates_until_it_passes_and_a_quiet_frame_does_not_flush_it():
+    tensor = DeltaTensor(Layout(1, 2, 2))
+    entry = Entry(tensor)
+    entry.load(np.zeros((1, 1, 2, 2), np.float32))
+    tensor.threshold[0] = 1.0
+    drift = np.zeros((1, 1, 2, 2), np.float32)
+    drift[0, 0, 0, 1] = 0.4
+    assert entry(drift) and tensor.count[0] == 0  # 0.4 < 1: held back
+    assert entry(drift) and tensor.count[0] == 0  # nothing new: still held
+    assert entry(2 * drift) and tensor.count[0] == 0  # 0.8 < 1
+    assert entry(3 * drift) and list(tensor.positions()) == [1]  # 1.2 > 1: passes, all of it
+    np.testing.assert_allclose(tensor.dense(), 3 * drift)
 
 
 def test_calibration_needs_two_frames():
@@ -104,14 +100,27 @@ def test_calibration_needs_two_frames():
         Session(_model(), plan="delta").calibrate(_frames(1))
 
 
+def test_running_above_zero_needs_calibration():
+    session = Session(_model(), plan="delta")
+    session.run(_frames(1)[0])
+    with pytest.raises(DelucevaError, match="calibrate"):
+        session.run(_frames(2)[1], 0.5)
+
+
 def test_thresholds_shared_between_sessions_of_one_model():
     frames = _frames(6)
     first = Session(_model(), plan="delta")
     thresholds = first.calibrate(frames)
     second = Session(_model(), plan={"relu": "delta"})
-    second.use_thresholds(thresholds)
-    assert all(b.threshold_at is not None for b in [*second.executor.filters.values(), *second.executor.to_delta.values()])
-    assert isinstance(thresholds, Thresholds)
+    # The first plan's thresholds do not cover what the second filters (the Conv's output c):
+    # refused, not silently unfiltered.
+    with pytest.raises(DelucevaError, match="do not cover 1 filtered tensor"):
+        second.use_thresholds(thresholds)
+    third = Session(_model(), plan="delta")
+    third.use_thresholds(thresholds)
+    third.run(frames[0])
+    third.run(frames[1], 0.7)
+    assert third.executor.tensors["x"].threshold[0] == np.float32(thresholds.threshold("x", 0.7)) > 0
 
 
 def test_calibrate_sessions_measures_only_the_tensors_some_plan_filters():
@@ -121,6 +130,11 @@ def test_calibrate_sessions_measures_only_the_tensors_some_plan_filters():
     dense = Session(_model(), plan="dense")
     assert calibrate_sessions([dense], frames).quantiles == {}  # nothing filtered: nothing measured
     delta = Session(_model(), plan={"relu": "delta"})
-    thresholds = calibrate_sessions([dense, delta], frames)
-    assert set(thresholds.quantiles) == delta.filtered_tensors() == {"c", "y"}
-    assert delta.executor.filters["y"].threshold_at is not None
+    full = Session(_model(), plan="delta")
+    thresholds = calibrate_sessions([dense, delta, full], frames)
+    assert set(thresholds.quantiles) == delta.filtered_tensors() | full.filtered_tensors() == {"c", "x"}
+    for session in (delta, full):
+        session.run(frames[0])
+        session.run(frames[1], 0.5)
+    assert delta.executor.tensors["c"].threshold[0] == np.float32(thresholds.threshold("c", 0.5)) > 0
+    assert full.executor.tensors["x"].threshold[0] == np.float32(thresholds.threshold("x", 0.5)) > 0

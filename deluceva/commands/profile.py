@@ -45,14 +45,12 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--percentages", type=percentage, nargs="+", metavar="P",
                         help="filtering percentages to measure at (default: 0 0.5 0.8 0.9 0.95 0.98 0.99)")
     parser.add_argument("--preset", help="preprocessing preset: yolox, yunet, mtcnn (default: generic)")
-    parser.add_argument("--tile", type=positive_int, default=None, help="tile edge at input resolution (default: 8)")
     parser.add_argument("-o", "--output", metavar="PROFILE.json",
                         help="where to write the profile (default: beside the model, MODEL.profile.json)")
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from deluceva.planner.mark_delta_support import DEFAULT_TILE
     from deluceva.profiles import DEFAULT_PERCENTAGES, measure_profile
 
     output = Path(args.output) if args.output else default_profile_path(args.model)
@@ -64,8 +62,7 @@ def run(args) -> int:
         raise DelucevaError(f"--start {args.start} must not be negative")
     model, inputs = calibration_inputs(args.model, args.video, args.frames, args.preset, args.start)
     profile = measure_profile(model, inputs, threads=args.threads,
-                              percentages=args.percentages or DEFAULT_PERCENTAGES,
-                              tile=args.tile or DEFAULT_TILE)
+                              percentages=args.percentages or DEFAULT_PERCENTAGES)
     profile.save(output)
     v = profile.validation
     print(f"profile: {output} ({len(profile.nodes)} nodes, {len(inputs)} frames, "

@@ -1,9 +1,9 @@
 """Delta variants of ONNX operators, one module per operator family, registered by op type."""
 
 from deluceva.operators._common import (
-    Delta,
     DeltaOperator,
-    Grid,
+    DeltaTensor,
+    Layout,
     OpSpec,
     UnsupportedOperator,
     delta_support,
@@ -13,12 +13,12 @@ from deluceva.operators._common import (
 )
 
 # Importing a module registers its operators.
-from deluceva.operators import binary, concat, conv, layout, pool, resize, softmax, unary  # noqa: F401,E402
+from deluceva.operators import concat, conv, elementwise, pool, rearrange  # noqa: F401,E402
 
 __all__ = [
-    "Delta",
     "DeltaOperator",
-    "Grid",
+    "DeltaTensor",
+    "Layout",
     "OpSpec",
     "UnsupportedOperator",
     "delta_support",

@@ -1,29 +1,74 @@
-"""Delta MaxPool, AveragePool and GlobalAveragePool.
-
-MaxPool keeps its input in a -inf padded buffer and recomputes the output tiles whose window saw a
-change (one onnxruntime call on the gathered patches), minus the cached old output. AveragePool is
-linear: the windowed sum of the change, divided by each position's window count.
-"""
+"""Delta MaxPool and AveragePool (2-D): recompute the windows that read a changed position."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+import numba
 import numpy as np
 
-from deluceva.operators._common import (
-    Delta, DeltaOperator, OpSpec, TiledBuffer, affected_tiles, register, resolve_pads, take_tiles, window_ranges,
-)
-from deluceva.operators._ort import single_node_session
+from deluceva.operators._common import DeltaOperator, DeltaTensor, OpSpec, register, resolve_pads
+from deluceva.operators._kernels import collect_marked, emit_rows, mark_window
+from deluceva.operators.elementwise import chunk_rows
 
-__all__ = ["DeltaPool", "DeltaGlobalAveragePool"]
+__all__ = ["DeltaPool"]
 
 
-def _counts(size: int, out: int, k: int, s: int, d: int, begin: int, end: int, include_pad: bool) -> np.ndarray:
-    """Per output index along one axis, how many window taps the average divides by."""
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def pool_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value, out_offset, out_width, out_changed,
+              out_count, threshold, geometry, is_max, divisor_h, divisor_w, mark, found, rows, scratch) -> None:
+    """Recompute max or average over each window that read a change, and emit.
+
+    An average divides output (oy, ox) by divisor_h[oy] * divisor_w[ox].
+    """
+    kh, kw, sh, sw, dh, dw, top, left = (geometry[0], geometry[1], geometry[2], geometry[3],
+                                         geometry[4], geometry[5], geometry[6], geometry[7])
+    n = mark_window(in_changed, in_count[0], in_width, geometry, (out_value.shape[0] - 1) // out_width, out_width,
+                    mark, found)
+    collect_marked(mark, found, n)
+    channels = np.uint64(rows.shape[1])
+    base = np.uint64(x_offset)
+    chunk = rows.shape[0]
+    acc = np.empty(rows.shape[1], np.float32)  # local: see `deluceva.operators._kernels`
+    emitted = 0
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        for j in range(size):
+            q = found[start + j]
+            oy = q // out_width
+            ox = q - oy * out_width
+            acc[:] = -np.inf if is_max else 0.0
+            for ky in range(kh):
+                iy = oy * sh - top + ky * dh
+                if iy < 0 or iy >= in_height:
+                    continue
+                for kx in range(kw):
+                    ix = ox * sw - left + kx * dw
+                    if ix < 0 or ix >= in_width:
+                        continue
+                    p = iy * in_width + ix
+                    if is_max:
+                        for c in range(channels):
+                            acc[c] = max(acc[c], x[p, base + c])
+                    else:
+                        for c in range(channels):
+                            acc[c] += x[p, base + c]
+            if is_max:
+                for c in range(channels):
+                    rows[j, c] = acc[c]
+            else:
+                divisor = np.float32(divisor_h[oy] * divisor_w[ox])
+                for c in range(channels):
+                    rows[j, c] = acc[c] / divisor
+        emitted = emit_rows(rows, found, start, size, out_value, out_offset, threshold[0], out_changed, emitted,
+                            scratch)
+    out_count[0] = emitted
+
+
+def _divisors(size: int, out: int, k: int, s: int, d: int, begin: int, end: int, include_pad: bool) -> np.ndarray:
+    """Per output index along one axis, how many window taps an average divides by: those inside
+    the input, or with `include_pad` inside the padded input (as onnxruntime counts)."""
     taps = np.arange(out)[:, None] * s - begin + np.arange(k)[None, :] * d
     low, high = (-begin, size + end) if include_pad else (0, size)
-    return ((taps >= low) & (taps < high)).sum(axis=1)
+    return ((taps >= low) & (taps < high)).sum(axis=1).astype(np.int64)
 
 
 @register("MaxPool", "AveragePool")
@@ -36,87 +81,31 @@ class DeltaPool(DeltaOperator):
             return "only 2-D pooling has a delta kernel"
         if spec.op_type == "AveragePool" and any(d != 1 for d in spec.attrs.get("dilations", [1, 1])):
             return "AveragePool with dilations has no delta kernel"
+        if int(spec.attrs.get("storage_order", 0)) != 0:
+            return "MaxPool with storage_order has no delta kernel"
         return None
 
-    def __init__(self, spec: OpSpec):
-        super().__init__(spec)
+    def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor]):
+        super().__init__(spec, inputs, outputs)
         a = spec.attrs
-        self.in_grid, self.out_grid = gi, go = spec.input_grids[0], spec.output_grids[0]
-        kernel = tuple(a["kernel_shape"])
-        strides = tuple(a.get("strides", [1, 1]))
-        dilations = tuple(a.get("dilations", [1, 1]))
-        top, left, bottom, right = resolve_pads(a, (gi.height, gi.width), kernel, strides, dilations)
-        to, ti = go.tile, gi.tile
-        patch = tuple((to - 1) * s + (k - 1) * d + 1 for k, s, d in zip(kernel, strides, dilations))
-        need = [(n - 1) * to * s + p for n, s, p in zip((go.tiles_h, go.tiles_w), strides, patch)]
-        extra_h = max(0, need[0] - top - gi.tiles_h * ti)
-        extra_w = max(0, need[1] - left - gi.tiles_w * ti)
-        self.is_max = spec.op_type == "MaxPool"
-        # MaxPool ignores padding and ceil-mode overhang: -inf there never wins a max.
-        self.buffer = TiledBuffer(gi, (top, left, extra_h, extra_w), -np.inf if self.is_max else 0.0)
-        self.windows = self.buffer.windows(go, strides, patch)
-        # Past this many output tiles, pooling the whole buffer reads less than the patches do.
-        self.dense_from = self.buffer.data[0].size // (patch[0] * patch[1])
-        self.rows = window_ranges(go.tiles_h, to, strides[0], top, patch[0], ti, gi.tiles_h)
-        self.cols = window_ranges(go.tiles_w, to, strides[1], left, patch[1], ti, gi.tiles_w)
-        attrs = {"kernel_shape": list(kernel), "strides": list(strides)}
-        if self.is_max:
-            attrs["dilations"] = list(dilations)
-        else:
-            # The session sums (mean of k taps times k); `scale` turns sums into ONNX's averages.
-            attrs["count_include_pad"] = 1
-            include = bool(a.get("count_include_pad", 0))
-            rows = _counts(gi.height, go.height, kernel[0], strides[0], 1, top, bottom, include)
-            cols = _counts(gi.width, go.width, kernel[1], strides[1], 1, left, right, include)
-            scale = (kernel[0] * kernel[1]) / np.maximum(rows[:, None] * cols[None, :], 1)
-            self.scale = replace(go, channels=1).tile_dense(scale.astype(np.float32))
-        self.session = single_node_session(spec.op_type, [], attrs, gi.channels, spec.threads)
-        self.cache: np.ndarray | None = None
-
-    def reset(self, inputs, outputs) -> None:
-        if self.is_max:
-            self.buffer.load(inputs[0])
-            self.cache = self.out_grid.tile_dense(outputs[0])
-
-    def step(self, deltas: list[Delta | None]) -> list[Delta]:
-        change = deltas[0]
-        go = self.out_grid
-        if len(change.index) == 0:
-            return [Delta.empty(go)]
-        if self.is_max:
-            self.buffer.add(change.index, change.values)
-        else:
-            self.buffer.assign(change.index, change.values)
-        index = affected_tiles(change.mask(), self.rows, self.cols)
-        oy, ox = np.divmod(index, go.tiles_w)
-        if len(index) > self.dense_from:
-            result = take_tiles(self.session(self.buffer.data[None])[0], go, index)
-        else:
-            result = self.session(self.windows[oy, ox])
-        if self.is_max:
-            # Phantom outputs may be -inf (all-padding windows): zero them before subtracting.
-            new = go.zero_phantom(index, result)
-            out = new - self.cache[index]
-            self.cache[index] = new
-        else:
-            self.buffer.assign(change.index, 0.0)
-            out = result * self.scale[index]
-        return [Delta(go, index, out)]
-
-
-@register("GlobalAveragePool")
-class DeltaGlobalAveragePool(DeltaOperator):
-    def __init__(self, spec: OpSpec):
-        super().__init__(spec)
-        g = spec.input_grids[0]
-        self.area = g.height * g.width
-        self.out_grid = spec.output_grids[0]
-
-    def step(self, deltas: list[Delta | None]) -> list[Delta]:
-        change = deltas[0]
-        if len(change.index) == 0:
-            return [Delta.empty(self.out_grid)]
-        t = self.out_grid.tile
-        out = np.zeros((1, self.out_grid.channels, t, t), np.float32)
-        out[0, :, 0, 0] = change.values.sum(axis=(0, 2, 3), dtype=np.float64) / self.area
-        return [Delta(self.out_grid, np.zeros(1, np.int64), out)]
+        x, out = inputs[0], outputs[0]
+        kernel = tuple(int(k) for k in a["kernel_shape"])
+        strides = tuple(int(s) for s in a.get("strides", [1, 1]))
+        dilations = tuple(int(d) for d in a.get("dilations", [1, 1]))
+        top, left, bottom, right = resolve_pads(a, (x.layout.height, x.layout.width), kernel, strides, dilations)
+        geometry = np.array([*kernel, *strides, *dilations, top, left], np.int64)
+        positions = out.layout.positions
+        channels = out.layout.channels
+        include_pad = bool(int(a.get("count_include_pad", 0)))
+        divisor_h = _divisors(x.layout.height, out.layout.height, kernel[0], strides[0], dilations[0], top, bottom,
+                              include_pad)
+        divisor_w = _divisors(x.layout.width, out.layout.width, kernel[1], strides[1], dilations[1], left, right,
+                              include_pad)
+        self.calls = [(pool_step, (
+            x.storage, x.offset, x.layout.height, x.layout.width, x.changed, x.count,
+            out.storage, out.offset, out.layout.width, out.changed, out.count, out.threshold,
+            geometry, spec.op_type == "MaxPool", divisor_h, divisor_w,
+            np.zeros(positions, np.uint8), np.zeros(positions, np.int64),
+            np.zeros((chunk_rows(4 * channels), channels), np.float32),
+            np.zeros(chunk_rows(4 * channels) * channels, np.int32),
+        ))]

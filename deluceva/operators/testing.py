@@ -1,8 +1,8 @@
 """Run one delta operator standalone, without a graph, against onnxruntime on a single-node model.
 
-Used by the per-operator tests and usable by the profiler: `run_operator` builds the node's
-OpSpec, resets the operator from dense onnxruntime values on frame 0, then feeds it the changes of
-a frame sequence (ToDelta at p = 0) and accumulates its outputs (ToDense).
+Used by the per-operator tests: `run_operator` builds the node's OpSpec and delta tensors, loads
+them from dense onnxruntime values on frame 0, then feeds the operator the changes of a frame
+sequence (at p = 0) and compares its outputs' seen values with onnxruntime's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from deluceva.operators._common import Grid, OpSpec, delta_support, get_operator, tile_size_for
+from deluceva.operators._common import DeltaTensor, Layout, OpSpec, delta_support, get_operator
 from deluceva.operators._ort import session_options
 
 __all__ = ["OperatorRun", "single_node_model", "make_spec", "sparse_frames", "run_operator", "relative_error"]
@@ -41,28 +41,20 @@ def single_node_model(op_type: str, inputs: list, attrs: dict, n_outputs: int = 
     return model
 
 
-def make_spec(op_type: str, attrs: dict, inputs: list, output_shapes: list, tile: int,
-              out_tiles: list[int] | None = None, opset: int = 17) -> OpSpec:
-    """The OpSpec of a single node; tiles scale with each tensor's size as in the planner."""
-    varying = [item for item in inputs if isinstance(item, tuple)]
-    reference = varying[0][2:] if varying else output_shapes[0][2:]
+def make_spec(op_type: str, attrs: dict, inputs: list, output_shapes: list, opset: int = 17) -> OpSpec:
+    """The OpSpec of a single node; `inputs` as in `single_node_model`."""
 
-    def grid(shape, explicit=None):
-        if shape is None or len(shape) != 4:
-            return None
-        t = explicit or tile_size_for(shape[2], shape[3], reference, tile)
-        return Grid(shape[1], shape[2], shape[3], t)
+    def layout(shape):
+        return None if shape is None or len(shape) != 4 else Layout(*shape[1:])
 
     constants = {i: np.asarray(item) for i, item in enumerate(inputs) if item is not None and not isinstance(item, tuple)}
     shapes = [tuple(item) if isinstance(item, tuple) else (None if item is None else tuple(np.shape(item))) for item in inputs]
-    out_tiles = out_tiles or [None] * len(output_shapes)
-    spec = OpSpec(
+    return OpSpec(
         name=op_type, op_type=op_type, attrs=dict(attrs), input_shapes=shapes,
         output_shapes=[tuple(s) for s in output_shapes], constants=constants,
-        input_grids=[grid(s) if isinstance(item, tuple) else None for s, item in zip(shapes, inputs)],
-        output_grids=[grid(s, t) for s, t in zip(output_shapes, out_tiles)], opset=opset,
+        input_layouts=[layout(s) if isinstance(item, tuple) else None for s, item in zip(shapes, inputs)],
+        output_layouts=[layout(s) for s in output_shapes], opset=opset,
     )
-    return spec
 
 
 def sparse_frames(shape: tuple, frames: int, rng: np.random.Generator, rectangles: int = 3,
@@ -99,17 +91,18 @@ class OperatorRun:
     reason: str | None = None
 
 
-def run_operator(op_type: str, attrs: dict, inputs: list, tile: int = 4, frames: int = 6, seed: int = 0,
-                 n_outputs: int = 1, opset: int = 17, out_tiles: list[int] | None = None,
-                 shared_changes: bool = False, values: list | None = None, positive: bool = False) -> OperatorRun:
+def run_operator(op_type: str, attrs: dict, inputs: list, frames: int = 6, seed: int = 0,
+                 n_outputs: int = 1, opset: int = 17, shared_changes: bool = False, values: list | None = None,
+                 positive: bool = False, offset: int = 0) -> OperatorRun:
     """Delta vs onnxruntime over a sparse-change frame sequence; see the module docstring.
 
     `inputs` as in `single_node_model`. `shared_changes`: all varying inputs of the same shape
     change at the same places (like x and sigmoid(x)). `values`: explicit frame sequences, one
     list per varying input, instead of random ones. `positive`: keep inputs in [0.5, inf)
-    (divisors away from zero).
+    (divisors away from zero). `offset`: each tensor lives at this column of a wider storage
+    whose other columns hold noise (as a Concat's inputs do), which the operator must not touch.
     """
-    from deluceva.runtime.boundaries import ToDelta, ToDense
+    from deluceva.runtime.boundaries import Entry
 
     rng = np.random.default_rng(seed)
     model = single_node_model(op_type, inputs, attrs, n_outputs, opset)
@@ -126,35 +119,37 @@ def run_operator(op_type: str, attrs: dict, inputs: list, tile: int = 4, frames:
         if positive:
             values = [[np.abs(v) + np.float32(0.5) for v in seq] for seq in values]
     dense = [session.run(None, {f"x{i}": seq[f] for i, seq in zip(varying, values)}) for f in range(frames)]
-    spec = make_spec(op_type, attrs, inputs, [o.shape for o in dense[0]], tile, out_tiles, opset)
+    spec = make_spec(op_type, attrs, inputs, [o.shape for o in dense[0]], opset)
     result = OperatorRun(reason=delta_support(spec))
     if result.reason is not None:
         return result
-    operator = get_operator(op_type)(spec)
-    frame0 = [None] * len(inputs)
+    sources = [DeltaTensor(spec.input_layouts[i]) if i in varying else None for i in range(len(inputs))]
+    sinks = [DeltaTensor(layout) for layout in spec.output_layouts]
+    if offset:
+        for tensor in [*(s for s in sources if s is not None), *sinks]:
+            g = tensor.layout
+            storage = rng.standard_normal((g.positions + 1, offset + g.channels + 2)).astype(np.float32)
+            storage[-1] = 0.0  # the zero row
+            tensor.share_storage(storage, offset)
+    noise = [s.storage.copy() for s in sinks]
+    operator = get_operator(op_type)(spec, sources, sinks)
+    entries = {i: Entry(sources[i]) for i in varying}
     for i, seq in zip(varying, values):
-        frame0[i] = seq[0]
-    operator.reset(frame0, dense[0])
-    to_delta = {i: ToDelta(spec.input_grids[i]) for i in varying}
-    for i, seq in zip(varying, values):
-        to_delta[i].reset(seq[0])
-    to_dense = [ToDense(g) for g in spec.output_grids]
-    for sink, value in zip(to_dense, dense[0]):
-        sink.reset(value)
+        entries[i].load(seq[0])
+    for sink, value in zip(sinks, dense[0]):
+        sink.load(value)
     for f in range(1, frames):
-        deltas = [None] * len(inputs)
         for i, seq in zip(varying, values):
-            deltas[i] = to_delta[i](seq[f], 0.0)
-        outs = operator.step(deltas)
-        assert len(outs) == len(to_dense)
-        for sink, change, expected in zip(to_dense, outs, dense[f]):
-            assert change.grid == sink.grid, (change.grid, sink.grid)
-            assert change.values.shape == (len(change.index), *change.values.shape[1:])
-            assert np.all(np.diff(change.index) > 0), "output tile indices must ascend"
-            assert np.isfinite(change.values).all(), "non-finite output change"
-            phantom = ~sink.grid.phantom_mask()[change.index]
-            assert not np.any(np.where(phantom, change.values, 0)), "phantom positions must stay zero"
-            sink.apply(change)
-            result.errors.append(relative_error(sink.value(), expected))
-            result.densities.append(change.density)
+            assert entries[i](seq[f])
+        operator.run()
+        for sink, expected, before in zip(sinks, dense[f], noise):
+            outside = np.ones(sink.storage.shape[1], bool)
+            outside[sink.offset: sink.offset + sink.layout.channels] = False
+            assert np.array_equal(sink.storage[:, outside], before[:, outside]), "wrote outside its columns"
+            assert not sink.storage[-1].any(), "the zero row must stay zero"
+            changed = sink.positions()
+            assert np.all(np.diff(changed) > 0), "changed positions must ascend"
+            assert np.isfinite(sink.value).all(), "non-finite output"
+            result.errors.append(relative_error(sink.dense(), expected))
+            result.densities.append(sink.density)
     return result

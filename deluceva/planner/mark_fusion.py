@@ -1,7 +1,7 @@
 """Find each Conv's elementwise epilogue, which can run with it as one fused delta step.
 
 A group is a delta-capable Conv plus the elementwise nodes (activations, SiLU's Mul, ...) that
-read only the Conv's output, each other's outputs and spatially uniform constants, such that
+read only the Conv's output, each other's outputs and constants, such that
 exactly one tensor of the group leaves it. YOLOX's Conv -> Sigmoid -> Mul and P-Net's
 Conv -> PRelu are such groups.
 
@@ -14,24 +14,15 @@ all run delta as one step.
 from __future__ import annotations
 
 import networkx as nx
-import numpy as np
 
-from deluceva.operators.fused import EPILOGUE_OP_TYPES
+from deluceva.operators.program import ELEMENTWISE_OP_TYPES
 from deluceva.planner.choose_variants import tensor_users
 
 __all__ = ["mark_fusion"]
 
 
-def _uniform_constant(value) -> bool:
-    """True when a constant broadcasts over a (N, C, t, t) patch as over the whole tensor."""
-    shape = np.shape(value)
-    if len(shape) < 2:
-        return int(np.prod(shape)) == 1
-    return shape[-1] == 1 and shape[-2] == 1
-
-
 def _absorbable(data, conv_shape, inside: set[str], constants) -> bool:
-    if data["op_type"] not in EPILOGUE_OP_TYPES or data["delta_reason"] is not None:
+    if data["op_type"] not in ELEMENTWISE_OP_TYPES or data["delta_reason"] is not None:
         return False
     if data["domain"] not in ("", "ai.onnx") or len(data["outputs"]) != 1:
         return False
@@ -40,10 +31,7 @@ def _absorbable(data, conv_shape, inside: set[str], constants) -> bool:
     for tensor in data["inputs"]:
         if not tensor:
             continue
-        if tensor in constants:
-            if not _uniform_constant(constants[tensor]):
-                return False
-        elif tensor not in inside:
+        if tensor not in constants and tensor not in inside:
             return False
     return True
 

@@ -11,7 +11,7 @@ from deluceva.planner.attach_flops import attach_flops
 from deluceva.planner.infer_shapes import infer_shapes
 from deluceva.planner.lift_onnx import lift_onnx
 from deluceva.planner.load_model import Model
-from deluceva.planner.mark_delta_support import DEFAULT_TILE, mark_delta_support
+from deluceva.planner.mark_delta_support import mark_delta_support
 from deluceva.planner.mark_fusion import mark_fusion
 from deluceva.planner.partition_dense import partition_dense
 from deluceva.planner.physical import PhysicalPlan
@@ -22,13 +22,11 @@ __all__ = ["build_dag", "build_plan", "LOGICAL_PASSES"]
 LOGICAL_PASSES = [infer_shapes, attach_flops, mark_delta_support, mark_fusion]
 
 
-def build_dag(model: Model, base_tile: int = DEFAULT_TILE, threads: int = 1) -> nx.DiGraph:
+def build_dag(model: Model) -> nx.DiGraph:
     """The logical DAG of `model`, annotated with shapes, FLOPs, delta support and fusable groups."""
     graph = lift_onnx(model)
-    infer_shapes(graph)
-    attach_flops(graph)
-    mark_delta_support(graph, base_tile=base_tile, threads=threads)
-    mark_fusion(graph)
+    for annotate in LOGICAL_PASSES:
+        annotate(graph)
     return graph
 
 

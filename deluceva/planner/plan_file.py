@@ -1,12 +1,12 @@
 """Compiled plans: per node and filtering percentage, dense or delta, with costs and reasons; as JSON.
 
-Format (schema version 1), lists per node aligned with "percentages":
+Format (schema version 2), lists per node aligned with "percentages":
 
     {
       "format": "deluceva-plan", "schema_version": 1,
       "model": {"path": str, "sha256": str, "input_shape": [1, C, H, W]},
       "profile": {"path": str, "machine": {...}, "created": str},
-      "tile": int, "threads": int, "percentages": [..],
+      "threads": int, "percentages": [..],
       "nodes": [{"name", "op_type", "output_shape", "delta_reason", "dense_ms",
                  "variant": [..], "delta_ms": [..|null], "density": [..|null],
                  "predicted_ms": [..], "reason": [..]}],
@@ -34,7 +34,7 @@ from deluceva.planner.pipeline import build_dag
 __all__ = ["PlanFile", "compile_plan", "load_plan", "check_machine", "plans_for_run", "FORMAT", "SCHEMA_VERSION"]
 
 FORMAT = "deluceva-plan"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # A mixed plan must be predicted to save this share of the all-dense time, or the plan is all
 # dense. The cost model's whole-frame error on held-out frames is tens of percent (see the
 # profile's `validation`), so a smaller predicted gain is noise and could make p = 0 slower
@@ -56,10 +56,6 @@ class PlanFile:
     @property
     def percentages(self) -> list[float]:
         return list(self.data["percentages"])
-
-    @property
-    def tile(self) -> int:
-        return int(self.data["tile"])
 
     @property
     def threads(self) -> int:
@@ -95,8 +91,7 @@ class PlanFile:
         if not isinstance(model, Model):
             model = load_model(model, tuple(self.data["model"]["input_shape"]))
         self.check_model(model)
-        return Session(model, plan=self.variants_for(percentage), tile=self.tile,
-                       threads=self.threads if threads is None else threads)
+        return Session(model, plan=self.variants_for(percentage), threads=self.threads if threads is None else threads)
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -151,9 +146,8 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
             raise DelucevaError(f"percentage {p} is outside [0, 1)")
     if not percentages:
         raise DelucevaError("no percentage to compile for")
-    tile = int(profile.settings.get("tile", 8))
     threads = int(profile.machine.get("threads", 1))
-    graph = build_dag(model, base_tile=tile, threads=threads)
+    graph = build_dag(model)
     costs = CostModel(profile)
     nodes = {name: {"name": name, "op_type": d["op_type"],
                     "output_shape": list(d["output_shapes"][0]) if d["output_shapes"] and d["output_shapes"][0] else None,
@@ -182,7 +176,7 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
         "format": FORMAT, "schema_version": SCHEMA_VERSION,
         "model": {"path": str(model.path), "sha256": model.sha256, "input_shape": list(model.input_shape)},
         "profile": {"path": profile.path, "machine": profile.machine, "created": profile.created},
-        "tile": tile, "threads": threads, "percentages": percentages,
+        "threads": threads, "percentages": percentages,
         "nodes": list(nodes.values()),
         "edges": [[u, v] for u, v in graph.edges],
         "totals": totals,
@@ -206,7 +200,7 @@ def load_plan(path: str | os.PathLike) -> PlanFile:
         n = len(percentages)
         assert n and all(isinstance(p, (int, float)) and 0 <= p < 1 for p in percentages)
         assert isinstance(data["model"]["sha256"], str) and len(data["model"]["input_shape"]) == 4
-        int(data["tile"]), int(data["threads"])
+        int(data["threads"])
         for node in data["nodes"]:
             assert isinstance(node["name"], str) and isinstance(node["op_type"], str)
             assert all(len(node[k]) == n for k in ("variant", "delta_ms", "density", "predicted_ms", "reason"))

@@ -10,8 +10,9 @@ What is measured, and how:
   exclude the conversions at a step's edges (the executor times those on their own). A fused
   step (a Conv and its epilogue) counts against its Conv; its epilogue nodes get 0 ms, and the
   planner keeps a group's nodes on one variant.
-- conversion cost per tensor: `ToDelta` and `ToDense` timed on each 1xCxHxW tensor's real change
-  between consecutive frames, at each percentage, whether or not the all-delta plan converts it.
+- conversion cost per tensor: turning its dense value into a change (`to_delta_step`) and keeping
+  its dense mirror (`mirror_step`), timed on each 1xCxHxW tensor's real change between
+  consecutive frames, at each percentage, whether or not the all-delta plan converts it.
 Filters use thresholds calibrated on the fit frames (`deluceva.runtime.thresholds`), as `run` does.
 The last quarter of the frames is held out: measured there, never fitted, to validate the cost
 model (see `deluceva.profiles.cost_model.validate`).
@@ -31,14 +32,14 @@ from deluceva.errors import DelucevaError
 from deluceva.operators._ort import session_options
 from deluceva.planner import Model, load_model
 from deluceva.planner.assign_variants import assign_variants
-from deluceva.planner.mark_delta_support import DEFAULT_TILE, tensor_grid
+from deluceva.operators import DeltaTensor
 from deluceva.planner.partition_dense import partition_dense
 from deluceva.planner.physical import DenseSegment, PhysicalPlan
 from deluceva.planner.pipeline import build_dag
 from deluceva.profiles.profile import DEFAULT_PERCENTAGES, Profile, machine_fingerprint
-from deluceva.runtime.boundaries import ToDelta, ToDense
+from deluceva.runtime.boundaries import Entry, mirror_step
 from deluceva.runtime.executor import Executor, _session
-from deluceva.runtime.thresholds import Thresholds, tensor_values
+from deluceva.runtime.thresholds import Thresholds, tensor_layouts, tensor_values
 
 __all__ = ["measure_profile", "session_call_overhead", "DENSE_METHOD"]
 
@@ -96,7 +97,6 @@ def measure_profile(
     frames: Iterable[np.ndarray],
     threads: int = 1,
     percentages: Iterable[float] = DEFAULT_PERCENTAGES,
-    tile: int = DEFAULT_TILE,
     dense_frames: int = 10,
     conversion_pairs: int = 3,
     holdout: float = 0.25,
@@ -132,12 +132,8 @@ def measure_profile(
     dense_frames = max(1, min(dense_frames, len(inputs)))
     conversion_pairs = max(1, min(conversion_pairs, len(fit) - 1))
 
-    graph = build_dag(model, base_tile=tile, threads=threads)
-    grids = {}
-    for tensor in [model.input_name] + [t for _, d in graph.nodes(data=True) for t in d["outputs"] if t]:
-        grid = tensor_grid(graph, tensor, tile)
-        if grid is not None:
-            grids[tensor] = grid
+    graph = build_dag(model)
+    grids = tensor_layouts(graph)
     delta_nodes = [n for n, d in graph.nodes(data=True) if d["delta_reason"] is None]
     total = (dense_frames * 2 + len(percentages) * (len(fit) - 1 + max(0, len(heldout) - 1))
              + len(grids) * len(percentages))
@@ -184,7 +180,7 @@ def measure_profile(
     profile = Profile(
         model={"path": str(model.path), "sha256": model.sha256, "input_shape": list(model.input_shape)},
         machine=machine_fingerprint(threads),
-        settings={"tile": tile, "frames": len(inputs), "fit_frames": len(fit), "holdout_frames": held,
+        settings={"frames": len(inputs), "fit_frames": len(fit), "holdout_frames": held,
                   "dense_frames": dense_frames, "conversion_pairs": conversion_pairs,
                   "dense_method": DENSE_METHOD, "delta_nodes": len(delta_nodes)},
         percentages=percentages,
@@ -257,16 +253,17 @@ def _measure_delta(model, graph, fit, heldout, percentages, threads, thresholds,
         for frame in fit[1:]:
             executor.step_times.clear()
             executor.run(frame, p)
+            frame_densities = executor.densities
             for n in delta_nodes:
                 spec = graph.nodes[n]["spec"]
-                ins = [executor.densities[t] for i, t in enumerate(graph.nodes[n]["inputs"])
-                       if t and i not in spec.constants and t in executor.densities]
+                ins = [frame_densities[t] for i, t in enumerate(graph.nodes[n]["inputs"])
+                       if t and i not in spec.constants and t in frame_densities]
                 samples[n]["density"][-1].append(max(ins) if ins else 0.0)
                 samples[n]["ms"][-1].append(executor.step_times[f"delta[{n}]"][0] * 1e3)
             for member, head in fused.items():
                 samples[member]["density"][-1].append(samples[head]["density"][-1][-1])
                 samples[member]["ms"][-1].append(0.0)
-            for t, d in executor.densities.items():
+            for t, d in frame_densities.items():
                 seen.setdefault(t, []).append(d)
             bar.update(1)
         densities.append({t: float(np.mean(v)) for t, v in seen.items()})
@@ -283,30 +280,28 @@ def _measure_delta(model, graph, fit, heldout, percentages, threads, thresholds,
     return {"samples": samples, "density": densities, "heldout": heldout_ms}
 
 
-def _measure_conversions(model, grids, frames, percentages, thresholds, bar):
-    """Per tensor and percentage: ms of ToDelta, of ToDense (apply + read), and the density."""
-    values = list(tensor_values(model, frames, grids))
+def _measure_conversions(model, layouts, frames, percentages, thresholds, bar):
+    """Per tensor and percentage: ms of turning its dense value into a change, of mirroring the
+    change back into a dense copy, and the density of that change."""
+    values = list(tensor_values(model, frames, layouts))
     result = {}
-    for tensor, grid in grids.items():
+    for tensor, layout in layouts.items():
         to_delta_ms, to_dense_ms, density = [], [], []
+        state = DeltaTensor(layout)
+        entry = Entry(state)
+        mirror = np.zeros((layout.channels, layout.positions), np.float32)
         for p in percentages:
             a, b, d = [], [], []
+            state.threshold[0] = thresholds.threshold(tensor, p) if p > 0 else 0.0
             for before, after in zip(values, values[1:]):
-                if tensor not in before:
-                    continue
-                into = ToDelta(grid)
-                into.threshold_at = thresholds.for_tensor(tensor)
-                into.reset(before[tensor])
+                entry.load(before[tensor])
                 start = time.perf_counter()
-                change = into(after[tensor], p)
+                entry(after[tensor])
                 a.append(time.perf_counter() - start)
-                back = ToDense(grid)
-                back.reset(before[tensor])
                 start = time.perf_counter()
-                back.apply(change)
-                back.value()
+                mirror_step(state.storage, state.offset, state.changed, state.count, mirror)
                 b.append(time.perf_counter() - start)
-                d.append(change.density)
+                d.append(state.density)
             to_delta_ms.append(float(np.mean(a)) * 1e3 if a else 0.0)
             to_dense_ms.append(float(np.mean(b)) * 1e3 if b else 0.0)
             density.append(float(np.mean(d)) if d else 1.0)

@@ -1,12 +1,12 @@
 """The profile file: what `deluceva profile` measured for one model on one machine, as JSON.
 
-Format (schema version 1), all times in milliseconds per frame, lists aligned with `percentages`:
+Format (schema version 2), all times in milliseconds per frame, lists aligned with `percentages`:
 
     {
       "format": "deluceva-profile", "schema_version": 1, "created": "2024-...Z",
       "model": {"path": str, "sha256": str, "input_shape": [1, C, H, W]},
       "machine": {"cpu_model", "cores", "threads", "onnxruntime", "numpy", "deluceva", "platform"},
-      "settings": {"tile": int, "frames": int, "fit_frames": int, "holdout_frames": int,
+      "settings": {"frames": int, "fit_frames": int, "holdout_frames": int,
                    "dense_method": str},
       "percentages": [0.0, 0.5, ...],
       "dense_model_ms": float,       # whole model in one onnxruntime session (the baseline)
@@ -21,7 +21,7 @@ Format (schema version 1), all times in milliseconds per frame, lists aligned wi
       "validation": {...}            # the cost model against held-out frames (see cost_model)
     }
 
-Densities are shares of changed tiles. A node's delta time excludes the conversions at its
+Densities are shares of changed positions. A node's delta time excludes the conversions at its
 edges, which are per tensor in "tensors".
 """
 
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 FORMAT = "deluceva-profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_PERCENTAGES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 # A profile measured where any of these differ describes another machine.
 MACHINE_KEYS = ("cpu_model", "cores", "threads", "onnxruntime", "numpy")

@@ -1,15 +1,21 @@
 """The executor: a small interpreter over the physical plan, one frame at a time.
 
-A keyframe (the first frame, after `reset`, or when asked) runs the whole model in onnxruntime,
-returns its outputs exactly and refreshes every cache. Any other frame runs the plan's steps in
-order: dense segments in onnxruntime, delta operators on the changes, with conversions at the
-boundaries between them.
+A keyframe (the first frame, after `reset`, when asked, or when a frame holds a NaN or an
+infinity) runs the whole model in onnxruntime, returns its outputs exactly and refreshes every
+delta tensor. Any other frame runs the plan's steps in order: dense segments in onnxruntime,
+delta operators on the changed positions, with conversions where dense meets delta.
+
+Everything a frame touches is built once, here: the frame loop is a flat list of (function,
+arguments) calls, almost all compiled kernels over preallocated buffers, so the Python work per
+step is one call.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import Callable
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,12 +23,12 @@ from onnx import helper
 from threadpoolctl import threadpool_limits
 
 from deluceva.errors import DelucevaError
-from deluceva.operators import Delta, get_operator
-from deluceva.operators.fused import EpilogueNode, FusedConv
+from deluceva.operators import DeltaTensor, Layout, get_operator
 from deluceva.operators._ort import session_options
+from deluceva.operators.program import ElementwiseNode
 from deluceva.planner.load_model import Model
 from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
-from deluceva.runtime.boundaries import Filter, ToDelta, ToDense
+from deluceva.runtime.boundaries import Entry, mirror_step
 from deluceva.runtime.thresholds import Thresholds
 
 __all__ = ["Executor", "StepError"]
@@ -30,6 +36,10 @@ __all__ = ["Executor", "StepError"]
 
 class StepError(RuntimeError):
     """A step failed while running; the message names the step."""
+
+
+class _NotFinite(Exception):
+    """A dense value entering the delta steps holds a NaN or an infinity."""
 
 
 def _subgraph(model: Model, nodes: list[str], inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
@@ -49,8 +59,7 @@ def _subgraph(model: Model, nodes: list[str], inputs: list[str], outputs: list[s
 
 
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    options = session_options(threads)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 class Executor:
@@ -65,9 +74,8 @@ class Executor:
     """
 
     def __init__(self, model: Model, graph, plan: PhysicalPlan, threads: int = 1, profile: bool = False):
-        # numpy's BLAS (the pointwise delta Conv) gets the same thread count as onnxruntime: the
-        # comparison with plain onnxruntime is at equal threads, and on a busy 2-core machine a
-        # second BLAS thread made a 128x128x2000 product 1.5x slower, not faster.
+        # The delta Conv's BLAS products get the same thread count as onnxruntime: the
+        # comparison with plain onnxruntime is at equal threads.
         threadpool_limits(limits=threads, user_api="blas")
         self.model = model
         self.graph = graph
@@ -75,51 +83,120 @@ class Executor:
         self.threads = threads
         self.profile = profile
         self.step_times: dict[str, list[float]] = defaultdict(list)
-        self._last_deltas: dict[str, Delta] | None = None
-        self._densities: dict[str, float] | None = None  # computed from _last_deltas on demand
         self.keyframe_pending = True
-        self._segments: dict[int, ort.InferenceSession] = {}
-        self._operators = {}
-        delta_consumed, delta_produced, dense_consumed = set(), set(), set(model.output_names)
-        for step in plan.steps:
-            if isinstance(step, DeltaStep):
-                spec = graph.nodes[step.node]["spec"]
-                self._operators[step.node] = self._delta_operator(step)
-                delta_consumed.update(t for i, t in enumerate(step.inputs) if t and i not in spec.constants)
-                delta_produced.update(t for t in step.outputs if t)
-            else:
-                sub = _subgraph(model, step.nodes, step.inputs, step.outputs)
-                self._segments[id(step)] = _session(sub, threads)
-                dense_consumed.update(step.inputs)
-        self.grids = {}
-        for step in plan.steps:
-            if isinstance(step, DeltaStep):
-                spec = graph.nodes[step.node]["spec"]
-                for tensor, grid in zip(step.inputs, spec.input_grids):
-                    if grid is not None:
-                        self.grids[tensor] = grid
-                for tensor, grid in zip(step.outputs, spec.output_grids):
-                    self.grids[tensor] = grid
-        self.to_delta = {t: ToDelta(self.grids[t]) for t in delta_consumed - delta_produced}
-        self.to_dense = {t: ToDense(self.grids[t]) for t in dense_consumed & delta_produced}
-        self.filters = {t: Filter(self.grids[t]) for t in delta_produced}
-        # A change that only dense steps or the model's outputs read saves no work when held
-        # back, only adds error: those filters pass everything (p = 0).
-        self.filtered = delta_produced & delta_consumed
         self.thresholds: Thresholds | None = None
-        # The keyframe session exposes every tensor a cache is filled from.
-        keyframe = model.exposing(sorted(delta_consumed | delta_produced))
+        self._percentage: float | None = None
+
+        read_by_delta, written_by_delta, read_dense = set(), set(), set(model.output_names)
+        for step in plan.steps:
+            if isinstance(step, DeltaStep):
+                spec = graph.nodes[step.node]["spec"]
+                read_by_delta.update(step.inputs[i] for i in spec.varying)
+                written_by_delta.update(t for t in step.outputs if t)
+            else:
+                read_dense.update(step.inputs)
+        self.tensors = {t: DeltaTensor(Layout(*model.shapes[t][1:])) for t in sorted(read_by_delta | written_by_delta)}
+        self._share_concat_storage()
+        self.entering = sorted(read_by_delta - written_by_delta)  # dense values turned into changes
+        leaving = sorted(written_by_delta & read_dense)  # delta tensors read densely: mirrored
+        # Holding back a change that only dense steps or the model's outputs read saves no work,
+        # only adds error: those tensors are never filtered.
+        self.filtered = sorted(set(self.entering) | (written_by_delta & read_by_delta))
+        self.mirrors = {t: np.zeros((self.tensors[t].layout.channels, self.tensors[t].layout.positions), np.float32)
+                        for t in leaving}
+        # Dense values by name: the frame, dense segments' outputs, and mirrors (views, fixed).
+        self._dense: dict[str, np.ndarray] = {
+            t: m.reshape(model.shapes[t]) for t, m in self.mirrors.items()}
+        self._calls: list[tuple[Callable, tuple]] = []
+        self._names: list[str] = []
+        self._operators = {}
+        self.entries: dict[str, Entry] = {}
+        self._sessions: list[ort.InferenceSession] = []
+        for tensor in self.entering:
+            if tensor == model.input_name:
+                self._add_to_delta(tensor)
+        for step in plan.steps:
+            if isinstance(step, DenseSegment):
+                self._add_dense(step, threads)
+                for tensor in step.outputs:
+                    if tensor in self.tensors:
+                        self._add_to_delta(tensor)
+            else:
+                operator = self._delta_operator(step)
+                self._operators[step.node] = operator
+                for kernel, arguments in operator.calls:
+                    self._calls.append((kernel, arguments))
+                    self._names.append(step.name)
+                for tensor in step.outputs:
+                    if tensor in self.mirrors:
+                        t = self.tensors[tensor]
+                        self._calls.append((mirror_step, (t.storage, t.offset, t.changed, t.count, self.mirrors[tensor])))
+                        self._names.append(f"to_dense[{tensor}]")
+        keyframe = model.exposing(sorted(self.tensors))
         self._keyframe_names = [o.name for o in keyframe.graph.output]
         self._keyframe = _session(keyframe, threads)
-        self._compiled = self._compile_steps()
+
+    # -- construction --------------------------------------------------------------------
+
+    def _share_concat_storage(self) -> None:
+        """Let each delta Concat's inputs live in the Concat's own storage, so it copies nothing.
+
+        Outer Concats first (a Concat's output may itself be placed in another's storage), and
+        a tensor is placed once: the input of two Concats, or twice in one, is copied instead.
+        """
+        placed: set[str] = set()
+        for step in reversed(self.plan.steps):
+            if not isinstance(step, DeltaStep) or self.graph.nodes[step.node]["op_type"] != "Concat":
+                continue
+            out = self.tensors[step.outputs[0]]
+            placed.add(step.outputs[0])
+            offset = out.offset
+            for tensor in step.inputs:
+                if tensor not in placed and step.inputs.count(tensor) == 1:
+                    self._place(tensor, out.storage, offset)
+                    placed.add(tensor)
+                offset += self.tensors[tensor].layout.channels
+
+    def _place(self, tensor: str, storage: np.ndarray, offset: int) -> None:
+        """Put `tensor` at `offset` of `storage`, with the tensors already placed inside it."""
+        own = self.tensors[tensor]
+        moved = [(t, s.offset - own.offset) for t, s in self.tensors.items() if s.storage is own.storage]
+        for t, relative in moved:
+            self.tensors[t].share_storage(storage, offset + relative)
 
     def _delta_operator(self, step: DeltaStep):
-        spec = self.graph.nodes[step.node]["spec"]
+        data = self.graph.nodes[step.node]
+        spec = data["spec"]
+        inputs = [self.tensors.get(t) if i in spec.varying else None for i, t in enumerate(step.inputs)]
+        outputs = [self.tensors[t] for t in step.outputs]
         if not step.fused:
-            return get_operator(spec.op_type)(spec)
-        epilogue = [EpilogueNode(self.graph.nodes[n]["spec"], list(self.graph.nodes[n]["inputs"]),
-                                 list(self.graph.nodes[n]["outputs"])) for n in step.fused]
-        return FusedConv(spec, self.graph.nodes[step.node]["outputs"][0], epilogue, step.outputs[0])
+            return get_operator(spec.op_type)(spec, inputs, outputs)
+        epilogue = [ElementwiseNode(self.graph.nodes[n]["spec"], list(self.graph.nodes[n]["inputs"]),
+                                    list(self.graph.nodes[n]["outputs"])) for n in step.fused]
+        return get_operator(spec.op_type)(spec, inputs, outputs, epilogue=epilogue,
+                                          conv_output=data["outputs"][0], result=step.outputs[0])
+
+    def _add_to_delta(self, tensor: str) -> None:
+        entry = self.entries[tensor] = Entry(self.tensors[tensor])
+        dense = self._dense
+
+        def to_delta() -> None:
+            if not entry(dense[tensor]):
+                raise _NotFinite(tensor)
+
+        self._calls.append((to_delta, ()))
+        self._names.append(f"to_delta[{tensor}]")
+
+    def _add_dense(self, step: DenseSegment, threads: int) -> None:
+        session = _session(_subgraph(self.model, step.nodes, step.inputs, step.outputs), threads)
+        self._sessions.append(session)
+        dense, inputs, outputs = self._dense, list(step.inputs), list(step.outputs)
+
+        def run_segment() -> None:
+            dense.update(zip(outputs, session.run(outputs, {t: dense[t] for t in inputs})))
+
+        self._calls.append((run_segment, ()))
+        self._names.append(step.name)
 
     # -- public API --------------------------------------------------------------------
 
@@ -128,14 +205,12 @@ class Executor:
         self.keyframe_pending = True
 
     def use_thresholds(self, thresholds: Thresholds | None) -> None:
-        """Filter with thresholds calibrated on frames (see `deluceva.runtime.thresholds`).
-
-        Without them (or for a tensor they do not cover), a filter's threshold is the p-quantile
-        of the changes arriving on that frame.
-        """
+        """Filter with thresholds calibrated on frames (see `deluceva.runtime.thresholds`)."""
+        missing = [] if thresholds is None else [t for t in self.filtered if t not in thresholds]
+        if missing:
+            raise DelucevaError(f"the thresholds do not cover {len(missing)} filtered tensor(s), e.g. {missing[0]}")
         self.thresholds = thresholds
-        for tensor, boundary in [*self.filters.items(), *self.to_delta.items()]:
-            boundary.threshold_at = None if thresholds is None else thresholds.for_tensor(tensor)
+        self._percentage = None
 
     def run(self, frame: np.ndarray, percentage: float = 0.0, keyframe: bool = False) -> list[np.ndarray]:
         """Outputs for one frame, in the model's output order.
@@ -150,7 +225,18 @@ class Executor:
             raise DelucevaError(f"filtering percentage {percentage} is outside [0, 1)")
         if keyframe or self.keyframe_pending:
             return self._run_keyframe(frame)
-        return self._run_delta(frame, percentage)
+        self._set_percentage(percentage)
+        try:
+            return self._run_delta(frame)
+        except _NotFinite:
+            return self._run_keyframe(frame)
+
+    @property
+    def densities(self) -> dict[str, float]:
+        """Share of positions changed per delta tensor on the last frame (1.0 after a keyframe)."""
+        if self._last_was_keyframe:
+            return {t: 1.0 for t in self.tensors}
+        return {t: tensor.density for t, tensor in self.tensors.items()}
 
     # -- internals ---------------------------------------------------------------------
 
@@ -162,115 +248,59 @@ class Executor:
             )
         return np.ascontiguousarray(frame, dtype=np.float32)
 
-    def _timed(self, name: str, start: float, exclude: float = 0.0) -> float:
-        """Record the time since `start` (less `exclude`) under `name`; return the time spent."""
-        spent = time.perf_counter() - start
-        if self.profile:
-            self.step_times[name].append(spent - exclude)
-        return spent
+    def _set_percentage(self, percentage: float) -> None:
+        if percentage == self._percentage:
+            return
+        if percentage > 0 and self.thresholds is None and self.filtered:
+            raise DelucevaError("filtering at p > 0 needs thresholds calibrated on the video's first frames: "
+                                "call session.calibrate(frames) first")
+        for tensor in self.filtered:
+            threshold = self.thresholds.threshold(tensor, percentage) if percentage > 0 else 0.0
+            self.tensors[tensor].threshold[0] = threshold
+        self._percentage = percentage
+
+    _last_was_keyframe = True
 
     def _run_keyframe(self, frame: np.ndarray) -> list[np.ndarray]:
         start = time.perf_counter()
         values = dict(zip(self._keyframe_names, self._keyframe.run(None, {self.model.input_name: frame})))
         values[self.model.input_name] = frame
-        for step in self.plan.steps:
-            if isinstance(step, DeltaStep):
-                self._operators[step.node].reset([values.get(t) if t else None for t in step.inputs],
-                                                 [values[t] for t in step.outputs])
-        for tensor, boundary in self.to_delta.items():
-            boundary.reset(values[tensor])
-        for tensor, boundary in self.to_dense.items():
-            boundary.reset(values[tensor])
-        for delta_filter in self.filters.values():
-            delta_filter.reset()
-        self._last_deltas, self._densities = None, None
-        self.keyframe_pending = False
-        self._timed("keyframe", start)
+        for tensor, state in self.tensors.items():
+            if tensor in self.entries:
+                self.entries[tensor].load(values[tensor])
+            else:
+                state.load(values[tensor])
+        for tensor, mirror in self.mirrors.items():
+            np.copyto(mirror, values[tensor].reshape(mirror.shape))
+        # After a frame with a NaN or an infinity, the caches hold it: the next frame is a
+        # keyframe too, until the video is finite again.
+        self.keyframe_pending = not bool(np.isfinite(frame).all())
+        self._last_was_keyframe = True
+        if self.profile:
+            self.step_times["keyframe"].append(time.perf_counter() - start)
         return [values[name] for name in self.model.output_names]
 
-    def _compile_steps(self) -> list[tuple]:
-        """Per step, everything the frame loop needs, looked up once instead of every frame.
-
-        A delta step becomes (step, operator, input tensors with None for constants, outputs as
-        (tensor, filter, ToDense or None, whether to filter)); a dense step becomes (step, session).
-        """
-        compiled = []
-        for step in self.plan.steps:
-            if isinstance(step, DenseSegment):
-                compiled.append((step, self._segments[id(step)]))
-                continue
-            operator = self._operators[step.node]
-            inputs = [None if (not t or i in operator.spec.constants) else t for i, t in enumerate(step.inputs)]
-            outputs = [(t, self.filters[t], self.to_dense.get(t), t in self.filtered) for t in step.outputs]
-            compiled.append((step, operator, inputs, outputs))
-        return compiled
-
-    @property
-    def densities(self) -> dict[str, float]:
-        """Share of changed tiles per delta tensor on the last frame (1.0 after a keyframe)."""
-        if self._densities is None:
-            if self._last_deltas is None:
-                self._densities = {t: 1.0 for t in self.grids}
+    def _run_delta(self, frame: np.ndarray) -> list[np.ndarray]:
+        dense = self._dense
+        dense[self.model.input_name] = frame
+        self._last_was_keyframe = False
+        calls = self._calls
+        index = 0
+        try:
+            if self.profile:
+                spent: dict[str, float] = defaultdict(float)  # a step of several calls: their sum
+                for index, (function, arguments) in enumerate(calls):
+                    start = time.perf_counter()
+                    function(*arguments)
+                    spent[self._names[index]] += time.perf_counter() - start
+                for name, seconds in spent.items():
+                    self.step_times[name].append(seconds)
             else:
-                self._densities = {t: len(d.index) / d.grid.n_tiles for t, d in self._last_deltas.items()}
-        return self._densities
-
-    def _run_delta(self, frame: np.ndarray, percentage: float) -> list[np.ndarray]:
-        dense: dict[str, np.ndarray] = {self.model.input_name: frame}
-        deltas: dict[str, Delta] = {}
-        self._last_deltas, self._densities = deltas, None
-        profile = self.profile
-
-        # When profiling, conversions are timed on their own ("to_delta[t]", "to_dense[t]") and
-        # left out of the step that triggered them, so a step's time is its operator's alone.
-        converting = [0.0]
-
-        def read_dense(tensor: str) -> np.ndarray:
-            if tensor not in dense:
-                start = time.perf_counter() if profile else 0.0
-                dense[tensor] = np.ascontiguousarray(self.to_dense[tensor].value())
-                if profile:
-                    converting[0] += self._timed(f"to_dense[{tensor}]", start)
-            return dense[tensor]
-
-        def read_delta(tensor: str) -> Delta:
-            if tensor not in deltas:
-                value = read_dense(tensor)
-                start = time.perf_counter() if profile else 0.0
-                deltas[tensor] = self.to_delta[tensor](value, percentage)
-                if profile:
-                    converting[0] += self._timed(f"to_delta[{tensor}]", start)
-            return deltas[tensor]
-
-        for compiled in self._compiled:
-            step = compiled[0]
-            if profile:
-                start = time.perf_counter()
-                converting[0] = 0.0
-            try:
-                if len(compiled) == 2:
-                    session = compiled[1]
-                    results = session.run(step.outputs, {t: read_dense(t) for t in step.inputs})
-                    dense.update(zip(step.outputs, results))
-                else:
-                    _, operator, inputs, outputs = compiled
-                    changes = operator.step([None if t is None else deltas.get(t) or read_delta(t) for t in inputs])
-                    for (tensor, delta_filter, to_dense, filtered), change in zip(outputs, changes):
-                        change = delta_filter(change, percentage if filtered else 0.0)
-                        deltas[tensor] = change
-                        if to_dense is not None:
-                            applied = time.perf_counter() if profile else 0.0
-                            to_dense.apply(change)
-                            if profile:
-                                converting[0] += self._timed(f"to_dense_apply[{tensor}]", applied)
-            except DelucevaError:
-                raise
-            except Exception as error:
-                raise StepError(f"{step.name}: {type(error).__name__}: {error}") from error
-            if profile:
-                self._timed(step.name, start, exclude=converting[0])
-        # An output kept by ToDense is a view of its buffer, which the next frame updates: copied.
-        # One that a dense segment produced is onnxruntime's fresh array: returned as it is.
-        return [np.array(read_dense(name)) if name in self.to_dense else read_dense(name)
-                for name in self.model.output_names]
-
+                for index, (function, arguments) in enumerate(calls):
+                    function(*arguments)
+        except (_NotFinite, DelucevaError):
+            raise
+        except Exception as error:
+            raise StepError(f"{self._names[index]}: {type(error).__name__}: {error}") from error
+        # An output mirrored from delta steps is updated in place by the next frame: copied.
+        return [np.array(dense[name]) if name in self.mirrors else dense[name] for name in self.model.output_names]

@@ -1,8 +1,8 @@
 """Filter thresholds calibrated on a few frames, in each tensor's own units.
 
-For filtering percentage p, the filter on tensor t holds back a tile while its largest absolute
-change stays under threshold(t, p): the p-quantile of the magnitudes of t's tile changes
-between consecutive calibration frames, computed exactly (one onnxruntime run per frame that
+For filtering percentage p, the filter on tensor t holds back a position while its largest absolute
+change over the channels stays under threshold(t, p): the p-quantile of the magnitudes of t's
+position changes between consecutive calibration frames, computed exactly (one onnxruntime run per frame that
 exposes every tensor). So p is the share of a typical frame's changes that is held back, as
 measured on the calibration frames, and the threshold stays fixed while the video plays.
 
@@ -14,20 +14,23 @@ and quiet layers cost almost nothing.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
 from deluceva.errors import DelucevaError
-from deluceva.operators import Grid
+from deluceva.operators import Layout
 from deluceva.operators._ort import session_options
-from deluceva.runtime.kernels import tile_change_magnitudes
+from deluceva.runtime.boundaries import change_magnitudes
 
-__all__ = ["Thresholds", "QUANTILE_POINTS", "CALIBRATION_FRAMES", "tensor_values", "tensor_grids"]
+__all__ = ["Thresholds", "QUANTILE_POINTS", "CALIBRATION_FRAMES", "tensor_values", "tensor_layouts"]
 
 QUANTILE_POINTS = 201  # quantiles stored per tensor, at p = 0, 0.005, ..., 1
 _POSITIONS = np.linspace(0.0, 1.0, QUANTILE_POINTS)
 CALIBRATION_FRAMES = 10  # a video's first frames that `run` and `bench` calibrate on
+# Positions sampled per tensor and frame pair (evenly spaced): enough for 201 quantiles, and it
+# keeps calibration's memory small on large tensors (P-Net at 1280x720 has 900k positions).
+SAMPLES_PER_FRAME = 1 << 16
 
 
 def tensor_values(model, frames: Iterable[np.ndarray], tensors: Iterable[str]):
@@ -43,19 +46,19 @@ def tensor_values(model, frames: Iterable[np.ndarray], tensors: Iterable[str]):
         yield values
 
 
-def tensor_grids(graph) -> dict[str, Grid]:
-    """Every tensor of the annotated DAG that has a tile grid (a float 1xCxHxW tensor)."""
-    grids = {}
+def tensor_layouts(graph) -> dict[str, Layout]:
+    """Every float 1xCxHxW tensor of the annotated DAG, with its layout."""
+    layouts = {}
     for _, data in graph.nodes(data=True):
         spec = data["spec"]
-        for tensor, grid in [*zip(data["inputs"], spec.input_grids), *zip(data["outputs"], spec.output_grids)]:
-            if tensor and grid is not None:
-                grids[tensor] = grid
-    return grids
+        for tensor, layout in [*zip(data["inputs"], spec.input_layouts), *zip(data["outputs"], spec.output_layouts)]:
+            if tensor and layout is not None:
+                layouts[tensor] = layout
+    return layouts
 
 
 class Thresholds:
-    """Per tensor, the quantiles of its tile change magnitudes; `threshold(t, p)` reads them."""
+    """Per tensor, the quantiles of its position change magnitudes; `threshold(t, p)` reads them."""
 
     def __init__(self, quantiles: Mapping[str, np.ndarray], frames: int = 0):
         self.quantiles = {t: np.asarray(q, np.float64) for t, q in quantiles.items()}
@@ -68,30 +71,25 @@ class Thresholds:
         """The threshold on `tensor` for filtering percentage p (0 at p = 0: exact)."""
         if percentage <= 0:
             return 0.0
-        # Rounded to float32, the magnitudes' type, so every filter path compares the same way.
+        # Rounded to float32, the magnitudes' type, as the filter kernels compare.
         return float(np.float32(np.interp(percentage, _POSITIONS, self.quantiles[tensor])))
 
-    def for_tensor(self, tensor: str) -> Callable[[float], float] | None:
-        """p -> threshold on `tensor`, for a filter's `threshold_at`; None when not calibrated."""
-        return (lambda percentage: self.threshold(tensor, percentage)) if tensor in self.quantiles else None
-
     @classmethod
-    def calibrate(cls, model, frames: list[np.ndarray], grids: Mapping[str, Grid]) -> "Thresholds":
-        """Measure on consecutive `frames` (model inputs), for every tensor in `grids`."""
+    def calibrate(cls, model, frames: list[np.ndarray], tensors: Iterable[str]) -> "Thresholds":
+        """Measure on consecutive `frames` (model inputs), for every tensor in `tensors`."""
         if len(frames) < 2:
             raise DelucevaError(f"calibrating thresholds needs at least 2 frames, got {len(frames)}")
-        if not grids:
+        tensors = list(dict.fromkeys(tensors))
+        if not tensors:
             return cls({}, frames=len(frames))
-        samples: dict[str, list[np.ndarray]] = {t: [] for t in grids}
+        samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
         previous = None
-        for values in tensor_values(model, frames, grids):
+        for values in tensor_values(model, frames, tensors):
             if previous is not None:
-                for tensor, grid in grids.items():
-                    after = np.ascontiguousarray(values[tensor], np.float32).reshape(grid.channels, grid.height, grid.width)
-                    before = np.ascontiguousarray(previous[tensor], np.float32).reshape(after.shape)
-                    magnitudes = np.zeros((grid.tiles_h, grid.tiles_w), np.float32)
-                    tile_change_magnitudes(after, before, grid.tile, magnitudes)
-                    samples[tensor].append(magnitudes.ravel())
+                for tensor in tensors:
+                    magnitudes = change_magnitudes(values[tensor], previous[tensor])
+                    step = max(1, len(magnitudes) // SAMPLES_PER_FRAME)
+                    samples[tensor].append(magnitudes[::step])
             previous = values
         quantiles = {}
         for tensor, parts in samples.items():
