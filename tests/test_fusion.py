@@ -219,7 +219,7 @@ def test_conv_with_silu_epilogue(kernel, stride, dilation, group, changed):
     source, sink = DeltaTensor(Layout(c, h, w)), DeltaTensor(Layout(*y.shape[1:]))
     epilogue = [ElementwiseNode(make_spec("Sigmoid", {}, [y.shape], [y.shape]), ["c"], ["s"]),
                 ElementwiseNode(make_spec("Mul", {}, [y.shape, y.shape], [y.shape]), ["c", "s"], ["y"])]
-    operator = get_operator("Conv")(spec, [source, None, None], [sink], epilogue=epilogue, conv_output="c", result="y")
+    operator = get_operator("Conv")(spec, [source, None, None], [sink], epilogue=epilogue, head_output="c", result="y")
     assert operator.calls[0][1][-5].tolist() == [[14, 1, 0, 0]]  # the Sigmoid and Mul run as one SiLU
     entry = Entry(source)
     entry.load(x)
@@ -260,3 +260,56 @@ def test_returned_outputs_are_not_changed_by_later_frames(plan):
     session.run(frames[2])  # must not write into the arrays frame 1 returned
     for a, b in zip(kept, second):
         np.testing.assert_array_equal(a, b)
+
+
+# -- Copy chains and copy tails -------------------------------------------------------------------
+
+
+def _focus_model():
+    """YOLOX's stem: SpaceToDepth then a channel Gather, a Conv, and a head laid out by
+    Reshape + Transpose + Concat like YOLOX's output (a dense segment that only copies)."""
+    net = Net(3, 16, 20)
+    s2d = net.node("SpaceToDepth", ["x"], (12, 8, 10), blocksize=2)
+    order = np.array([0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11], np.int64)
+    net.inits.append(numpy_helper.from_array(order, "order"))
+    gathered = net.node("Gather", [s2d, "order"], (12, 8, 10), axis=1)
+    a = net.silu(net.conv(gathered, 6, name="stem"))
+    b = net.conv(a, 5, kernel=1, name="head")
+    shape = net.const(np.array([1, 5, 80], np.float32))
+    net.inits[-1] = numpy_helper.from_array(np.array([1, 5, 80], np.int64), net.inits[-1].name)
+    flat = net.node("Reshape", [b, shape], (5, 80))
+    flat_a = net.node("Reshape", [net.conv(a, 5, kernel=1, name="head2"), shape], (5, 80))
+    both = net.node("Concat", [flat, flat_a], (5, 160), axis=2)
+    out = net.node("Transpose", [both], (160, 5), perm=[0, 2, 1])
+    c, h, w = net.shape["x"]
+    graph = helper.make_graph(net.nodes, "focus", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, w])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 160, 5])], net.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def test_copy_chain_is_one_step_and_the_copy_tail_is_exact():
+    from deluceva.session import Session
+
+    model = _focus_model()
+    graph = build_dag(load_model(model))
+    assert graph.nodes["SpaceToDepth_0"]["epilogue"] == ["Gather_1"]
+    session = Differential(model, sparse_frames((1, 3, 16, 20), 6, seed=4), measured_bound=False).check("delta", "focus")
+    steps = [s.name for s in session.plan.steps]
+    assert "delta[SpaceToDepth_0]" in steps and "delta[Gather_1]" not in steps
+    tails = [s for s in session.plan.steps if id(s) in session.executor._tails]
+    assert [t.nodes for t in tails] == [["Reshape_6", "Reshape_8", "Concat_9", "Transpose_10"]]
+    assert not session.executor.mirrors  # the tail reads the delta tensors themselves
+
+
+def test_copy_tail_feeding_a_delta_step():
+    """A Concat run densely as a copy tail, whose output enters a delta Conv."""
+    net = Net(2, 12, 12)
+    a, b = net.conv("x", 3, name="a"), net.conv("x", 2, name="b")
+    both = net.node("Concat", [a, b], (5, 12, 12), axis=1, name="cat")
+    out = net.silu(net.conv(both, 4, name="after"))
+    model = net.model([out])
+    plan = {"a": "delta", "b": "delta", "cat": "dense", "after": "delta", "Sigmoid_4": "delta", "Mul_5": "delta"}
+    session = Differential(model, sparse_frames((1, 2, 12, 12), 6, seed=5), measured_bound=False).check(plan, "tail")
+    assert [s.nodes for s in session.plan.steps if id(s) in session.executor._tails] == [["cat"]]

@@ -195,7 +195,7 @@ class DeltaConv(DeltaOperator):
         return None
 
     def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor],
-                 epilogue: list[ElementwiseNode] = (), conv_output: str = "conv", result: str | None = None):
+                 epilogue: list[ElementwiseNode] = (), head_output: str = "conv", result: str | None = None):
         super().__init__(spec, inputs, outputs)
         x, out = inputs[0], outputs[0]
         geometry = ConvGeometry(spec)
@@ -211,7 +211,7 @@ class DeltaConv(DeltaOperator):
         bias = np.zeros(m, np.float32)
         if 2 in spec.constants:
             bias[:] = np.asarray(spec.constants[2], np.float32).reshape(-1)
-        program = compile_program(list(epilogue), [conv_output], result or conv_output, out.layout)
+        program = compile_program(list(epilogue), [head_output], result or head_output, out.layout)
         window = weights.shape[1] if geometry.kind != 1 else 1
         rows = chunk_rows(4 * max(window, m * program.registers))
         positions = out.layout.positions

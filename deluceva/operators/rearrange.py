@@ -18,9 +18,11 @@ from deluceva.operators._kernels import collect_marked, emit_rows
 from deluceva.operators._ort import session_options
 from deluceva.operators.elementwise import chunk_rows
 
-__all__ = ["DeltaRearrange", "copy_maps"]
+__all__ = ["DeltaRearrange", "copy_maps", "COPY_OP_TYPES", "EXACT_INDEX_LIMIT"]
 
-_EXACT = 1 << 24  # float32 holds every integer below this exactly
+COPY_OP_TYPES = ("Resize", "Upsample", "SpaceToDepth", "DepthToSpace", "Gather", "Slice", "Split")
+
+EXACT_INDEX_LIMIT = 1 << 24  # float32 holds every integer below this exactly
 _DEFAULT_OPSET = 17
 
 
@@ -34,7 +36,7 @@ def copy_maps(spec: OpSpec) -> list[np.ndarray] | str:
             return f"{spec.op_type} mode {mode} has no delta kernel (nearest only)"
     layout = spec.input_layouts[0]
     size = layout.channels * layout.positions
-    if size >= _EXACT:
+    if size >= EXACT_INDEX_LIMIT:
         return f"{spec.op_type} input has {size} values, too many to map exactly"
     names, initializers = [], []
     for i, shape in enumerate(spec.input_shapes):
@@ -110,8 +112,11 @@ def rearrange_step(x, in_changed, in_count, starts, targets, source, out_value, 
     out_count[0] = emitted
 
 
-@register("Resize", "Upsample", "SpaceToDepth", "DepthToSpace", "Gather", "Slice", "Split")
+@register(*COPY_OP_TYPES)
 class DeltaRearrange(DeltaOperator):
+    """A copy node, or a chain of them (`epilogue`: each reads the previous one's only output),
+    whose maps compose into one."""
+
     @classmethod
     def supports(cls, spec: OpSpec) -> str | None:
         if spec.varying != [0]:
@@ -119,10 +124,17 @@ class DeltaRearrange(DeltaOperator):
         found = copy_maps(spec)
         return found if isinstance(found, str) else None
 
-    def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor]):
+    def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor],
+                 epilogue: list = (), head_output: str | None = None, result: str | None = None):
         super().__init__(spec, inputs, outputs)
         x = inputs[0]
         maps = copy_maps(spec)
+        for node in epilogue:
+            after = copy_maps(node.spec)
+            if isinstance(maps, str) or isinstance(after, str):
+                break
+            # The next copy indexes the previous one's output, channels-last: look those up.
+            maps = [maps[0].reshape(-1)[m] for m in after]
         if isinstance(maps, str):
             raise ValueError(f"{spec.name}: {maps}")
         # Flat indices into x's storage (a view of it: storages are only ever written in place).

@@ -29,6 +29,7 @@ from deluceva.operators.program import ElementwiseNode
 from deluceva.planner.load_model import Model
 from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
 from deluceva.runtime.boundaries import Entry, mirror_step
+from deluceva.runtime.copy_tail import TAIL_OP_TYPES, CopyTail, scatter_step
 from deluceva.runtime.thresholds import Thresholds
 
 __all__ = ["Executor", "StepError"]
@@ -93,8 +94,14 @@ class Executor:
                 spec = graph.nodes[step.node]["spec"]
                 read_by_delta.update(step.inputs[i] for i in spec.varying)
                 written_by_delta.update(t for t in step.outputs if t)
-            else:
-                read_dense.update(step.inputs)
+        self._tails: dict[int, CopyTail] = {}  # dense segments run as copies of changed positions
+        for step in plan.steps:
+            if isinstance(step, DenseSegment):
+                tail = self._copy_tail(step, written_by_delta, threads)
+                if tail is not None:
+                    self._tails[id(step)] = tail
+                else:
+                    read_dense.update(step.inputs)
         self.tensors = {t: DeltaTensor(Layout(*model.shapes[t][1:])) for t in sorted(read_by_delta | written_by_delta)}
         self._share_concat_storage()
         self.entering = sorted(read_by_delta - written_by_delta)  # dense values turned into changes
@@ -104,9 +111,15 @@ class Executor:
         self.filtered = sorted(set(self.entering) | (written_by_delta & read_by_delta))
         self.mirrors = {t: np.zeros((self.tensors[t].layout.channels, self.tensors[t].layout.positions), np.float32)
                         for t in leaving}
-        # Dense values by name: the frame, dense segments' outputs, and mirrors (views, fixed).
+        # Dense values by name: the frame, dense segments' outputs, and mirrors and copy tails'
+        # outputs (fixed arrays, updated in place).
         self._dense: dict[str, np.ndarray] = {
             t: m.reshape(model.shapes[t]) for t, m in self.mirrors.items()}
+        self._kept = set(self.mirrors)  # updated in place: returned as copies
+        for tail in self._tails.values():
+            for name in tail.outputs:
+                self._dense[name] = np.zeros(model.shapes[name], np.float32)
+                self._kept.add(name)
         self._calls: list[tuple[Callable, tuple]] = []
         self._names: list[str] = []
         self._operators = {}
@@ -117,7 +130,10 @@ class Executor:
                 self._add_to_delta(tensor)
         for step in plan.steps:
             if isinstance(step, DenseSegment):
-                self._add_dense(step, threads)
+                if id(step) in self._tails:
+                    self._add_tail(step, self._tails[id(step)])
+                else:
+                    self._add_dense(step, threads)
                 for tensor in step.outputs:
                     if tensor in self.tensors:
                         self._add_to_delta(tensor)
@@ -132,7 +148,7 @@ class Executor:
                         t = self.tensors[tensor]
                         self._calls.append((mirror_step, (t.storage, t.offset, t.changed, t.count, self.mirrors[tensor])))
                         self._names.append(f"to_dense[{tensor}]")
-        keyframe = model.exposing(sorted(self.tensors))
+        keyframe = model.exposing(sorted(self.tensors) + sorted(t for tail in self._tails.values() for t in tail.outputs))
         self._keyframe_names = [o.name for o in keyframe.graph.output]
         self._keyframe = _session(keyframe, threads)
 
@@ -174,7 +190,7 @@ class Executor:
         epilogue = [ElementwiseNode(self.graph.nodes[n]["spec"], list(self.graph.nodes[n]["inputs"]),
                                     list(self.graph.nodes[n]["outputs"])) for n in step.fused]
         return get_operator(spec.op_type)(spec, inputs, outputs, epilogue=epilogue,
-                                          conv_output=data["outputs"][0], result=step.outputs[0])
+                                          head_output=data["outputs"][0], result=step.outputs[0])
 
     def _add_to_delta(self, tensor: str) -> None:
         entry = self.entries[tensor] = Entry(self.tensors[tensor])
@@ -186,6 +202,27 @@ class Executor:
 
         self._calls.append((to_delta, ()))
         self._names.append(f"to_delta[{tensor}]")
+
+    def _copy_tail(self, step: DenseSegment, written_by_delta: set[str], threads: int) -> CopyTail | None:
+        """The segment's copy map, when it only moves values out of delta tensors."""
+        if not all(self.graph.nodes[n]["op_type"] in TAIL_OP_TYPES for n in step.nodes):
+            return None
+        if not step.inputs or not set(step.inputs) <= written_by_delta:
+            return None
+        session = _session(_subgraph(self.model, step.nodes, step.inputs, step.outputs), threads)
+        shapes = self.model.shapes
+        return CopyTail.probe(session, {t: shapes[t] for t in step.inputs}, list(step.outputs),
+                              {t: shapes[t] for t in step.outputs})
+
+    def _add_tail(self, step: DenseSegment, tail: CopyTail) -> None:
+        for tensor, per_output in tail.maps.items():
+            source = self.tensors[tensor]
+            for out_name, starts, targets in per_output:
+                if len(targets):
+                    self._calls.append((scatter_step, (source.storage, source.offset, source.layout.channels,
+                                                       source.changed, source.count, starts, targets,
+                                                       self._dense[out_name].reshape(-1))))
+                    self._names.append(step.name)
 
     def _add_dense(self, step: DenseSegment, threads: int) -> None:
         session = _session(_subgraph(self.model, step.nodes, step.inputs, step.outputs), threads)
@@ -272,6 +309,9 @@ class Executor:
                 state.load(values[tensor])
         for tensor, mirror in self.mirrors.items():
             np.copyto(mirror, values[tensor].reshape(mirror.shape))
+        for tail in self._tails.values():
+            for name in tail.outputs:
+                np.copyto(self._dense[name], values[name])
         # After a frame with a NaN or an infinity, the caches hold it: the next frame is a
         # keyframe too, until the video is finite again.
         self.keyframe_pending = not bool(np.isfinite(frame).all())
@@ -303,4 +343,4 @@ class Executor:
         except Exception as error:
             raise StepError(f"{self._names[index]}: {type(error).__name__}: {error}") from error
         # An output mirrored from delta steps is updated in place by the next frame: copied.
-        return [np.array(dense[name]) if name in self.mirrors else dense[name] for name in self.model.output_names]
+        return [np.array(dense[name]) if name in self._kept else dense[name] for name in self.model.output_names]
