@@ -313,3 +313,19 @@ def test_copy_tail_feeding_a_delta_step():
     plan = {"a": "delta", "b": "delta", "cat": "dense", "after": "delta", "Sigmoid_4": "delta", "Mul_5": "delta"}
     session = Differential(model, sparse_frames((1, 2, 12, 12), 6, seed=5), measured_bound=False).check(plan, "tail")
     assert [s.nodes for s in session.plan.steps if id(s) in session.executor._tails] == [["cat"]]
+
+
+def test_every_blas_runs_on_the_session_thread_count():
+    """The delta Conv's products go through SciPy's BLAS (numba's np.dot); it must be limited to
+    the session's threads like onnxruntime, or the comparison is not at equal threads."""
+    from threadpoolctl import threadpool_info
+
+    from deluceva.session import Session
+
+    session = Session(backbone(), plan="delta", threads=1)
+    frames = sparse_frames((1, 3, 45, 61), 2, seed=1)
+    session.run(frames[0])
+    session.run(frames[1])
+    blas = [info for info in threadpool_info() if info["user_api"] == "blas"]
+    assert any("scipy_openblas-" in info["filepath"] or "scipy" in info["filepath"] for info in blas)
+    assert all(info["num_threads"] == 1 for info in blas), blas

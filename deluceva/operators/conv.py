@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+# numba's np.dot calls SciPy's BLAS, which it would otherwise load on the first product: loaded
+# now, so that the executor's thread limit (threadpoolctl limits only loaded libraries) covers it.
+import scipy.linalg.cython_blas  # noqa: F401
 
 from deluceva.operators._common import DeltaOperator, DeltaTensor, OpSpec, register, resolve_pads
 from deluceva.operators._kernels import collect_marked, emit_rows, gather_rows, mark_window, run_program
