@@ -80,6 +80,10 @@ class Session:
         """Make the next frame an exact keyframe that refreshes every cache."""
         self.executor.reset()
 
+    def reference(self, frame: np.ndarray) -> list[np.ndarray]:
+        """Exact outputs for `frame` from plain onnxruntime, leaving every cache as it is."""
+        return self.executor.reference(frame)
+
     def explain(self) -> str:
         return self.plan.explain()
 

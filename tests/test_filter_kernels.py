@@ -131,3 +131,19 @@ def test_exp_is_accurate_and_keeps_nan():
     assert np.max(np.abs(out[finite] - reference[finite]) / reference[finite]) < 3e-7
     assert np.isnan(out[-4])
     assert out[-3] == pytest.approx(np.exp(87.0), rel=1e-6) and out[-2] == pytest.approx(np.exp(-87.0), rel=1e-6)
+
+
+def test_same_values_compares_bits():
+    from deluceva.runtime.boundaries import same_values
+
+    a = np.random.default_rng(0).standard_normal((1, 3, 70, 90)).astype(np.float32)
+    b = a.copy()
+    assert same_values(a, b)
+    b.reshape(-1)[-1] += 1e-7  # the last value: past every block
+    assert not same_values(a, b)
+    a.reshape(-1)[5] = b.reshape(-1)[5] = np.nan
+    b.reshape(-1)[-1] = a.reshape(-1)[-1]
+    assert same_values(a, b)  # the same NaN is the same value
+    b.reshape(-1)[7] = -b.reshape(-1)[7] if a.reshape(-1)[7] == 0 else b.reshape(-1)[7]
+    c = np.zeros(4, np.float32)
+    assert not same_values(c, -c)  # -0 is another value: onnxruntime may tell them apart

@@ -329,3 +329,25 @@ def test_every_blas_runs_on_the_session_thread_count():
     blas = [info for info in threadpool_info() if info["user_api"] == "blas"]
     assert any("scipy_openblas-" in info["filepath"] or "scipy" in info["filepath"] for info in blas)
     assert all(info["num_threads"] == 1 for info in blas), blas
+
+
+def test_dense_segments_are_skipped_when_nothing_they_read_changed():
+    """A repeated frame (30% of a static camera's) reruns no dense segment; outputs stay exact."""
+    from deluceva.session import Session
+
+    frames = sparse_frames((1, 3, 45, 61), 3, seed=7)
+    frames = [frames[0], frames[1], frames[1].copy(), frames[2]]
+    graph = build_dag(load_model(backbone()))
+    plan = {n: ("dense" if n in ("stem", "Sigmoid_1", "Mul_2") else "delta")
+            for n, d in graph.nodes(data=True) if d["delta_reason"] is None}
+    session = Session(backbone(), plan=plan)
+    segments = session.executor._sessions
+    assert len(segments) == 1
+    calls = []
+    run = segments[0].run
+    segments[0].run = lambda *a, **k: calls.append(1) or run(*a, **k)
+    reference = Session(backbone(), plan="dense")
+    for index, frame in enumerate(frames):
+        got = session.run(frame)
+        np.testing.assert_allclose(got[0], reference.run(frame)[0], rtol=1e-5, atol=1e-5)
+        assert len(calls) == {0: 0, 1: 1, 2: 1, 3: 2}[index], index

@@ -193,6 +193,36 @@ def test_runner_references_and_plan_switch(tiny):
     assert results[3].percentage == 0.4 and controller.seen[4].error is not None
 
 
+def test_runner_refreshes_caches_only_when_the_plan_changes_or_p_falls(tiny):
+    """A reference frame measures with a plain dense run; it reloads every cache (a keyframe, 3x
+    the cost) only for a new plan's empty caches or after p fell below what they were filled at."""
+    from deluceva.planner import load_model
+    from deluceva.runtime.preprocess import Preprocessor
+    from deluceva.runtime.video import open_video
+    from deluceva.session import Session, calibrate_sessions
+
+    model_path, clip = tiny
+    model = load_model(str(model_path))
+    session = Session(model, plan="delta")
+    pre = Preprocessor.for_model(model.input_shape)
+    inputs = [pre(rgb) for rgb in open_video(clip)]
+    calibrate_sessions([session], inputs[:4])
+    calls = []
+    run, reference = session.run, session.reference
+    session.run = lambda *a, **k: calls.append("keyframe" if k.get("keyframe") else "delta") or run(*a, **k)
+    session.reference = lambda *a: calls.append("reference") or reference(*a)
+    # p: 0.5 on frames 1-3, 0.7 on 4-6, 0.3 from 7 on (each answer applies to the next frame).
+    controller = _Steps([0.5, 0.5, 0.5, 0.7, 0.7, 0.7, 0.3])
+    runner = VideoRunner(PlanSet([session], [0.0]), controller, _rel_l2, reference_every=3, percentage=0.0)
+    results = [runner.step(frame) for frame in inputs]
+    references = {r.index: r.percentage for r in results if r.reference}
+    assert references == {0: 0.0, 3: 0.5, 6: 0.7, 9: 0.3}
+    measured = [c for c in calls if c != "delta"]
+    # Frame 0 is the keyframe; at 3 and 6 p rose (0 -> 0.5 -> 0.7): plain runs; at 9 it fell.
+    assert measured == ["keyframe", "reference", "reference", "keyframe"]
+    assert all(r.error is not None for r in results if r.reference and r.index)
+
+
 def test_runner_measures_a_plan_without_delta_steps_without_a_second_run(tiny):
     """An all-dense plan is exact: its reference frames report error 0 and run the model once."""
     from deluceva.planner import load_model

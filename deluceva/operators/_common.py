@@ -78,8 +78,10 @@ class DeltaTensor:
 
     def load(self, dense: np.ndarray) -> None:
         """Take a dense (1, C, H, W) value as seen; no position is changed."""
+        from deluceva.operators._kernels import load_rows
+
         g = self.layout
-        np.copyto(self.value, np.asarray(dense, DTYPE).reshape(g.channels, g.positions).T)
+        load_rows(np.ascontiguousarray(dense, DTYPE).reshape(g.channels, g.positions), self.storage, self.offset)
         self.count[0] = 0
 
     def dense(self) -> np.ndarray:

@@ -21,7 +21,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["emit_rows", "mark_window", "collect_marked", "gather_rows", "run_program", "OPCODES"]
+__all__ = ["emit_rows", "mark_window", "collect_marked", "gather_rows", "load_rows", "run_program", "OPCODES"]
 
 _F32 = np.float32
 
@@ -141,6 +141,17 @@ def gather_rows(source, offset, positions, start, n, out) -> None:
         p = positions[start + j]
         for c in range(channels):
             out[j, c] = source[p, base + c]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def load_rows(x, value, offset) -> None:
+    """value[p, offset + c] = x[c, p]: a dense (C, P) value into channels-last rows (a keyframe
+    loads every delta tensor this way: 0.2 ns a value, against 0.3-0.8 for numpy's copy)."""
+    channels, positions = x.shape
+    base = np.uint64(offset)
+    for p in range(positions):
+        for c in range(channels):
+            value[p, base + np.uint64(c)] = x[c, p]
 
 
 # -- the elementwise program ----------------------------------------------------------------

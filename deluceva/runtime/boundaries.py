@@ -15,7 +15,7 @@ import numpy as np
 
 from deluceva.operators import DeltaTensor
 
-__all__ = ["Entry", "to_delta_step", "mirror_step", "change_magnitudes"]
+__all__ = ["Entry", "to_delta_step", "mirror_step", "same_values", "change_magnitudes"]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -65,6 +65,22 @@ def mirror_step(value, offset, changed, count, mirror) -> None:
         p = changed[j]
         for c in range(channels):
             mirror[c, p] = value[p, base + np.uint64(c)]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def same_values(a, b) -> bool:
+    """Whether two float32 arrays of one shape hold the same bits (stops at the first difference,
+    a few microseconds on a frame that changed; NaN equals NaN, -0 differs from 0)."""
+    x = a.reshape(a.size).view(np.int32)
+    y = b.reshape(b.size).view(np.int32)
+    block = 4096
+    for start in range(0, x.shape[0], block):
+        differ = False
+        for i in range(start, min(x.shape[0], start + block)):
+            differ |= x[i] != y[i]
+        if differ:
+            return False
+    return True
 
 
 class Entry:

@@ -28,7 +28,7 @@ from deluceva.operators._ort import session_options
 from deluceva.operators.program import ElementwiseNode
 from deluceva.planner.load_model import Model
 from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
-from deluceva.runtime.boundaries import Entry, mirror_step
+from deluceva.runtime.boundaries import Entry, mirror_step, same_values
 from deluceva.runtime.copy_tail import TAIL_OP_TYPES, CopyTail, scatter_step
 from deluceva.runtime.thresholds import Thresholds
 
@@ -116,18 +116,25 @@ class Executor:
         self._dense: dict[str, np.ndarray] = {
             t: m.reshape(model.shapes[t]) for t, m in self.mirrors.items()}
         self._kept = set(self.mirrors)  # updated in place: returned as copies
+        # Whether a dense value changed this frame: from the counts of the delta tensors it is
+        # made of (a mirror, a copy tail's output), or set by the step that wrote it.
+        self._made_of: dict[str, list[np.ndarray]] = {t: [self.tensors[t].count] for t in self.mirrors}
+        self._fresh: dict[str, bool] = {}
+        self._last_frame: np.ndarray | None = None
         for tail in self._tails.values():
             for name in tail.outputs:
                 self._dense[name] = np.zeros(model.shapes[name], np.float32)
                 self._kept.add(name)
+                self._made_of[name] = [self.tensors[t].count for t in tail.inputs]
         self._calls: list[tuple[Callable, tuple]] = []
         self._names: list[str] = []
         self._operators = {}
         self.entries: dict[str, Entry] = {}
         self._sessions: list[ort.InferenceSession] = []
-        for tensor in self.entering:
-            if tensor == model.input_name:
-                self._add_to_delta(tensor)
+        if model.input_name in self.tensors:
+            self._add_to_delta(model.input_name)
+        if model.input_name in read_dense:
+            self._add_frame_check()
         for step in plan.steps:
             if isinstance(step, DenseSegment):
                 if id(step) in self._tails:
@@ -148,9 +155,13 @@ class Executor:
                         t = self.tensors[tensor]
                         self._calls.append((mirror_step, (t.storage, t.offset, t.changed, t.count, self.mirrors[tensor])))
                         self._names.append(f"to_dense[{tensor}]")
-        keyframe = model.exposing(sorted(self.tensors) + sorted(t for tail in self._tails.values() for t in tail.outputs))
+        self._segment_outputs = sorted({t for s in plan.steps if isinstance(s, DenseSegment) and id(s) not in self._tails
+                                        for t in s.outputs})
+        keyframe = model.exposing(sorted(set(self.tensors) | set(self._segment_outputs)
+                                         | {t for tail in self._tails.values() for t in tail.outputs}))
         self._keyframe_names = [o.name for o in keyframe.graph.output]
         self._keyframe = _session(keyframe, threads)
+        self._plain: ort.InferenceSession | None = None  # for `reference`, made when first needed
 
     # -- construction --------------------------------------------------------------------
 
@@ -194,14 +205,31 @@ class Executor:
 
     def _add_to_delta(self, tensor: str) -> None:
         entry = self.entries[tensor] = Entry(self.tensors[tensor])
-        dense = self._dense
+        dense, fresh, count = self._dense, self._fresh, entry.target.count
 
         def to_delta() -> None:
-            if not entry(dense[tensor]):
+            if not fresh.get(tensor, True):  # its dense segment was skipped: nothing changed
+                count[0] = 0
+            elif not entry(dense[tensor]):
                 raise _NotFinite(tensor)
 
         self._calls.append((to_delta, ()))
         self._names.append(f"to_delta[{tensor}]")
+
+    def _add_frame_check(self) -> None:
+        """Whether the frame differs at all from the last one, for the dense segments reading it
+        (a static camera repeats frames: 30% of intersection_cctv's)."""
+        name, dense, fresh = self.model.input_name, self._dense, self._fresh
+        last = self._last_frame = np.zeros(self.model.input_shape, np.float32)
+
+        def check_frame() -> None:
+            frame = dense[name]
+            fresh[name] = not same_values(frame, last)
+            if fresh[name]:
+                np.copyto(last, frame)
+
+        self._calls.append((check_frame, ()))
+        self._names.append("frame_check")
 
     def _copy_tail(self, step: DenseSegment, written_by_delta: set[str], threads: int) -> CopyTail | None:
         """The segment's copy map, when it only moves values out of delta tensors."""
@@ -225,12 +253,22 @@ class Executor:
                     self._names.append(step.name)
 
     def _add_dense(self, step: DenseSegment, threads: int) -> None:
+        """The segment runs in onnxruntime on what its inputs' consumers have seen (the filtered
+        frame, mirrors of delta tensors), and is skipped when none of them changed."""
         session = _session(_subgraph(self.model, step.nodes, step.inputs, step.outputs), threads)
         self._sessions.append(session)
-        dense, inputs, outputs = self._dense, list(step.inputs), list(step.outputs)
+        dense, fresh, inputs, outputs = self._dense, self._fresh, list(step.inputs), list(step.outputs)
+        counts = [c for t in inputs for c in self._made_of.get(t, [])]
+        names = [t for t in inputs if t not in self._made_of]
 
         def run_segment() -> None:
-            dense.update(zip(outputs, session.run(outputs, {t: dense[t] for t in inputs})))
+            if any(c[0] for c in counts) or any(fresh[t] for t in names):
+                dense.update(zip(outputs, session.run(outputs, {t: dense[t] for t in inputs})))
+                changed = True
+            else:
+                changed = False
+            for t in outputs:
+                fresh[t] = changed
 
         self._calls.append((run_segment, ()))
         self._names.append(step.name)
@@ -267,6 +305,13 @@ class Executor:
             return self._run_delta(frame)
         except _NotFinite:
             return self._run_keyframe(frame)
+
+    def reference(self, frame: np.ndarray) -> list[np.ndarray]:
+        """Exact outputs from plain onnxruntime on the whole model; caches untouched."""
+        frame = self._check_frame(frame)
+        if self._plain is None:
+            self._plain = _session(self.model.onnx, self.threads)
+        return self._plain.run(self.model.output_names, {self.model.input_name: frame})
 
     @property
     def densities(self) -> dict[str, float]:
@@ -312,6 +357,10 @@ class Executor:
         for tail in self._tails.values():
             for name in tail.outputs:
                 np.copyto(self._dense[name], values[name])
+        for name in self._segment_outputs:  # a segment skipped next frame leaves these as they are
+            self._dense[name] = values[name]
+        if self._last_frame is not None:
+            np.copyto(self._last_frame, frame)
         # After a frame with a NaN or an infinity, the caches hold it: the next frame is a
         # keyframe too, until the video is finite again.
         self.keyframe_pending = not bool(np.isfinite(frame).all())

@@ -2,9 +2,9 @@
 
 Each frame runs through a `Session` at the controller's filtering percentage. Every K frames, and
 whenever the controller asks, the frame is a *reference*: its delta result is computed as usual,
-then the same frame runs densely (an executor keyframe, which also refreshes every cache); the
-error of the delta result against the dense one feeds the controller, and the frame's output is
-the exact dense one. When p crosses into another compiled plan's range, the plan switches at the
+then the same frame runs densely in onnxruntime (an executor keyframe, which also refreshes every
+cache, when the plan changes or p fell since the last one); the error of the delta result
+against the dense one feeds the controller, and the frame's output is the exact dense one. When p crosses into another compiled plan's range, the plan switches at the
 next reference: its dense run fills the new plan's caches, and the next frame is a reference too,
 so a new plan's error is measured on its first delta frame. A reference frame's whole cost counts
 in the frame's time.
@@ -210,6 +210,7 @@ class VideoRunner:
         self.since_reference = 0
         self.probing = False  # measure the next frame: the plan just switched
         self.previous: np.ndarray | None = None
+        self.held_at = 0.0  # the largest p since the last keyframe: the caches hold back up to it
 
     @property
     def session(self):
@@ -229,11 +230,13 @@ class VideoRunner:
         if self.index == 0:
             self.current = wanted
             outputs = self.session.run(frame, percentage, keyframe=True)
+            self.held_at = percentage
             flops, density, reference = self.plans.costs[self.current].total, 1.0, True
             used = self.current
         else:
             used = self.current
             outputs = self.session.run(frame, percentage)
+            self.held_at = max(self.held_at, percentage)
             flops, density = self.plans.costs[used].delta_frame(self.session.executor.densities)
             reference = asked or self.probing or self.since_reference + 1 >= self.reference_every
             self.probing = False
@@ -250,8 +253,18 @@ class VideoRunner:
                     # A plan without delta steps is exact: no second run needed to measure it.
                     error = 0.0
                 else:
+                    # The reference refreshes the caches (a keyframe, 3x a dense run: it loads
+                    # every delta tensor) only where they need it: a new plan's are empty, and
+                    # after p fell, what was held back below the old, higher thresholds would
+                    # stay. Otherwise what they hold back is within the current thresholds
+                    # and a plain dense run measures the error.
+                    refresh = wanted != used or percentage < self.held_at
                     self.current = wanted
-                    dense = self.session.run(frame, percentage, keyframe=True)
+                    if refresh:
+                        dense = self.session.run(frame, percentage, keyframe=True)
+                        self.held_at = percentage
+                    else:
+                        dense = self.session.reference(frame)
                     error = float(self.metric(outputs, dense))
                     outputs = dense
                     flops += self.plans.costs[self.current].total
