@@ -334,7 +334,7 @@ def handle(args: argparse.Namespace) -> int:
         def make_runner():
             holder["plans"] = build_plans(setup)
             return VideoRunner(holder["plans"], setup.controller, setup.metric, args.reference_every,
-                               percentage=args.percentage or 0.0)
+                               percentage=args.percentage or setup.start_percentage)
 
         paired = plain_onnxruntime(str(args.model), args.threads)
         bar = progress(len(ort_run.ms), "deluceva")

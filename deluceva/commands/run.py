@@ -99,6 +99,8 @@ class Setup:
     budget: float
     controller: object
     notes: list[str] = field(default_factory=list)
+    start_percentage: float = 0.0
+    calibration_frames: list = field(default_factory=list)  # the first frames, once read
 
 
 def _declared_input_shape(path: str) -> list[int | None]:
@@ -156,7 +158,7 @@ def build_plans(setup: Setup, announce=None):
 
     args = setup.args
     announce = announce or (lambda text: print(f"deluceva: {text}", file=sys.stderr))
-    frames = _first_frames(setup)
+    frames = setup.calibration_frames = _first_frames(setup)
     if args.plan in ("dense", "delta"):
         session = Session(setup.model, plan=args.plan, threads=args.threads)
         plans = PlanSet([session], [0.0], description=f"{args.plan} (every node that can)")
@@ -165,9 +167,27 @@ def build_plans(setup: Setup, announce=None):
     else:
         announce(f"no --plan given: profiling on the first {len(frames)} frames and compiling on the fly "
                  f"for p in {', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} (save one with `deluceva compile`)")
-        return compile_plans(setup.model, frames, args.threads)
-    calibrate_sessions(plans.sessions, frames)
+        plans = compile_plans(setup.model, frames, args.threads)
+    if args.plan:  # compile_plans calibrated its own
+        calibrate_sessions(plans.sessions, frames)
+    _start_controller(setup, plans, announce)
     return plans
+
+
+def _start_controller(setup: Setup, plans, announce) -> None:
+    """A PI controller without --percentage starts at the p the calibration frames say holds the
+    budget (see `starting_percentage`), rather than at 0."""
+    from deluceva.controller import RUN_SETPOINT, make_controller
+    from deluceva.runtime.video_runner import starting_percentage
+
+    args = setup.args
+    if args.controller != "pi" or args.percentage is not None:
+        return
+    start = starting_percentage(plans, setup.metric, setup.calibration_frames, RUN_SETPOINT * setup.budget)
+    setup.controller = make_controller("pi", percentage=start, budget=setup.budget)
+    setup.start_percentage = start
+    announce(f"pi controller starts at p = {start:g}, where the first {len(setup.calibration_frames)} frames "
+             f"stay within {RUN_SETPOINT:g} x the budget")
 
 
 def _first_frames(setup: Setup) -> list:
@@ -278,7 +298,7 @@ def handle(args: argparse.Namespace) -> int:
     setup = prepare(args)
     plans = build_plans(setup)
     runner = VideoRunner(plans, setup.controller, setup.metric, args.reference_every,
-                         percentage=args.percentage or 0.0)
+                         percentage=args.percentage or setup.start_percentage)
     recorder = FrameRecorder(args.outputs) if args.outputs else None
     names = setup.model.output_names
     input_key = f"input:{setup.model.input_name}"
