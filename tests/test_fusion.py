@@ -351,34 +351,3 @@ def test_dense_segments_are_skipped_when_nothing_they_read_changed():
         got = session.run(frame)
         np.testing.assert_allclose(got[0], reference.run(frame)[0], rtol=1e-5, atol=1e-5)
         assert len(calls) == {0: 0, 1: 1, 2: 1, 3: 2}[index], index
-
-
-def test_an_all_dense_plan_reruns_only_when_the_filtered_frame_changed():
-    """Above p = 0 the dense segments read the frame as filtered: a frame that changed only under
-    the thresholds reruns nothing and keeps the last outputs; at p = 0 any change reruns them."""
-    from deluceva.session import Session
-
-    rng = np.random.default_rng(3)
-    base = rng.standard_normal((1, 3, 45, 61)).astype(np.float32)
-    frames = [base + 0.01 * rng.standard_normal(base.shape).astype(np.float32) for _ in range(6)]
-    tiny = frames[5] + 1e-6 * rng.standard_normal(base.shape).astype(np.float32)  # under every threshold
-    moved = tiny.copy()
-    moved[:, :, 10:20, 10:20] += 3.0
-    session = Session(backbone(), plan="dense")
-    thresholds = session.calibrate(frames)
-    assert thresholds.threshold("x", 0.5) > 1e-5
-    (segment,) = session.executor._sessions
-    calls = []
-    run = segment.run
-    segment.run = lambda *a, **k: calls.append(1) or run(*a, **k)
-    first = session.run(frames[5])  # a keyframe: not through the segment
-    held = session.run(tiny, 0.5)
-    assert calls == [] and session.executor.tensors["x"].count[0] == 0
-    np.testing.assert_array_equal(held[0], first[0])
-    exact = Session(backbone(), plan="dense")
-    got = session.run(moved, 0.5)
-    assert calls == [1]  # the square passes: the segment reruns, on the filtered frame
-    np.testing.assert_allclose(got[0], exact.run(moved)[0], rtol=1e-3, atol=1e-3)
-    got = session.run(tiny, 0.0)  # p = 0: any change reruns it, exactly
-    assert calls == [1, 1]
-    np.testing.assert_allclose(got[0], exact.run(tiny)[0], rtol=1e-5, atol=1e-5)

@@ -39,9 +39,6 @@ class StepError(RuntimeError):
     """A step failed while running; the message names the step."""
 
 
-_FRAME = "\0frame"  # the frame as given, among the dense values (the input's name is the filtered one)
-
-
 class _NotFinite(Exception):
     """A dense value entering the delta steps holds a NaN or an infinity."""
 
@@ -105,10 +102,6 @@ class Executor:
                     self._tails[id(step)] = tail
                 else:
                     read_dense.update(step.inputs)
-        # The frame is always a delta tensor: where only dense segments read it, its filtered
-        # change says whether they have anything to recompute (see `_add_input`).
-        input_read_by_delta = model.input_name in read_by_delta
-        read_by_delta.add(model.input_name)
         self.tensors = {t: DeltaTensor(Layout(*model.shapes[t][1:])) for t in sorted(read_by_delta | written_by_delta)}
         self._share_concat_storage()
         self.entering = sorted(read_by_delta - written_by_delta)  # dense values turned into changes
@@ -138,7 +131,10 @@ class Executor:
         self._operators = {}
         self.entries: dict[str, Entry] = {}
         self._sessions: list[ort.InferenceSession] = []
-        self._add_input(input_read_by_delta)
+        if model.input_name in self.tensors:
+            self._add_to_delta(model.input_name)
+        if model.input_name in read_dense:
+            self._add_frame_check()
         for step in plan.steps:
             if isinstance(step, DenseSegment):
                 if id(step) in self._tails:
@@ -220,34 +216,25 @@ class Executor:
         self._calls.append((to_delta, ()))
         self._names.append(f"to_delta[{tensor}]")
 
-    def _add_input(self, read_by_delta: bool) -> None:
-        """The frame's change, for the delta steps and the dense segments that read it.
+    def _add_frame_check(self) -> None:
+        """Whether the frame differs at all from the last one, for the dense segments reading it.
 
-        The dense segments read the frame as the delta steps see it, filtered, and are skipped
-        when nothing passes: on a static camera most frames change only by noise. At p = 0, with
-        no delta step reading the frame (an all-dense plan), they read it as it is and are
-        skipped only when it is identical to the last one, which costs microseconds to find out
-        where the full comparison would cost 2-5% of a dense run.
+        They read the frame as given, not filtered: at the p where delta steps pay, some of the
+        frame passes any filter nearly every frame, so filtering it would skip a segment about
+        never, cost a full comparison (2-5% of a dense run) and make an all-dense plan inexact.
+        An exact comparison stops at the first difference: microseconds.
         """
         name, dense, fresh = self.model.input_name, self._dense, self._fresh
-        entry = self.entries[name] = Entry(self.tensors[name])
-        planar, count = entry.planar.reshape(self.model.input_shape), entry.target.count
         last = self._last_frame = np.zeros(self.model.input_shape, np.float32)
 
-        def take_frame() -> None:
-            frame = dense[_FRAME]
-            if read_by_delta or self._percentage > 0:
-                if not entry(frame):
-                    raise _NotFinite(name)
-                dense[name], fresh[name] = planar, bool(count[0])
-            else:
-                changed = not same_values(frame, last)
-                if changed:
-                    np.copyto(last, frame)
-                dense[name], fresh[name], count[0] = frame, changed, 0
+        def check_frame() -> None:
+            frame = dense[name]
+            fresh[name] = not same_values(frame, last)
+            if fresh[name]:
+                np.copyto(last, frame)
 
-        self._calls.append((take_frame, ()))
-        self._names.append(f"to_delta[{name}]")
+        self._calls.append((check_frame, ()))
+        self._names.append("frame_check")
 
     def _copy_tail(self, step: DenseSegment, written_by_delta: set[str], threads: int) -> CopyTail | None:
         """The segment's copy map, when it only moves values out of delta tensors."""
@@ -389,7 +376,7 @@ class Executor:
 
     def _run_delta(self, frame: np.ndarray) -> list[np.ndarray]:
         dense = self._dense
-        dense[_FRAME] = frame
+        dense[self.model.input_name] = frame
         self._last_was_keyframe = False
         calls = self._calls
         index = 0
