@@ -26,6 +26,8 @@ class Session:
         profile: record per-step times in `session.executor.step_times`.
         thresholds: filter thresholds calibrated on frames (`calibrate`), shareable between
             sessions of one model; a session runs at p > 0 only once it has them.
+        buffers: working buffers and tensors' state (`deluceva.operators._buffers.Buffers`),
+            shareable between sessions that never run at the same time (one run's plans).
 
     Example:
         >>> session = Session("model.onnx", plan="delta", input_shape=(1, 3, 224, 224))  # doctest: +SKIP
@@ -42,11 +44,12 @@ class Session:
         threads: int = 1,
         profile: bool = False,
         thresholds: Thresholds | None = None,
+        buffers=None,
     ):
         self.model = model if isinstance(model, Model) else load_model(model, input_shape)
         self.graph = build_dag(self.model)
         self.plan = build_plan(self.graph, plan)
-        self.executor = Executor(self.model, self.graph, self.plan, threads=threads, profile=profile)
+        self.executor = Executor(self.model, self.graph, self.plan, threads=threads, profile=profile, buffers=buffers)
         if thresholds is not None:
             self.executor.use_thresholds(thresholds)
 

@@ -351,3 +351,23 @@ def test_dense_segments_are_skipped_when_nothing_they_read_changed():
         got = session.run(frame)
         np.testing.assert_allclose(got[0], reference.run(frame)[0], rtol=1e-5, atol=1e-5)
         assert len(calls) == {0: 0, 1: 1, 2: 1, 3: 2}[index], index
+
+
+def test_sessions_sharing_buffers_stay_exact_across_plan_switches():
+    """Plans of one run share their tensors' state; a switch is a keyframe, so each plan runs
+    exactly on state the other left."""
+    from deluceva.operators._buffers import Buffers
+    from deluceva.session import Session
+
+    buffers = Buffers()
+    graph = build_dag(load_model(backbone()))
+    capable = [n for n, d in graph.nodes(data=True) if d["delta_reason"] is None]
+    half = {n: ("delta" if i % 2 else "dense") for i, n in enumerate(capable)}
+    sessions = [Session(backbone(), plan="delta", buffers=buffers), Session(backbone(), plan=half, buffers=buffers)]
+    assert sessions[0].executor.tensors["t2"].storage is sessions[1].executor.tensors["t2"].storage
+    reference = Session(backbone(), plan="dense")
+    frames = sparse_frames((1, 3, 45, 61), 9, seed=11)
+    for index, frame in enumerate(frames):
+        session = sessions[(index // 3) % 2]  # switch every third frame, with a keyframe
+        got = session.run(frame, keyframe=index % 3 == 0)
+        np.testing.assert_allclose(got[0], reference.run(frame)[0], rtol=1e-5, atol=1e-5)

@@ -204,13 +204,21 @@ def _first_frames(setup: Setup) -> list:
 
 def _plans_from_file(path: str, setup: Setup):
     """PlanSet from a plan JSON written by `deluceva compile`."""
+    from deluceva.operators._buffers import Buffers
     from deluceva.planner import plan_file
     from deluceva.runtime.video_runner import PlanSet
     from deluceva.session import Session
 
     entries = plan_file.plans_for_run(path, setup.model)  # [(percentage, {node: variant}), ...]
-    sessions = [Session(setup.model, plan=variants, threads=setup.args.threads) for _, variants in entries]
-    return PlanSet(sessions, [p for p, _ in entries], description=f"from {path}")
+    sessions, percentages, previous = [], [], None
+    buffers = Buffers()  # one plan runs at a time: they share working buffers and tensors' state
+    for percentage, variants in entries:
+        if variants == previous:
+            continue  # the same plan as the next lower percentage: its session serves this range too
+        previous = variants
+        sessions.append(Session(setup.model, plan=variants, threads=setup.args.threads, buffers=buffers))
+        percentages.append(percentage)
+    return PlanSet(sessions, percentages, description=f"from {path}")
 
 
 def compile_plans(model, frames: list, threads: int = 1, percentages=None, progress: bool = True):
@@ -218,6 +226,7 @@ def compile_plans(model, frames: list, threads: int = 1, percentages=None, progr
 
     Returns a PlanSet (plans identical to a lower percentage's are merged).
     """
+    from deluceva.operators._buffers import Buffers
     from deluceva.planner.plan_file import compile_plan
     from deluceva.profiles import measure_profile
     from deluceva.runtime.video_runner import PlanSet
@@ -227,12 +236,13 @@ def compile_plans(model, frames: list, threads: int = 1, percentages=None, progr
     profile = measure_profile(model, frames, threads=threads, percentages=percentages, progress=progress)
     plan = compile_plan(model, profile, percentages)
     sessions, compiled, previous = [], [], None
+    buffers = Buffers()  # one plan runs at a time: they share working buffers and tensors' state
     for percentage in plan.percentages:
         variants = plan.variants_for(percentage)
         if variants == previous:
             continue  # same plan as the next lower percentage: that session serves this range too
         previous = variants
-        sessions.append(Session(model, plan=variants, threads=threads))
+        sessions.append(Session(model, plan=variants, threads=threads, buffers=buffers))
         compiled.append(percentage)
     calibrate_sessions(sessions, frames)
     return PlanSet(sessions, compiled, description=f"profiled on {len(frames)} frames, compiled on the fly")

@@ -152,7 +152,8 @@ class DeltaOperator:
     An operator is bound to the `DeltaTensor`s it reads (None for constant or omitted inputs)
     and writes. `calls` lists its work for one frame as (compiled kernel, arguments) pairs: the
     executor's frame loop is nothing but `kernel(*arguments)` for each, so all of an operator's
-    buffers are allocated here, once. `supports` says why a node cannot run as delta, or None.
+    buffers are allocated here, once; working buffers come from `buffers`, which the executor
+    shares between its operators. `supports` says why a node cannot run as delta, or None.
 
     Example:
         >>> operator = get_operator("Relu")(spec, [x], [y])            # doctest: +SKIP
@@ -161,10 +162,14 @@ class DeltaOperator:
 
     op_type: ClassVar[str] = ""
 
-    def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor]):
+    def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor],
+                 buffers: "Buffers | None" = None):
+        from deluceva.operators._buffers import Buffers
+
         self.spec = spec
         self.inputs = inputs
         self.outputs = outputs
+        self.buffers = buffers if buffers is not None else Buffers()
         self.calls: list[tuple[Callable, tuple]] = []
 
     @classmethod

@@ -47,8 +47,8 @@ class DeltaConcat(DeltaOperator):
             return "Concat of a constant input has no delta kernel"
         return None
 
-    def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor]):
-        super().__init__(spec, inputs, outputs)
+    def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor], buffers=None):
+        super().__init__(spec, inputs, outputs, buffers)
         out = outputs[0]
         targets = out.offset + np.cumsum([0] + [t.layout.channels for t in inputs]).astype(np.int64)
         copied = np.array([not (t.storage is out.storage and t.offset == targets[k]) for k, t in enumerate(inputs)])
@@ -56,5 +56,6 @@ class DeltaConcat(DeltaOperator):
             tuple(t.storage for t in inputs), np.array([t.offset for t in inputs], np.int64), targets, copied,
             tuple(t.changed for t in inputs), tuple(t.count for t in inputs),
             out.storage, out.changed, out.count,
-            np.zeros(out.layout.positions, np.uint8), np.zeros(out.layout.positions, np.int64),
+            self.buffers.scratch("mark", (out.layout.positions,), np.uint8),
+            self.buffers.scratch("found", (out.layout.positions,), np.int64),
         ))]

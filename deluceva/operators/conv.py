@@ -182,6 +182,16 @@ def conv_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value,
     out_count[0] = emitted
 
 
+def _kernel_weights(weight: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """The weights as the kernels read them: (1, kh * kw, C) taps when depthwise, else
+    (groups, kh * kw * C/groups, M/groups), rows in the windows' (ky, kx, c) order."""
+    m, cg, kh, kw = weight.shape
+    g = geometry.groups
+    if geometry.kind == DEPTHWISE:
+        return np.ascontiguousarray(weight[:, 0].reshape(m, kh * kw).T)[None]
+    return np.ascontiguousarray(weight.reshape(g, m // g, cg, kh, kw).transpose(0, 3, 4, 2, 1).reshape(g, kh * kw * cg, m // g))
+
+
 @register("Conv")
 class DeltaConv(DeltaOperator):
     """A 2-D Conv with constant weights; `epilogue` nodes (read only the Conv's output and each
@@ -198,19 +208,15 @@ class DeltaConv(DeltaOperator):
         return None
 
     def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor],
-                 epilogue: list[ElementwiseNode] = (), head_output: str = "conv", result: str | None = None):
-        super().__init__(spec, inputs, outputs)
+                 epilogue: list[ElementwiseNode] = (), head_output: str = "conv", result: str | None = None,
+                 buffers=None):
+        super().__init__(spec, inputs, outputs, buffers)
         x, out = inputs[0], outputs[0]
         geometry = ConvGeometry(spec)
         weight = np.asarray(spec.constants[1], np.float32)
         m, cg, kh, kw = weight.shape
         g = geometry.groups
-        if geometry.kind == 1:
-            weights = np.ascontiguousarray(weight[:, 0].reshape(m, kh * kw).T)[None]
-        else:
-            # (groups, kh * kw * C/groups, M/groups): rows in the windows' (ky, kx, c) order.
-            weights = np.ascontiguousarray(weight.reshape(g, m // g, cg, kh, kw).transpose(0, 3, 4, 2, 1)
-                                           .reshape(g, kh * kw * cg, m // g))
+        weights = self.buffers.shared(("conv weights", spec.name, geometry.kind), lambda: _kernel_weights(weight, geometry))
         bias = np.zeros(m, np.float32)
         if 2 in spec.constants:
             bias[:] = np.asarray(spec.constants[2], np.float32).reshape(-1)
@@ -223,8 +229,10 @@ class DeltaConv(DeltaOperator):
             x.storage, x.offset, x.layout.height, x.layout.width, x.changed, x.count,
             out.storage, out.offset, out.layout.width, out.changed, out.count, out.threshold,
             geometry.as_array(), geometry.kind, weights, bias,
-            np.zeros(positions, np.uint8), np.zeros(positions, np.int64), np.zeros(kh * kw, np.int64),
-            np.zeros((rows, window), np.float32), np.zeros((rows, m // g), np.float32),
-            np.zeros((program.registers, rows, m), np.float32), np.zeros(2 * rows * m, np.int32),
+            self.buffers.scratch("mark", (positions,), np.uint8), self.buffers.scratch("found", (positions,), np.int64),
+            self.buffers.scratch("taps", (kh * kw,), np.int64),
+            self.buffers.scratch("cols", (rows, window), np.float32), self.buffers.scratch("partial", (rows, m // g), np.float32),
+            self.buffers.scratch("registers", (program.registers, rows, m), np.float32),
+            self.buffers.scratch("bits", (2 * rows * m,), np.int32),
             program.code, program.params, program.constants, program.constant_rows, program.result,
         ))]

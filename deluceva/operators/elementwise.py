@@ -71,8 +71,9 @@ class DeltaElementwise(DeltaOperator):
         return node_support(spec)
 
     def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor],
-                 node: ElementwiseNode | None = None, epilogue: list[ElementwiseNode] = (), result: str | None = None):
-        super().__init__(spec, inputs, outputs)
+                 node: ElementwiseNode | None = None, epilogue: list[ElementwiseNode] = (), result: str | None = None,
+                 buffers=None):
+        super().__init__(spec, inputs, outputs, buffers)
         varying = spec.varying
         node = node or ElementwiseNode(spec, [f"in{i}" for i in range(len(spec.input_shapes))], ["out"])
         names = [node.inputs[i] for i in varying]
@@ -80,13 +81,14 @@ class DeltaElementwise(DeltaOperator):
         program = compile_program([node, *epilogue], names, result or node.outputs[0], out.layout)
         channels = out.layout.channels
         rows = chunk_rows(4 * channels * program.registers)
-        registers = np.zeros((program.registers, rows, channels), np.float32)
+        registers = self.buffers.scratch("registers", (program.registers, rows, channels), np.float32)
         sources = [inputs[i] for i in varying]
         self.calls = [(elementwise_step, (
             tuple(s.storage for s in sources), np.array([s.offset for s in sources], np.int64),
             tuple(s.changed for s in sources), tuple(s.count for s in sources),
             out.storage, out.offset, out.changed, out.count, out.threshold,
-            np.zeros(out.layout.positions, np.uint8), np.zeros(out.layout.positions, np.int64),
-            registers, np.zeros(2 * rows * channels, np.int32),
+            self.buffers.scratch("mark", (out.layout.positions,), np.uint8),
+            self.buffers.scratch("found", (out.layout.positions,), np.int64),
+            registers, self.buffers.scratch("bits", (2 * rows * channels,), np.int32),
             program.code, program.params, program.constants, program.constant_rows, program.result,
         ))]

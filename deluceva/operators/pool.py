@@ -85,8 +85,8 @@ class DeltaPool(DeltaOperator):
             return "MaxPool with storage_order has no delta kernel"
         return None
 
-    def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor]):
-        super().__init__(spec, inputs, outputs)
+    def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor], buffers=None):
+        super().__init__(spec, inputs, outputs, buffers)
         a = spec.attrs
         x, out = inputs[0], outputs[0]
         kernel = tuple(int(k) for k in a["kernel_shape"])
@@ -105,7 +105,7 @@ class DeltaPool(DeltaOperator):
             x.storage, x.offset, x.layout.height, x.layout.width, x.changed, x.count,
             out.storage, out.offset, out.layout.width, out.changed, out.count, out.threshold,
             geometry, spec.op_type == "MaxPool", divisor_h, divisor_w,
-            np.zeros(positions, np.uint8), np.zeros(positions, np.int64),
-            np.zeros((chunk_rows(4 * channels), channels), np.float32),
-            np.zeros(chunk_rows(4 * channels) * channels, np.int32),
+            self.buffers.scratch("mark", (positions,), np.uint8), self.buffers.scratch("found", (positions,), np.int64),
+            self.buffers.scratch("rows", (chunk_rows(4 * channels), channels), np.float32),
+            self.buffers.scratch("bits", (chunk_rows(4 * channels) * channels,), np.int32),
         ))]

@@ -84,6 +84,29 @@ def _inverse(source: np.ndarray, in_channels: int, in_positions: int) -> tuple[n
     return starts, np.ascontiguousarray(pairs[:, 1])
 
 
+def _lookups(spec: OpSpec, epilogue, x: DeltaTensor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per output: (starts, targets) of the output positions each input position is copied to,
+    and the flat index into x's storage each output value copies."""
+    maps = copy_maps(spec)
+    for node in epilogue:
+        after = copy_maps(node.spec)
+        if isinstance(maps, str) or isinstance(after, str):
+            maps = after if isinstance(after, str) else maps
+            break
+        # The next copy indexes the previous one's output, channels-last: look those up.
+        maps = [maps[0].reshape(-1)[m] for m in after]
+    if isinstance(maps, str):
+        raise ValueError(f"{spec.name}: {maps}")
+    width = x.storage.shape[1]
+    lookups = []
+    for source in maps:
+        starts, targets = _inverse(source, x.layout.channels, x.layout.positions)
+        position, channel = np.divmod(source, x.layout.channels)
+        flat = (position * width + x.offset + channel).astype(np.uint64)  # unsigned: no wraparound checks
+        lookups.append((starts, targets, flat))
+    return lookups
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def rearrange_step(x, in_changed, in_count, starts, targets, source, out_value, out_offset, out_changed, out_count,
                    threshold, mark, found, rows, scratch) -> None:
@@ -125,30 +148,20 @@ class DeltaRearrange(DeltaOperator):
         return found if isinstance(found, str) else None
 
     def __init__(self, spec: OpSpec, inputs: list[DeltaTensor | None], outputs: list[DeltaTensor],
-                 epilogue: list = (), head_output: str | None = None, result: str | None = None):
-        super().__init__(spec, inputs, outputs)
+                 epilogue: list = (), head_output: str | None = None, result: str | None = None, buffers=None):
+        super().__init__(spec, inputs, outputs, buffers)
         x = inputs[0]
-        maps = copy_maps(spec)
-        for node in epilogue:
-            after = copy_maps(node.spec)
-            if isinstance(maps, str) or isinstance(after, str):
-                break
-            # The next copy indexes the previous one's output, channels-last: look those up.
-            maps = [maps[0].reshape(-1)[m] for m in after]
-        if isinstance(maps, str):
-            raise ValueError(f"{spec.name}: {maps}")
+        key = ("copy maps", spec.name, tuple(n.spec.name for n in epilogue), x.storage.shape[1], x.offset)
+        lookups = self.buffers.shared(key, lambda: _lookups(spec, epilogue, x))
         # Flat indices into x's storage (a view of it: storages are only ever written in place).
         flat = x.storage.reshape(-1)
-        width = x.storage.shape[1]
-        for out, source in zip(outputs, maps):
-            starts, targets = _inverse(source, x.layout.channels, x.layout.positions)
-            position, channel = np.divmod(source, x.layout.channels)
-            source = (position * width + x.offset + channel).astype(np.uint64)  # unsigned: no wraparound checks
+        for out, (starts, targets, source) in zip(outputs, lookups):
             channels = out.layout.channels
             self.calls.append((rearrange_step, (
                 flat, x.changed, x.count, starts, targets, source, out.storage, out.offset, out.changed, out.count,
                 out.threshold,
-                np.zeros(out.layout.positions, np.uint8), np.zeros(out.layout.positions, np.int64),
-                np.zeros((chunk_rows(4 * channels), channels), np.float32),
-                np.zeros(chunk_rows(4 * channels) * channels, np.int32),
+                self.buffers.scratch("mark", (out.layout.positions,), np.uint8),
+                self.buffers.scratch("found", (out.layout.positions,), np.int64),
+                self.buffers.scratch("rows", (chunk_rows(4 * channels), channels), np.float32),
+                self.buffers.scratch("bits", (chunk_rows(4 * channels) * channels,), np.int32),
             )))

@@ -92,10 +92,14 @@ class Entry:
         >>> entry(next_value)                     # True; delta_tensor.changed lists the change
     """
 
-    def __init__(self, target: DeltaTensor):
+    def __init__(self, target: DeltaTensor, buffers=None, name: str = ""):
         self.target = target
-        self.planar = np.zeros((target.layout.channels, target.layout.positions), np.float32)
-        self.magnitudes = np.zeros(target.layout.positions, np.float32)
+        shape = (target.layout.channels, target.layout.positions)
+        if buffers is None:
+            self.planar, self.magnitudes = np.zeros(shape, np.float32), np.zeros(shape[1], np.float32)
+        else:  # shared with the other plans of a run (`deluceva.operators._buffers`)
+            self.planar = buffers.state(("planar", name), shape, np.float32)
+            self.magnitudes = buffers.scratch("magnitudes", (shape[1],), np.float32)
 
     def load(self, dense: np.ndarray) -> None:
         np.copyto(self.planar, np.asarray(dense, np.float32).reshape(self.planar.shape))

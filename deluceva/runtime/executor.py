@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 from deluceva.errors import DelucevaError
 from deluceva.operators import DeltaTensor, Layout, get_operator
 from deluceva.operators._ort import session_options
+from deluceva.operators._buffers import Buffers
 from deluceva.operators.program import ElementwiseNode
 from deluceva.planner.load_model import Model
 from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
@@ -59,8 +60,12 @@ def _subgraph(model: Model, nodes: list[str], inputs: list[str], outputs: list[s
     return sub
 
 
-def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+def _session(model: onnx.ModelProto, threads: int, arena: bool = True) -> ort.InferenceSession:
+    options = session_options(threads)
+    # Without its arena, a session returns its outputs' memory after each run: the keyframe
+    # session's outputs are every delta tensor (50 MB on YOLOX-nano) and run rarely.
+    options.enable_cpu_mem_arena = arena
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 class Executor:
@@ -72,9 +77,12 @@ class Executor:
         plan: the physical plan.
         threads: onnxruntime intra-op threads, as a user would give plain onnxruntime.
         profile: record the time of every step (see `step_times`).
+        buffers: working buffers and tensors' state, shareable with executors that never run at
+            the same time (`deluceva.operators._buffers`; default: this executor's own).
     """
 
-    def __init__(self, model: Model, graph, plan: PhysicalPlan, threads: int = 1, profile: bool = False):
+    def __init__(self, model: Model, graph, plan: PhysicalPlan, threads: int = 1, profile: bool = False,
+                 buffers: Buffers | None = None):
         # The delta Conv's BLAS products get the same thread count as onnxruntime: the
         # comparison with plain onnxruntime is at equal threads.
         threadpool_limits(limits=threads, user_api="blas")
@@ -85,6 +93,7 @@ class Executor:
         self.profile = profile
         self.step_times: dict[str, list[float]] = defaultdict(list)
         self.keyframe_pending = True
+        self.buffers = buffers if buffers is not None else Buffers()
         self.thresholds: Thresholds | None = None
         self._percentage: float | None = None
 
@@ -104,12 +113,14 @@ class Executor:
                     read_dense.update(step.inputs)
         self.tensors = {t: DeltaTensor(Layout(*model.shapes[t][1:])) for t in sorted(read_by_delta | written_by_delta)}
         self._share_concat_storage()
+        self._use_shared_state()
         self.entering = sorted(read_by_delta - written_by_delta)  # dense values turned into changes
         leaving = sorted(written_by_delta & read_dense)  # delta tensors read densely: mirrored
         # Holding back a change that only dense steps or the model's outputs read saves no work,
         # only adds error: those tensors are never filtered.
         self.filtered = sorted(set(self.entering) | (written_by_delta & read_by_delta))
-        self.mirrors = {t: np.zeros((self.tensors[t].layout.channels, self.tensors[t].layout.positions), np.float32)
+        self.mirrors = {t: self.buffers.state(("mirror", t), (self.tensors[t].layout.channels,
+                                                              self.tensors[t].layout.positions), np.float32)
                         for t in leaving}
         # Dense values by name: the frame, dense segments' outputs, and mirrors and copy tails'
         # outputs (fixed arrays, updated in place).
@@ -123,7 +134,7 @@ class Executor:
         self._last_frame: np.ndarray | None = None
         for tail in self._tails.values():
             for name in tail.outputs:
-                self._dense[name] = np.zeros(model.shapes[name], np.float32)
+                self._dense[name] = self.buffers.state(("dense", name), model.shapes[name], np.float32)
                 self._kept.add(name)
                 self._made_of[name] = [self.tensors[t].count for t in tail.inputs]
         self._calls: list[tuple[Callable, tuple]] = []
@@ -157,11 +168,12 @@ class Executor:
                         self._names.append(f"to_dense[{tensor}]")
         self._segment_outputs = sorted({t for s in plan.steps if isinstance(s, DenseSegment) and id(s) not in self._tails
                                         for t in s.outputs})
-        keyframe = model.exposing(sorted(set(self.tensors) | set(self._segment_outputs)
-                                         | {t for tail in self._tails.values() for t in tail.outputs}))
-        self._keyframe_names = [o.name for o in keyframe.graph.output]
-        self._keyframe = _session(keyframe, threads)
-        self._plain: ort.InferenceSession | None = None  # for `reference`, made when first needed
+        # One keyframe session for every executor sharing `buffers`, exposing what all of them
+        # load; made at the first keyframe, when they all have said what they need.
+        self._keyframes = self.buffers.shared("keyframe", lambda: {"tensors": set(), "session": None})
+        self._keyframes["tensors"] |= (set(self.tensors) | set(self._segment_outputs)
+                                       | {t for tail in self._tails.values() for t in tail.outputs})
+        self._keyframes["session"] = None
 
     # -- construction --------------------------------------------------------------------
 
@@ -184,6 +196,23 @@ class Executor:
                     placed.add(tensor)
                 offset += self.tensors[tensor].layout.channels
 
+    def _use_shared_state(self) -> None:
+        """Keep each storage, and each list of changed positions, in `buffers` under the name of
+        the tensor it belongs to, so that the sessions of one run's plans hold one of each."""
+        groups: dict[int, list[str]] = {}
+        for name, tensor in self.tensors.items():
+            groups.setdefault(id(tensor.storage), []).append(name)
+        for members in groups.values():
+            storage = self.tensors[members[0]].storage
+            # The group's root: the tensor that spans the whole storage (the outermost Concat).
+            root = next(n for n in members if self.tensors[n].offset == 0
+                        and self.tensors[n].layout.channels == storage.shape[1])
+            shared = self.buffers.state(("storage", root), storage.shape, np.float32)
+            for name in members:
+                tensor = self.tensors[name]
+                tensor.share_storage(shared, tensor.offset)
+                tensor.changed = self.buffers.state(("changed", name), tensor.changed.shape, np.int64)
+
     def _place(self, tensor: str, storage: np.ndarray, offset: int) -> None:
         """Put `tensor` at `offset` of `storage`, with the tensors already placed inside it."""
         own = self.tensors[tensor]
@@ -197,14 +226,15 @@ class Executor:
         inputs = [self.tensors.get(t) if i in spec.varying else None for i, t in enumerate(step.inputs)]
         outputs = [self.tensors[t] for t in step.outputs]
         if not step.fused:
-            return get_operator(spec.op_type)(spec, inputs, outputs)
+            return get_operator(spec.op_type)(spec, inputs, outputs, buffers=self.buffers)
         epilogue = [ElementwiseNode(self.graph.nodes[n]["spec"], list(self.graph.nodes[n]["inputs"]),
                                     list(self.graph.nodes[n]["outputs"])) for n in step.fused]
         return get_operator(spec.op_type)(spec, inputs, outputs, epilogue=epilogue,
-                                          head_output=data["outputs"][0], result=step.outputs[0])
+                                          head_output=data["outputs"][0], result=step.outputs[0],
+                                          buffers=self.buffers)
 
     def _add_to_delta(self, tensor: str) -> None:
-        entry = self.entries[tensor] = Entry(self.tensors[tensor])
+        entry = self.entries[tensor] = Entry(self.tensors[tensor], self.buffers, tensor)
         dense, fresh, count = self._dense, self._fresh, entry.target.count
 
         def to_delta() -> None:
@@ -225,7 +255,7 @@ class Executor:
         An exact comparison stops at the first difference: microseconds.
         """
         name, dense, fresh = self.model.input_name, self._dense, self._fresh
-        last = self._last_frame = np.zeros(self.model.input_shape, np.float32)
+        last = self._last_frame = self.buffers.state(("last frame",), self.model.input_shape, np.float32)
 
         def check_frame() -> None:
             frame = dense[name]
@@ -242,10 +272,14 @@ class Executor:
             return None
         if not step.inputs or not set(step.inputs) <= written_by_delta:
             return None
-        session = _session(_subgraph(self.model, step.nodes, step.inputs, step.outputs), threads)
         shapes = self.model.shapes
-        return CopyTail.probe(session, {t: shapes[t] for t in step.inputs}, list(step.outputs),
-                              {t: shapes[t] for t in step.outputs})
+
+        def probe() -> CopyTail | None:
+            session = _session(_subgraph(self.model, step.nodes, step.inputs, step.outputs), threads)
+            return CopyTail.probe(session, {t: shapes[t] for t in step.inputs}, list(step.outputs),
+                                  {t: shapes[t] for t in step.outputs})
+
+        return self.buffers.shared(("copy tail", tuple(step.nodes), tuple(step.inputs), tuple(step.outputs)), probe)
 
     def _add_tail(self, step: DenseSegment, tail: CopyTail) -> None:
         for tensor, per_output in tail.maps.items():
@@ -314,9 +348,8 @@ class Executor:
     def reference(self, frame: np.ndarray) -> list[np.ndarray]:
         """Exact outputs from plain onnxruntime on the whole model; caches untouched."""
         frame = self._check_frame(frame)
-        if self._plain is None:
-            self._plain = _session(self.model.onnx, self.threads)
-        return self._plain.run(self.model.output_names, {self.model.input_name: frame})
+        plain = self.buffers.shared("plain", lambda: _session(self.model.onnx, self.threads))
+        return plain.run(self.model.output_names, {self.model.input_name: frame})
 
     @property
     def densities(self) -> dict[str, float]:
@@ -350,7 +383,12 @@ class Executor:
 
     def _run_keyframe(self, frame: np.ndarray) -> list[np.ndarray]:
         start = time.perf_counter()
-        values = dict(zip(self._keyframe_names, self._keyframe.run(None, {self.model.input_name: frame})))
+        keyframes = self._keyframes
+        if keyframes["session"] is None:
+            exposing = self.model.exposing(sorted(keyframes["tensors"]))
+            keyframes["names"] = [o.name for o in exposing.graph.output]
+            keyframes["session"] = _session(exposing, self.threads, arena=False)
+        values = dict(zip(keyframes["names"], keyframes["session"].run(None, {self.model.input_name: frame})))
         values[self.model.input_name] = frame
         for tensor, state in self.tensors.items():
             if tensor in self.entries:

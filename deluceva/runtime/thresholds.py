@@ -31,6 +31,10 @@ CALIBRATION_FRAMES = 10  # a video's first frames that `run` and `bench` calibra
 # Positions sampled per tensor and frame pair (evenly spaced): enough for 201 quantiles, and it
 # keeps calibration's memory small on large tensors (P-Net at 1280x720 has 900k positions).
 SAMPLES_PER_FRAME = 1 << 16
+# Tensors are measured in groups of at most this many values, each group in its own pass over
+# the frames, so that calibration holds two frames of one group at a time (YOLOX-nano's filtered
+# tensors are 12.7M values: 100 MB for two frames of all of them at once).
+GROUP_VALUES = 1 << 22
 
 
 def tensor_values(model, frames: Iterable[np.ndarray], tensors: Iterable[str]):
@@ -38,12 +42,27 @@ def tensor_values(model, frames: Iterable[np.ndarray], tensors: Iterable[str]):
     import onnxruntime as ort
 
     wanted = [t for t in dict.fromkeys(tensors) if t != model.input_name]
-    session = ort.InferenceSession(model.exposing(wanted).SerializeToString(), session_options(1),
+    options = session_options(1)
+    options.enable_cpu_mem_arena = False  # its outputs are freed after each frame, not kept in an arena
+    session = ort.InferenceSession(model.exposing(wanted).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     for frame in frames:
         values = dict(zip(wanted, session.run(wanted, {model.input_name: frame}))) if wanted else {}
         values[model.input_name] = frame
         yield values
+
+
+def _groups(model, tensors: list[str]) -> list[list[str]]:
+    """`tensors` in order, cut into groups of at most GROUP_VALUES values (one tensor at least)."""
+    groups, size = [[]], 0
+    for tensor in tensors:
+        values = int(np.prod(model.shapes.get(tensor) or (1,)))
+        if groups[-1] and size + values > GROUP_VALUES:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += values
+    return groups
 
 
 def tensor_layouts(graph) -> dict[str, Layout]:
@@ -83,14 +102,15 @@ class Thresholds:
         if not tensors:
             return cls({}, frames=len(frames))
         samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
-        previous = None
-        for values in tensor_values(model, frames, tensors):
-            if previous is not None:
-                for tensor in tensors:
-                    magnitudes = change_magnitudes(values[tensor], previous[tensor])
-                    step = max(1, len(magnitudes) // SAMPLES_PER_FRAME)
-                    samples[tensor].append(magnitudes[::step])
-            previous = values
+        for group in _groups(model, tensors):
+            previous = None
+            for values in tensor_values(model, frames, group):
+                if previous is not None:
+                    for tensor in group:
+                        magnitudes = change_magnitudes(values[tensor], previous[tensor])
+                        step = max(1, len(magnitudes) // SAMPLES_PER_FRAME)
+                        samples[tensor].append(magnitudes[::step].copy())  # not a view holding them all
+                previous = values
         quantiles = {}
         for tensor, parts in samples.items():
             magnitudes = np.concatenate(parts).astype(np.float64)
