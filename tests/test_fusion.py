@@ -371,3 +371,30 @@ def test_sessions_sharing_buffers_stay_exact_across_plan_switches():
         session = sessions[(index // 3) % 2]  # switch every third frame, with a keyframe
         got = session.run(frame, keyframe=index % 3 == 0)
         np.testing.assert_allclose(got[0], reference.run(frame)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("plan", ["dense", "delta"])
+def test_a_frame_whose_change_stays_under_the_threshold_is_skipped(plan):
+    """Above p = 0 the frame's change is filtered: a frame that changed only under the frame's
+    threshold runs nothing and returns the last outputs; at p = 0 any change runs, exactly."""
+    from deluceva.session import Session
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((1, 3, 45, 61)).astype(np.float32)
+    frames = [base + 0.01 * rng.standard_normal(base.shape).astype(np.float32) for _ in range(6)]
+    tiny = frames[5] + 1e-6 * rng.standard_normal(base.shape).astype(np.float32)  # under every threshold
+    moved = tiny.copy()
+    moved[:, :, 10:20, 10:20] += 3.0
+    session = Session(backbone(), plan=plan)
+    thresholds = session.calibrate(frames)
+    assert thresholds.threshold("x", 0.5) > 1e-5
+    exact = Session(backbone(), plan="dense")
+    first = session.run(frames[5])  # a keyframe
+    held = session.run(tiny, 0.5)
+    np.testing.assert_array_equal(held[0], first[0])
+    assert all(d == 0.0 for d in session.executor.densities.values())
+    got = session.run(moved, 0.5)  # the square passes: the frame runs
+    assert session.executor.densities["x"] > 0
+    np.testing.assert_allclose(got[0], exact.run(moved)[0], rtol=2e-3, atol=2e-3)
+    got = session.run(tiny, 0.0)  # p = 0: any change runs, exactly
+    np.testing.assert_allclose(got[0], exact.run(tiny)[0], rtol=1e-5, atol=1e-5)

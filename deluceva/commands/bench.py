@@ -39,7 +39,7 @@ import numpy as np
 
 
 __all__ = ["add_parser", "handle", "PeakMemory", "OnnxruntimeRun", "run_onnxruntime", "plain_onnxruntime", "run_deluceva",
-           "compare", "format_table", "machine_info", "plot"]
+           "frame_skipping", "compare", "format_table", "machine_info", "plot"]
 
 
 def add_parser(commands, percentage, positive_int) -> None:
@@ -198,6 +198,60 @@ def run_deluceva(make_runner: Callable, tensors: Iterable[np.ndarray], reference
     return run
 
 
+# -- what users do instead: skip frames that barely changed ----------------------------------
+
+SKIP_GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3)
+
+
+def frame_skipping(frames: Callable[[], Iterable[np.ndarray]], ort_run: OnnxruntimeRun, ort_ms: list[float],
+                   metric: Callable, target: float, calibration: int | None = None) -> dict:
+    """Plain onnxruntime that reuses its last outputs while the frame barely changed.
+
+    A frame is skipped when the share of 8x8 tiles changed by more than 1% of the input's range
+    since the last frame onnxruntime ran on (`change_statistics`) is under k. k is the largest on
+    SKIP_GRID whose mean error stays within `target` on the first `calibration` frames (as a
+    user would tune it, and as deluceva's controller is started), or, without `calibration`, on
+    all the frames (tuned on the very frames it is measured on: the best skipping can do at that
+    error). The time of a frame is the statistic's, measured, plus onnxruntime's measured time on
+    the frames it runs. `frames()` iterates the preprocessed frames from the first.
+    """
+    from deluceva.runtime.video_runner import change_statistics
+
+    def simulate(k: float, count: int) -> tuple[list[float], list[float], int]:
+        errors, ms, skipped = [], [], 0
+        last_input, last_index = None, None
+        for index, tensor in zip(range(count), frames()):
+            start = time.perf_counter()
+            share = change_statistics(tensor, last_input)["changed_tiles"]
+            spent = (time.perf_counter() - start) * 1000
+            if last_input is not None and share < k:
+                skipped += 1
+                errors.append(float(metric(ort_run.outputs(last_index), ort_run.outputs(index))))
+            else:
+                last_input, last_index = tensor, index
+                spent += ort_ms[index]
+                errors.append(0.0)
+            ms.append(spent)
+        return errors, ms, skipped
+
+    chosen = 0.0
+    for k in SKIP_GRID:
+        errors, _, _ = simulate(k, min(calibration or len(ort_ms), len(ort_ms)))
+        if statistics.fmean(errors) > target:
+            break
+        chosen = k
+    errors, ms, skipped = simulate(chosen, len(ort_ms))
+    return {"threshold": chosen, "ms_mean": statistics.fmean(ms), "error_mean": statistics.fmean(errors),
+            "error_p95": _percentile_of(errors, 0.95), "error_max": max(errors), "skipped": skipped / len(ms),
+            "error_trace": [round(e, 6) for e in errors], "ms_trace": [round(m, 4) for m in ms]}
+
+
+def _percentile_of(values, q):
+    from deluceva.runtime.video_runner import _percentile
+
+    return _percentile(values, q)
+
+
 def compare(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
     """The headline figures: speedup, error, density, FLOP bound, efficiency, memory."""
     from deluceva.runtime.video_runner import _percentile
@@ -254,6 +308,12 @@ def format_table(figures: dict, metric: str, budget: float | None = None) -> str
         f"FLOP-reduction bound   {number(figures['flop_reduction_bound'], '{:.2f}x')}",
         f"efficiency             {number(figures['efficiency'], '{:.2f}')}  (speedup / bound)",
     ]
+    for prefix, label in (("skip", "frame skipping"), ("skip_equal", "  at equal error")):
+        if f"{prefix}_speedup" in figures:
+            lines.append(
+                f"{label:<23}{figures[f'{prefix}_speedup']:.2f}x  (skip under {figures[f'{prefix}_threshold']:g} of "
+                f"tiles changed: {figures[f'{prefix}_share']:.0%} skipped; {metric} error mean "
+                f"{figures[f'{prefix}_error_mean']:.4f}, max {figures[f'{prefix}_error_max']:.4f})")
     return "\n".join(lines)
 
 
@@ -317,6 +377,7 @@ def plot(path: str, ort_run: OnnxruntimeRun, delta_run: DelucevaRun, metric: str
 
 def handle(args: argparse.Namespace) -> int:
     from deluceva.commands.run import _check_writable, build_plans, prepare, progress, run_info, write_json
+    from deluceva.controller import RUN_SETPOINT
     from deluceva.runtime.video_runner import VideoRunner
 
     _check_writable(args.json, ".json", "--json")
@@ -344,6 +405,19 @@ def handle(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         figures = compare(ort_run, delta_run)
+        # What users do instead, tuned as they would (on the first frames, to the controller's
+        # aim) and tuned on the run itself to deluceva's own mean error (equal error).
+        frames = lambda: (preprocess(rgb) for rgb in setup.video)  # noqa: E731
+        ort_ms = delta_run.paired_ms or ort_run.ms
+        for prefix, target, calibration in (("skip", RUN_SETPOINT * setup.budget, len(setup.calibration_frames)),
+                                            ("skip_equal", figures["error_mean"], None)):
+            skipping = frame_skipping(frames, ort_run, ort_ms, setup.metric, target, calibration)
+            figures.update({
+                f"{prefix}_threshold": skipping["threshold"], f"{prefix}_share": skipping["skipped"],
+                f"{prefix}_speedup": figures["onnxruntime_ms_mean"] / skipping["ms_mean"],
+                f"{prefix}_error_mean": skipping["error_mean"], f"{prefix}_error_p95": skipping["error_p95"],
+                f"{prefix}_error_max": skipping["error_max"], f"{prefix}_error_trace": skipping["error_trace"],
+            })
         print(format_table(figures, args.metric, setup.budget))
         if args.json:
             write_json(args.json, {

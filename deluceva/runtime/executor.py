@@ -111,6 +111,10 @@ class Executor:
                     self._tails[id(step)] = tail
                 else:
                     read_dense.update(step.inputs)
+        # The frame is always a delta tensor: its filtered change decides whether the frame is
+        # worth running at all (`_take_frame`), whoever reads it.
+        self._input_read_by_delta = model.input_name in read_by_delta
+        read_by_delta.add(model.input_name)
         self.tensors = {t: DeltaTensor(Layout(*model.shapes[t][1:])) for t in sorted(read_by_delta | written_by_delta)}
         self._share_concat_storage()
         self._use_shared_state()
@@ -131,7 +135,6 @@ class Executor:
         # made of (a mirror, a copy tail's output), or set by the step that wrote it.
         self._made_of: dict[str, list[np.ndarray]] = {t: [self.tensors[t].count] for t in self.mirrors}
         self._fresh: dict[str, bool] = {}
-        self._last_frame: np.ndarray | None = None
         for tail in self._tails.values():
             for name in tail.outputs:
                 self._dense[name] = self.buffers.state(("dense", name), model.shapes[name], np.float32)
@@ -142,10 +145,10 @@ class Executor:
         self._operators = {}
         self.entries: dict[str, Entry] = {}
         self._sessions: list[ort.InferenceSession] = []
-        if model.input_name in self.tensors:
-            self._add_to_delta(model.input_name)
-        if model.input_name in read_dense:
-            self._add_frame_check()
+        self._frame_entry = self.entries[model.input_name] = Entry(self.tensors[model.input_name], self.buffers,
+                                                                   model.input_name)
+        self._last_frame = self.buffers.state(("last frame",), model.input_shape, np.float32)
+        self._last_outputs: list[np.ndarray] = []
         for step in plan.steps:
             if isinstance(step, DenseSegment):
                 if id(step) in self._tails:
@@ -246,25 +249,27 @@ class Executor:
         self._calls.append((to_delta, ()))
         self._names.append(f"to_delta[{tensor}]")
 
-    def _add_frame_check(self) -> None:
-        """Whether the frame differs at all from the last one, for the dense segments reading it.
+    def _take_frame(self, frame: np.ndarray) -> bool:
+        """Take the frame's change; False when it changes nothing, and the frame is skipped.
 
-        They read the frame as given, not filtered: at the p where delta steps pay, some of the
-        frame passes any filter nearly every frame, so filtering it would skip a segment about
-        never, cost a full comparison (2-5% of a dense run) and make an all-dense plan inexact.
-        An exact comparison stops at the first difference: microseconds.
+        Above p = 0 (or where delta steps read the frame) its change is filtered as any delta
+        tensor's: a frame whose every change stays under the threshold changes nothing, and
+        returns the last outputs (a static camera's frames often change only by noise: frame
+        skipping, with the threshold the controller sets). At p = 0 with only dense segments
+        reading the frame, it is compared exactly with the last one, which stops at the first
+        difference (microseconds, where the filter's pass costs 2-5% of a dense run).
         """
-        name, dense, fresh = self.model.input_name, self._dense, self._fresh
-        last = self._last_frame = self.buffers.state(("last frame",), self.model.input_shape, np.float32)
-
-        def check_frame() -> None:
-            frame = dense[name]
-            fresh[name] = not same_values(frame, last)
-            if fresh[name]:
-                np.copyto(last, frame)
-
-        self._calls.append((check_frame, ()))
-        self._names.append("frame_check")
+        name = self.model.input_name
+        if self._percentage > 0 or self._input_read_by_delta:
+            if not self._frame_entry(frame):
+                raise _NotFinite(name)
+            changed = bool(self._frame_entry.target.count[0])
+        else:
+            changed = not same_values(frame, self._last_frame)
+            if changed:
+                np.copyto(self._last_frame, frame)
+        self._fresh[name] = changed
+        return changed
 
     def _copy_tail(self, step: DenseSegment, written_by_delta: set[str], threads: int) -> CopyTail | None:
         """The segment's copy map, when it only moves values out of delta tensors."""
@@ -356,6 +361,8 @@ class Executor:
         """Share of positions changed per delta tensor on the last frame (1.0 after a keyframe)."""
         if self._last_was_keyframe:
             return {t: 1.0 for t in self.tensors}
+        if self._skipped:
+            return {t: 0.0 for t in self.tensors}
         return {t: tensor.density for t, tensor in self.tensors.items()}
 
     # -- internals ---------------------------------------------------------------------
@@ -380,6 +387,7 @@ class Executor:
         self._percentage = percentage
 
     _last_was_keyframe = True
+    _skipped = False
 
     def _run_keyframe(self, frame: np.ndarray) -> list[np.ndarray]:
         start = time.perf_counter()
@@ -402,8 +410,8 @@ class Executor:
                 np.copyto(self._dense[name], values[name])
         for name in self._segment_outputs:  # a segment skipped next frame leaves these as they are
             self._dense[name] = values[name]
-        if self._last_frame is not None:
-            np.copyto(self._last_frame, frame)
+        np.copyto(self._last_frame, frame)
+        self._last_outputs = [values[name] for name in self.model.output_names]
         # After a frame with a NaN or an infinity, the caches hold it: the next frame is a
         # keyframe too, until the video is finite again.
         self.keyframe_pending = not bool(np.isfinite(frame).all())
@@ -416,6 +424,9 @@ class Executor:
         dense = self._dense
         dense[self.model.input_name] = frame
         self._last_was_keyframe = False
+        self._skipped = not self._take_frame(frame)
+        if self._skipped:
+            return [np.array(output) for output in self._last_outputs]
         calls = self._calls
         index = 0
         try:
@@ -435,4 +446,6 @@ class Executor:
         except Exception as error:
             raise StepError(f"{self._names[index]}: {type(error).__name__}: {error}") from error
         # An output mirrored from delta steps is updated in place by the next frame: copied.
-        return [np.array(dense[name]) if name in self._kept else dense[name] for name in self.model.output_names]
+        outputs = [np.array(dense[name]) if name in self._kept else dense[name] for name in self.model.output_names]
+        self._last_outputs = outputs
+        return outputs

@@ -250,8 +250,9 @@ class VideoRunner:
                 # over budget costs one frame's error rather than K frames of drift (YuNet with
                 # rel-l2: 0.3 after one frame at p = 0.8, 5.3 after ten).
                 self.probing = wanted != self.current
-                if wanted == used and not self.plans.costs[used].delta:
-                    # A plan without delta steps is exact: no second run needed to measure it.
+                if wanted == used and not self.plans.costs[used].delta and percentage == 0:
+                    # A plan without delta steps is exact at p = 0 (above, a frame whose change
+                    # stays under the frame's threshold is skipped): nothing to measure.
                     error = 0.0
                 else:
                     # The reference refreshes the caches (a keyframe, 3x a dense run: it loads
