@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -63,9 +64,16 @@ def test_profile_compile_explain(workspace, capsys, tmp_path):
     graph = tmp_path / "plan.svg"
     code, out, err = run_cli(["explain", workspace["plan"], "--percentage", "0.9", "--graph", graph], capsys)
     assert code == 0, err
-    assert out.splitlines()[0].split() == ["node", "op", "output", "shape", "variant", "dense", "ms", "delta",
-                                           "ms", "density", "reason"]
+    assert out.splitlines()[0].split() == ["node", "op", "output", "shape", "variant", "predicted", "ms", "measured",
+                                           "ms", "dense", "ms", "delta", "ms", "density", "reason"]
     assert "no delta kernel for LRN" in out and "plan for p=0.9" in out and "all dense" in out
+    # Each node's measured ms is what the profile measured for its variant at p = 0.9.
+    profile = json.loads(Path(workspace["profile"]).read_text())
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.strip()}
+    for name, node in profile["nodes"].items():
+        variant, measured = rows[name][3], rows[name][5]
+        expected = node["dense_ms"] if variant == "dense" else node["delta_ms"][profile["percentages"].index(0.9)]
+        assert measured == f"{expected:.3f}", name
     assert graph.read_text().lstrip().startswith("<?xml")
     png = tmp_path / "plan.png"
     assert run_cli(["explain", workspace["plan"], "--graph", png], capsys)[0] == 0

@@ -1,4 +1,10 @@
-"""`deluceva explain`: a compiled plan as a table (and a drawing), with totals against all-dense."""
+"""`deluceva explain`: a compiled plan as a table (and a drawing), with totals against all-dense.
+
+Per node: its variant; the cost model's predicted ms for it and what the profile measured for
+it (dense: the node alone in its own onnxruntime session; delta: its step's mean over the
+profile's frames at that percentage; a fused group's delta time is its head's); the predicted
+dense and delta ms the choice was made from; the expected input density; the reason.
+"""
 
 from __future__ import annotations
 
@@ -18,13 +24,15 @@ def _ms(value) -> str:
 def explain_table(plan, percentage: float) -> str:
     """EXPLAIN: one row per node, then totals against all-dense and all-delta."""
     i = plan.index_for(percentage)
-    header = ["node", "op", "output shape", "variant", "dense ms", "delta ms", "density", "reason"]
+    header = ["node", "op", "output shape", "variant", "predicted ms", "measured ms", "dense ms", "delta ms",
+              "density", "reason"]
     rows = []
     for node in plan.data["nodes"]:
         shape = "x".join(str(d) for d in node["output_shape"]) if node["output_shape"] else "-"
         density = node["density"][i]
-        rows.append([node["name"], node["op_type"], shape, node["variant"][i], _ms(node["dense_ms"]),
-                     _ms(node["delta_ms"][i]), "-" if density is None else f"{density:.2f}", node["reason"][i]])
+        rows.append([node["name"], node["op_type"], shape, node["variant"][i], _ms(node["predicted_ms"][i]),
+                     _ms(node["measured_ms"][i]), _ms(node["dense_ms"]), _ms(node["delta_ms"][i]),
+                     "-" if density is None else f"{density:.2f}", node["reason"][i]])
     widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in [header] + rows]
     totals = plan.data["totals"]

@@ -9,7 +9,7 @@ Format (schema version 2), lists per node aligned with "percentages":
       "threads": int, "percentages": [..],
       "nodes": [{"name", "op_type", "output_shape", "delta_reason", "dense_ms",
                  "variant": [..], "delta_ms": [..|null], "density": [..|null],
-                 "predicted_ms": [..], "reason": [..]}],
+                 "predicted_ms": [..], "measured_ms": [..|null], "reason": [..]}],
       "edges": [[producer, consumer], ...],
       "totals": {"plan_ms": [..], "all_dense_ms": [..], "all_delta_ms": [..]}
     }
@@ -40,6 +40,19 @@ SCHEMA_VERSION = 2
 # profile's `validation`), so a smaller predicted gain is noise and could make p = 0 slower
 # than onnxruntime.
 MIN_GAIN = 0.10
+
+
+def _measured(profile, node: str, variant: str, percentage: float) -> float | None:
+    """What the profile measured for `node` in `variant` (dense: alone in its own session; delta:
+    mean over the fit frames at `percentage`, where the profile measured at it)."""
+    entry = profile.nodes.get(node)
+    if entry is None:
+        return None
+    if variant == "dense":
+        return _finite(entry["dense_ms"])
+    if entry.get("delta_ms") is None or percentage not in profile.percentages:
+        return None
+    return _finite(entry["delta_ms"][profile.percentages.index(percentage)])
 
 
 def _finite(value: float) -> float | None:
@@ -152,7 +165,8 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
     nodes = {name: {"name": name, "op_type": d["op_type"],
                     "output_shape": list(d["output_shapes"][0]) if d["output_shapes"] and d["output_shapes"][0] else None,
                     "delta_reason": d["delta_reason"], "dense_ms": None,
-                    "variant": [], "delta_ms": [], "density": [], "predicted_ms": [], "reason": []}
+                    "variant": [], "delta_ms": [], "density": [], "predicted_ms": [], "measured_ms": [],
+                    "reason": []}
              for name, d in graph.nodes(data=True)}
     totals = {"plan_ms": [], "all_dense_ms": [], "all_delta_ms": []}
     all_dense = {v: "dense" for v in graph.nodes}
@@ -171,6 +185,7 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
             entry["delta_ms"].append(_finite(d["cost_delta"]))
             entry["density"].append(None if d["density"] is None else round(d["density"], 4))
             entry["predicted_ms"].append(_finite(d["predicted_ms"]))
+            entry["measured_ms"].append(_measured(profile, name, d["variant"], p))
             entry["reason"].append(d["reason"])
     data = {
         "format": FORMAT, "schema_version": SCHEMA_VERSION,
@@ -203,7 +218,8 @@ def load_plan(path: str | os.PathLike) -> PlanFile:
         int(data["threads"])
         for node in data["nodes"]:
             assert isinstance(node["name"], str) and isinstance(node["op_type"], str)
-            assert all(len(node[k]) == n for k in ("variant", "delta_ms", "density", "predicted_ms", "reason"))
+            assert all(len(node[k]) == n for k in ("variant", "delta_ms", "density", "predicted_ms", "measured_ms",
+                                                   "reason"))
             assert all(v in ("dense", "delta") for v in node["variant"])
         assert all(len(e) == 2 for e in data["edges"])
         assert all(len(data["totals"][k]) == n for k in ("plan_ms", "all_dense_ms", "all_delta_ms"))
