@@ -147,3 +147,17 @@ def test_same_values_compares_bits():
     b.reshape(-1)[7] = -b.reshape(-1)[7] if a.reshape(-1)[7] == 0 else b.reshape(-1)[7]
     c = np.zeros(4, np.float32)
     assert not same_values(c, -c)  # -0 is another value: onnxruntime may tell them apart
+
+
+def test_exceeds_finds_a_change_over_the_threshold_anywhere():
+    from deluceva.runtime.boundaries import exceeds
+
+    a = np.random.default_rng(1).standard_normal((1, 3, 40, 50)).astype(np.float32)
+    b = a + np.float32(0.01)
+    assert not exceeds(a, b, 0.02)
+    assert exceeds(a, b, 0.005)
+    c = b.copy()
+    c[0, 2, 39, 49] += 1.0  # the very last value
+    assert exceeds(c, b, 0.5) and not exceeds(c, b, 2.0)
+    c[0, 0, 0, 0] = np.inf
+    assert exceeds(c, b, 2.0)  # not finite: the frame must run (and fail as onnxruntime does)

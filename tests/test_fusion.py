@@ -394,7 +394,7 @@ def test_a_frame_whose_change_stays_under_the_threshold_is_skipped(plan):
     np.testing.assert_array_equal(held[0], first[0])
     assert all(d == 0.0 for d in session.executor.densities.values())
     got = session.run(moved, 0.5)  # the square passes: the frame runs
-    assert session.executor.densities["x"] > 0
+    assert not np.array_equal(got[0], held[0])
     np.testing.assert_allclose(got[0], exact.run(moved)[0], rtol=2e-3, atol=2e-3)
     got = session.run(tiny, 0.0)  # p = 0: any change runs, exactly
     np.testing.assert_allclose(got[0], exact.run(tiny)[0], rtol=1e-5, atol=1e-5)

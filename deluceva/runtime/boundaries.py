@@ -15,7 +15,7 @@ import numpy as np
 
 from deluceva.operators import DeltaTensor
 
-__all__ = ["Entry", "to_delta_step", "mirror_step", "same_values", "change_magnitudes"]
+__all__ = ["Entry", "to_delta_step", "mirror_step", "same_values", "exceeds", "change_magnitudes"]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -81,6 +81,27 @@ def same_values(a, b) -> bool:
         if differ:
             return False
     return True
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def exceeds(a, b, threshold) -> bool:
+    """Whether some position of (1, C, H, W) arrays a and b differs by more than `threshold` in
+    some channel, or holds a NaN or an infinity; stops at the first such position (on a video
+    with noise everywhere, within the first few hundred values)."""
+    channels = a.shape[1]
+    x = a.reshape((channels, a.size // channels))
+    y = b.reshape(x.shape)
+    block = 1024
+    for start in range(0, x.shape[1], block):
+        stop = min(x.shape[1], start + block)
+        found = False
+        for c in range(channels):
+            for p in range(start, stop):
+                v = x[c, p]
+                found |= (abs(v - y[c, p]) > threshold) | (v - v != 0)
+        if found:
+            return True
+    return False
 
 
 class Entry:
