@@ -50,6 +50,8 @@ def add_parser(commands, percentage, positive_int) -> None:
     add_run_options(parser, percentage, positive_int)
     parser.add_argument("--json", metavar="OUT.json", help="write every figure, per-frame traces and the machine")
     parser.add_argument("--plot", metavar="OUT.png", help="plot per-frame time, error and percentage")
+    parser.add_argument("--skip-curve", action="store_true",
+                        help="also measure frame skipping at every threshold it tries (its speed-versus-error curve)")
     parser.set_defaults(handler=handle)
 
 
@@ -204,7 +206,7 @@ SKIP_GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3)
 
 
 def frame_skipping(frames: Callable[[], Iterable[np.ndarray]], ort_run: OnnxruntimeRun, ort_ms: list[float],
-                   metric: Callable, target: float, calibration: int | None = None) -> dict:
+                   metric: Callable, target: float | None, calibration: int | None = None) -> dict:
     """Plain onnxruntime that reuses its last outputs while the frame barely changed.
 
     A frame is skipped when the share of 8x8 tiles changed by more than 1% of the input's range
@@ -213,7 +215,8 @@ def frame_skipping(frames: Callable[[], Iterable[np.ndarray]], ort_run: Onnxrunt
     user would tune it, and as deluceva's controller is started), or, without `calibration`, on
     all the frames (tuned on the very frames it is measured on: the best skipping can do at that
     error). The time of a frame is the statistic's, measured, plus onnxruntime's measured time on
-    the frames it runs. `frames()` iterates the preprocessed frames from the first.
+    the frames it runs. `frames()` iterates the preprocessed frames from the first. Without a
+    `target`: {"curve": figures at every k of SKIP_GRID}.
     """
     from deluceva.runtime.video_runner import change_statistics
 
@@ -234,16 +237,22 @@ def frame_skipping(frames: Callable[[], Iterable[np.ndarray]], ort_run: Onnxrunt
             ms.append(spent)
         return errors, ms, skipped
 
+    def figures(k: float) -> dict:
+        errors, ms, skipped = simulate(k, len(ort_ms))
+        return {"threshold": k, "ms_mean": statistics.fmean(ms), "speedup": statistics.fmean(ort_ms) / statistics.fmean(ms),
+                "error_mean": statistics.fmean(errors), "error_p95": _percentile_of(errors, 0.95),
+                "error_max": max(errors), "skipped": skipped / len(ms),
+                "error_trace": [round(e, 6) for e in errors], "ms_trace": [round(m, 4) for m in ms]}
+
+    if target is None:  # the whole curve
+        return {"curve": [{k: v for k, v in figures(k).items() if not k.endswith("trace")} for k in SKIP_GRID]}
     chosen = 0.0
     for k in SKIP_GRID:
         errors, _, _ = simulate(k, min(calibration or len(ort_ms), len(ort_ms)))
         if statistics.fmean(errors) > target:
             break
         chosen = k
-    errors, ms, skipped = simulate(chosen, len(ort_ms))
-    return {"threshold": chosen, "ms_mean": statistics.fmean(ms), "error_mean": statistics.fmean(errors),
-            "error_p95": _percentile_of(errors, 0.95), "error_max": max(errors), "skipped": skipped / len(ms),
-            "error_trace": [round(e, 6) for e in errors], "ms_trace": [round(m, 4) for m in ms]}
+    return figures(chosen)
 
 
 def _percentile_of(values, q):
@@ -414,10 +423,12 @@ def handle(args: argparse.Namespace) -> int:
             skipping = frame_skipping(frames, ort_run, ort_ms, setup.metric, target, calibration)
             figures.update({
                 f"{prefix}_threshold": skipping["threshold"], f"{prefix}_share": skipping["skipped"],
-                f"{prefix}_speedup": figures["onnxruntime_ms_mean"] / skipping["ms_mean"],
+                f"{prefix}_speedup": skipping["speedup"],
                 f"{prefix}_error_mean": skipping["error_mean"], f"{prefix}_error_p95": skipping["error_p95"],
                 f"{prefix}_error_max": skipping["error_max"], f"{prefix}_error_trace": skipping["error_trace"],
             })
+        if args.skip_curve:
+            figures["skip_curve"] = frame_skipping(frames, ort_run, ort_ms, setup.metric, None)["curve"]
         print(format_table(figures, args.metric, setup.budget))
         if args.json:
             write_json(args.json, {

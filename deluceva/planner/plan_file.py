@@ -218,8 +218,8 @@ def load_plan(path: str | os.PathLike) -> PlanFile:
         int(data["threads"])
         for node in data["nodes"]:
             assert isinstance(node["name"], str) and isinstance(node["op_type"], str)
-            assert all(len(node[k]) == n for k in ("variant", "delta_ms", "density", "predicted_ms", "measured_ms",
-                                                   "reason"))
+            assert all(len(node[k]) == n for k in ("variant", "delta_ms", "density", "predicted_ms", "reason"))
+            assert len(node.setdefault("measured_ms", [None] * n)) == n
             assert all(v in ("dense", "delta") for v in node["variant"])
         assert all(len(e) == 2 for e in data["edges"])
         assert all(len(data["totals"][k]) == n for k in ("plan_ms", "all_dense_ms", "all_delta_ms"))
