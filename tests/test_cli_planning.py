@@ -73,7 +73,7 @@ def test_profile_compile_explain(workspace, capsys, tmp_path):
     for name, node in profile["nodes"].items():
         variant, measured = rows[name][3], rows[name][5]
         expected = node["dense_ms"] if variant == "dense" else node["delta_ms"][profile["percentages"].index(0.9)]
-        assert measured == f"{expected:.3f}", name
+        assert abs(float(measured) - expected) <= 0.0006, name  # printed to 3 decimals
     assert graph.read_text().lstrip().startswith("<?xml")
     png = tmp_path / "plan.png"
     assert run_cli(["explain", workspace["plan"], "--graph", png], capsys)[0] == 0

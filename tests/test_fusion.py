@@ -290,7 +290,6 @@ def _focus_model():
 
 
 def test_copy_chain_is_one_step_and_the_copy_tail_is_exact():
-    from deluceva.session import Session
 
     model = _focus_model()
     graph = build_dag(load_model(model))

@@ -385,12 +385,13 @@ def plot(path: str, ort_run: OnnxruntimeRun, delta_run: DelucevaRun, metric: str
 
 
 def handle(args: argparse.Namespace) -> int:
-    from deluceva.commands.run import _check_writable, build_plans, prepare, progress, run_info, write_json
+    from deluceva.commands.run import build_plans, prepare, progress, run_info, write_json
+    from deluceva.output_files import check_output
     from deluceva.controller import RUN_SETPOINT
     from deluceva.runtime.video_runner import VideoRunner
 
-    _check_writable(args.json, ".json", "--json")
-    _check_writable(args.plot, ".png", "--plot")
+    check_output(args.json, ".json", "--json")
+    check_output(args.plot, ".png", "--plot")
     setup = prepare(args)
     preprocess = setup.preprocess
     bar = progress(setup.video.expected, "onnxruntime")

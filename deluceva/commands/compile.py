@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from pathlib import Path
 
-from deluceva.errors import DelucevaError
 
 __all__ = ["add_parser"]
 
@@ -28,11 +26,9 @@ def run(args) -> int:
     from deluceva.planner.plan_file import compile_plan
     from deluceva.profiles import load_profile
 
-    output = Path(args.output)
-    if output.suffix != ".json":
-        raise DelucevaError(f"{output}: plan file must end in .json")
-    if not output.parent.is_dir():
-        raise DelucevaError(f"{output}: folder {output.parent} does not exist")
+    from deluceva.output_files import check_output
+
+    output = check_output(args.output, ".json", "-o")
     profile = load_profile(args.profile)
     model = load_model(args.model, tuple(profile.model["input_shape"]))
     with warnings.catch_warnings(record=True) as caught:

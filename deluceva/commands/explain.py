@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deluceva.errors import DelucevaError
 
 __all__ = ["add_parser", "explain_table", "draw_plan"]
 
@@ -55,11 +54,9 @@ def draw_plan(plan, percentage: float, path: str | Path) -> Path:
     plt = pyplot("--graph")
     from matplotlib.patches import Patch
 
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg"):
-        raise DelucevaError(f"{path}: --graph must end in .png or .svg")
-    if not path.parent.is_dir():
-        raise DelucevaError(f"{path}: folder {path.parent} does not exist")
+    from deluceva.output_files import check_output
+
+    path = check_output(path, (".png", ".svg"), "--graph")
     i = plan.index_for(percentage)
     graph = nx.DiGraph()
     for node in plan.data["nodes"]:

@@ -53,11 +53,9 @@ def add_parser(commands, percentage, positive_int) -> None:
 def run(args) -> int:
     from deluceva.profiles import DEFAULT_PERCENTAGES, measure_profile
 
-    output = Path(args.output) if args.output else default_profile_path(args.model)
-    if output.suffix != ".json":
-        raise DelucevaError(f"{output}: profile file must end in .json")
-    if not output.parent.is_dir():
-        raise DelucevaError(f"{output}: folder {output.parent} does not exist")
+    from deluceva.output_files import check_output
+
+    output = check_output(args.output if args.output else default_profile_path(args.model), ".json", "-o")
     if args.start < 0:
         raise DelucevaError(f"--start {args.start} must not be negative")
     model, inputs = calibration_inputs(args.model, args.video, args.frames, args.preset, args.start)

@@ -125,7 +125,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     """Check options, open the video, fit the preprocessing to the model, make metric and controller."""
     from deluceva.controller import make_controller
     from deluceva.planner import load_model
-    from deluceva.runtime.metrics import get_metric
+    from deluceva.runtime.metrics import check_preset, get_metric
     from deluceva.runtime.preprocess import Preprocessor
     from deluceva.runtime.video import open_video
 
@@ -141,6 +141,7 @@ def prepare(args: argparse.Namespace) -> Setup:
                                         **generic_preprocessing(args))
     input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
     model = load_model(args.model, input_shape)
+    check_preset(args.preset, model)
     metric = get_metric(args.metric, args.preset, input_shape=input_shape, output_names=model.output_names)
     budget = args.error_budget if args.error_budget is not None else metric.budget
     percentage = args.percentage
@@ -267,10 +268,10 @@ def progress(total: int | None, description: str):
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
-    temporary.replace(path)
+    """Write `data` as JSON, whole or, failing that, in the temporary folder (see output_files)."""
+    from deluceva.output_files import write_text
+
+    write_text(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
 
 
 def _jsonable(value):
@@ -280,15 +281,6 @@ def _jsonable(value):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
-
-def _check_writable(path: str | None, suffix: str, option: str) -> None:
-    if path is None:
-        return
-    target = Path(path)
-    if target.suffix != suffix:
-        raise DelucevaError(f"{path}: {option} file must end in {suffix}")
-    if not target.parent.is_dir():
-        raise DelucevaError(f"{path}: folder {target.parent} does not exist")
 
 
 def run_info(setup: Setup, plans) -> dict:
@@ -312,10 +304,11 @@ def run_info(setup: Setup, plans) -> dict:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from deluceva.output_files import check_output
     from deluceva.runtime.video_runner import FrameRecorder, VideoRunner, summarise
 
-    _check_writable(args.outputs, ".npz", "--outputs")
-    _check_writable(args.summary, ".json", "--summary")
+    check_output(args.outputs, ".npz", "--outputs")
+    check_output(args.summary, ".json", "--summary")
     setup = prepare(args)
     plans = build_plans(setup)
     runner = VideoRunner(plans, setup.controller, setup.metric, args.reference_every,
@@ -345,11 +338,22 @@ def handle(args: argparse.Namespace) -> int:
         raise
     finally:
         bar.close()
+        failures = []  # each write is tried, whatever the other's fate: nothing done is lost
         if recorder is not None:
-            recorder.close()
+            try:
+                recorder.close()
+            except DelucevaError as error:
+                failures.append(error)
         if args.summary and results:
             summary = {**run_info(setup, plans), **summarise(results, plans), "interrupted": interrupted}
-            write_json(args.summary, summary)
+            try:
+                write_json(args.summary, summary)
+            except DelucevaError as error:
+                failures.append(error)
+        for error in failures[0 if interrupted else 1:]:
+            print(f"deluceva: error: {error}", file=sys.stderr)
+        if failures and not interrupted:  # (an interrupted run ends as interrupted)
+            raise failures[0]
     summary = summarise(results, plans)
     _print_summary(summary, setup)
     return 0

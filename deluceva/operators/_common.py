@@ -11,9 +11,12 @@ difference between the true value and the seen one, so it passes once it grows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from deluceva.operators._buffers import Buffers
 
 __all__ = [
     "Layout",

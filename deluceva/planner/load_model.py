@@ -179,6 +179,9 @@ def _move_initializer_inputs(proto: onnx.ModelProto) -> None:
 
 
 def _bind_shape(label: str, name: str, declared: list[int | None], wanted) -> tuple[int, ...]:
+    if declared[0] not in (None, 1):
+        raise DelucevaError(f"{label}: input {name!r} has a fixed batch of {declared[0]}; deluceva runs one frame "
+                            "at a time (batch 1): export the model with batch 1 or a dynamic batch")
     if wanted is None:
         if any(d is None for d in declared[1:]):
             raise DelucevaError(f"{label}: input {name!r} has dynamic dimensions; give an input shape")
@@ -276,5 +279,7 @@ def _probe_shapes(label: str, proto: onnx.ModelProto, model: Model, names: list[
         session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
         values = session.run(names, {model.input_name: np.zeros(model.input_shape, np.float32)})
     except Exception as error:
-        raise DelucevaError(f"{label}: cannot run the model on a {model.input_shape} input ({_first_line(error)})") from None
+        raise DelucevaError(f"{label}: cannot run the model on a {model.input_shape} input ({_first_line(error)}); "
+                            "a model with dynamic height and width may need them a multiple of 32: "
+                            "deluceva run/bench/profile --resize pad does that") from None
     return dict(zip(names, values))

@@ -107,12 +107,10 @@ class PlanFile:
         return Session(model, plan=self.variants_for(percentage), threads=self.threads if threads is None else threads)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise DelucevaError(f"{path}: folder {path.parent} does not exist")
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(self.data, indent=1, allow_nan=False) + "\n")
-        temporary.replace(path)
+        from deluceva.output_files import check_output, write_text
+
+        path = check_output(path, ".json", "plan")
+        write_text(path, json.dumps(self.data, indent=1, allow_nan=False) + "\n")
         self.path = str(path)
         return path
 

@@ -123,12 +123,10 @@ class Profile:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the profile as JSON (atomically: a temporary file renamed into place)."""
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise DelucevaError(f"{path}: folder {path.parent} does not exist")
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
-        temporary.replace(path)
+        from deluceva.output_files import check_output, write_text
+
+        path = check_output(path, ".json", "profile")
+        write_text(path, json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
         self.path = str(path)
         return path
 

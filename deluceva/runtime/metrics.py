@@ -17,6 +17,7 @@ import numpy as np
 from deluceva.errors import DelucevaError
 
 __all__ = [
+    "check_preset",
     "DEFAULT_BUDGETS",
     "Detections",
     "YoloxDecoder",
@@ -244,6 +245,9 @@ class YunetDecoder:
         if not isinstance(outputs, Mapping) and len(outputs) == 9 and not self.output_names:
             names = YUNET_OUTPUTS[:9]  # an export without landmarks
         named = _by_name(outputs, names, "yunet")
+        missing = [f"{k}_{s}" for k in ("cls", "obj", "bbox") for s in self.strides if f"{k}_{s}" not in named]
+        if missing:
+            raise DelucevaError(f"yunet decoder needs outputs {', '.join(missing)}; the model has {', '.join(named)}")
         h, w = self._grid(int(np.asarray(named[f"cls_{self.strides[-1]}"]).size))
         boxes, scores = [], []
         for s in self.strides:
@@ -297,6 +301,24 @@ class PnetDecoder:
 
 
 DECODERS = {"yolox": YoloxDecoder, "yunet": YunetDecoder, "mtcnn": PnetDecoder}
+
+
+def check_preset(preset, model) -> None:
+    """Refuse a preset whose detection decoder does not fit `model`'s outputs and input: the
+    decoder runs once on outputs of the model's shapes (zeros, and ones so that every anchor is
+    placed). Presets without a decoder fit any model their preprocessing fits."""
+    name = getattr(preset, "name", preset)
+    if name not in DECODERS:
+        return
+    decoder = get_decoder(name, model.input_shape, model.output_names)
+    shapes = [model.shapes.get(o) for o in model.output_names]
+    if any(shape is None for shape in shapes):
+        return  # shapes not inferred: the first reference frame will tell
+    try:
+        for fill in (0.0, 1.0):
+            decoder([np.full(shape, fill, np.float32) for shape in shapes])
+    except DelucevaError as error:
+        raise DelucevaError(f"{model.path}: preset {name} does not fit this model ({error})") from None
 
 
 def get_decoder(preset, input_shape: Sequence[int] | None = None, output_names: Sequence[str] | None = None):

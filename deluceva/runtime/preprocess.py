@@ -183,7 +183,9 @@ class Preprocessor:
             model_name: how the model is called in error messages (e.g. its file name).
             **generic: fields of `Preprocessor` overriding the preset's or the generic defaults.
                 Without a preset: a model with a fixed H x W gets mode "resize" to it; a dynamic
-                one takes frames at their size.
+                one gets mode "pad": frames zero-padded right and bottom to a multiple of 32
+                (detectors with strided heads need it; at the frame's own size a 720-row frame
+                breaks a stride-32 feature pyramid).
 
         Raises:
             DelucevaError: "preset yolox does not fit MODEL: ..." when the channels, layout or a
@@ -204,6 +206,8 @@ class Preprocessor:
                 defaults["channels"] = "GRAY"
             if h is not None and w is not None:
                 defaults.update(mode="resize", size=(h, w))
+            elif h is None and w is None:
+                defaults.update(mode="pad", multiple=32)
             pre = cls(**{**defaults, **generic})
         else:
             base = preset if isinstance(preset, Preprocessor) else get_preset(preset)

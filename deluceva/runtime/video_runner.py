@@ -504,15 +504,42 @@ class FrameRecorder:
         self.frames += 1
 
     def close(self) -> None:
+        """Pack the parts into OUT.npz. Where that fails (the folder's permissions changed, the
+        disk filled), OUT.npz goes to the temporary folder instead and the DelucevaError says
+        where; the parts stay until it is written somewhere."""
+        from deluceva.output_files import fallback_path
+
         if self.parts is None:
             return
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, part in self.arrays.items():
-                with archive.open(f"{name}.npy", "w", force_zip64=True) as stream:
-                    part.copy_into(stream)
-                part.close()
-        os.replace(temporary, self.path)
+        target = self.path
+        try:
+            self._pack(target)
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            target = fallback_path(self.path)
+            try:
+                self._pack(target)
+            except OSError:
+                raise DelucevaError(f"{self.path}: cannot write it ({reason}); the frames are in {self.parts}") from None
+            self._release()
+            raise DelucevaError(f"{self.path}: cannot write it ({reason}); the outputs are in {target}") from None
+        self._release()
+
+    def _pack(self, target: Path) -> None:
+        temporary = target.with_name(target.name + ".tmp")
+        try:
+            with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for name, part in self.arrays.items():
+                    with archive.open(f"{name}.npy", "w", force_zip64=True) as stream:
+                        part.copy_into(stream)
+            os.replace(temporary, target)
+        except OSError:
+            temporary.unlink(missing_ok=True) if temporary.parent.is_dir() else None
+            raise
+
+    def _release(self) -> None:
+        for part in self.arrays.values():
+            part.close()
         shutil.rmtree(self.parts, ignore_errors=True)
         self.parts = None
 
