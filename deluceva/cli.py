@@ -7,7 +7,9 @@ stderr naming the file and the problem, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from deluceva.commands import _types as types
 from deluceva.errors import DelucevaError
@@ -35,9 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    """SIGTERM (a service manager, `kill`) stops a run as Ctrl-C does: outputs and summary written."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         return int(args.handler(args) or 0)
     except DelucevaError as error:
@@ -46,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deluceva: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

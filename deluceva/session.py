@@ -7,6 +7,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from deluceva.errors import DelucevaError
 from deluceva.planner import Model, build_dag, build_plan, load_model
 from deluceva.runtime.executor import Executor
 from deluceva.runtime.thresholds import Thresholds
@@ -46,6 +47,8 @@ class Session:
         thresholds: Thresholds | None = None,
         buffers=None,
     ):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise DelucevaError(f"threads must be a positive whole number, got {threads!r}")
         self.model = model if isinstance(model, Model) else load_model(model, input_shape)
         self.graph = build_dag(self.model)
         self.plan = build_plan(self.graph, plan)

@@ -287,3 +287,175 @@ def test_cli_percentage_outside_zero_one(files, clip, percentage, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and ("percentage" in err or "number" in err), err
     assert len(err.strip().splitlines()) == 1 and err.startswith("deluceva run: error:"), err
+
+
+# -- issue 10: what a new user tried ---------------------------------------------------------
+
+
+def test_fixed_batch_other_than_one_is_refused(tmp_path, clip, capsys):
+    path = tmp_path / "batch2.onnx"
+    onnx.save(conv_model(dims=(2, 3, 16, 16)), path)
+    refused(path, "fixed batch of 2; deluceva runs one frame at a time")
+    for command in (["run", path, clip, "--plan", "dense"], ["profile", path, "--video", clip, "-o", tmp_path / "p.json"],
+                    ["bench", path, clip, "--plan", "dense"]):
+        assert "fixed batch of 2" in cli_refuses(command, capsys)
+
+
+def _named_outputs_model(names, dims=(1, 3, "h", "w")) -> onnx.ModelProto:
+    """x -> one Relu per output name: a model whose outputs a preset's decoder can check."""
+    nodes = [helper.make_node("Relu", ["x"], [name], name=f"relu_{name}") for name in names]
+    graph = helper.make_graph(nodes, "named", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("preset, needs", [("yunet", "yunet decoder needs outputs cls_8"),
+                                           ("yolox", "yolox decoder expects a [1, anchors, 5 + classes] output"),
+                                           ("mtcnn", "mtcnn decoder expects a 2-channel probability map")])
+def test_a_preset_whose_decoder_does_not_fit_the_model_is_refused(tmp_path, clip, preset, needs, capsys):
+    path = tmp_path / "plain.onnx"
+    onnx.save(_named_outputs_model(["out"]), path)
+    line = cli_refuses(["run", path, clip, "--plan", "dense", "--preset", preset], capsys)
+    assert f"preset {preset} does not fit this model" in line and needs in line
+
+
+def test_a_model_with_dynamic_size_gets_frames_padded_to_32(tmp_path, capsys):
+    """A stride-32 pyramid on a 720-row video: at the frame's own size its Add fails; padded by
+    default (as the README says) it runs; told not to pad, the error says what fixes it."""
+    from deluceva.runtime.video import synthesise_clip
+
+    weight = numpy_helper.from_array(np.full((3, 3, 1, 1), 0.1, np.float32), "w")
+    scales = numpy_helper.from_array(np.array([1, 1, 32, 32], np.float32), "s")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], strides=[32, 32]),
+             helper.make_node("Resize", ["c", "", "s"], ["r"], mode="nearest"),
+             helper.make_node("Add", ["x", "r"], ["y"])]
+    graph = helper.make_graph(nodes, "pyramid", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight, scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "pyramid.onnx"
+    onnx.save(model, path)
+    clip = synthesise_clip(tmp_path / "wide.mp4", width=320, height=208, frames=2)  # 208 = 6.5 x 32
+    assert main(["run", str(path), str(clip), "--plan", "dense", "--controller", "fixed"]) == 0
+    capsys.readouterr()
+    line = cli_refuses(["run", path, clip, "--plan", "dense", "--resize", "none"], capsys)
+    assert "cannot run the model on a (1, 3, 208, 320) input" in line and "--resize pad" in line
+
+
+def test_a_plan_that_does_not_describe_the_model_is_refused(tmp_path):
+    from deluceva.planner.plan_file import PlanFile
+
+    model = load_model(conv_model())
+    nodes = [{"name": n.name, "op_type": n.op_type} for n in model.onnx.graph.node]
+    data = {"model": {"sha256": model.sha256, "input_shape": list(model.input_shape)}, "nodes": nodes[:1]}
+    with pytest.raises(DelucevaError, match="does not describe the model's 2 nodes: 1 of its nodes missing"):
+        PlanFile(data, "cut.json").check_model(model)
+    data["nodes"] = [*nodes, {"name": "extra", "op_type": "Relu"}]
+    with pytest.raises(DelucevaError, match="1 nodes it does not have \\(e.g. extra\\)"):
+        PlanFile(data, "more.json").check_model(model)
+    data["nodes"] = [{**nodes[0], "op_type": "Gemm"}, nodes[1]]
+    with pytest.raises(DelucevaError, match="1 with another op type"):
+        PlanFile(data, "retyped.json").check_model(model)
+
+
+def test_a_tampered_hash_is_printed_far_enough_to_differ():
+    from deluceva.planner.plan_file import PlanFile
+
+    model = load_model(conv_model())
+    forged = model.sha256[:20] + ("0" if model.sha256[20] != "0" else "1") + model.sha256[21:]
+    data = {"model": {"sha256": forged, "input_shape": list(model.input_shape), "path": "m.onnx"}, "nodes": []}
+    with pytest.raises(DelucevaError) as caught:
+        PlanFile(data, "forged.json").check_model(model)
+    shown = [part.split("…")[0] for part in str(caught.value).split("sha256 ")[1:]]
+    assert shown[0] != shown[1] and len(shown[0]) >= 21
+
+
+def test_a_profile_for_another_input_size_says_so(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "fixed.onnx"
+    onnx.save(conv_model(), path)
+    profile = tmp_path / "other.profile.json"
+    model = load_model(conv_model())
+    profile.write_text(json.dumps({
+        "format": "deluceva-profile", "schema_version": 2, "model": {"sha256": model.sha256, "input_shape": [1, 3, 32, 32]},
+        "machine": {}, "settings": {}, "percentages": [0.0], "dense_model_ms": 1.0, "segment_overhead_ms": 0.0,
+        "nodes": {}, "tensors": {}}))
+    line = cli_refuses(["compile", path, "--profile", profile, "-o", tmp_path / "plan.json"], capsys)
+    assert "profile was measured for input shape (1, 3, 32, 32)" in line and "takes (1, 3, 16, 16)" in line
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "2", True])
+def test_session_threads_must_be_a_positive_whole_number(threads):
+    refused(conv_model(), "threads must be a positive whole number", threads=threads)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("plan", ["delta", "dense"])
+def test_a_frame_that_is_not_finite_gives_what_onnxruntime_gives(bad, plan):
+    """Never the previous frame's outputs: the frame runs as a keyframe, so the outputs hold the
+    NaN or infinity where onnxruntime's do; the next finite frame is exact again."""
+    import onnxruntime as ort
+
+    session = Session(conv_model(), plan=plan)
+    reference = ort.InferenceSession(conv_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    frames = [rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(4)]
+    frames[2][0, 1, 5, 6] = bad
+    for frame in frames:
+        got = session.run(frame)[0]
+        want = reference.run(None, {"x": frame})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # NaN where onnxruntime has NaN
+    assert not np.isfinite(session.run(frames[2])[0]).all()
+
+
+def test_unreachable_and_silent_streams_say_so():
+    import socket
+    import threading
+    import time
+
+    from deluceva.runtime.video import open_video
+
+    with pytest.raises(DelucevaError, match="unreachable: 127.0.0.1:9"):
+        list(open_video("rtsp://127.0.0.1:9/x", timeout=2))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(listener.accept()) for _ in range(3)], daemon=True).start()
+    port = listener.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(DelucevaError, match="timed out"):
+        list(open_video(f"rtsp://127.0.0.1:{port}/x", timeout=1.5))
+    assert time.monotonic() - start < 10
+    listener.close()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """The outputs so far and the summary are written, the summary says interrupted."""
+    import json
+    import signal
+    import time
+
+    from deluceva.runtime.video import synthesise_clip
+
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(dims=(1, 3, "h", "w")), path)
+    clip = synthesise_clip(tmp_path / "long.mp4", width=64, height=48, frames=3000)
+    out, summary = tmp_path / "o.npz", tmp_path / "s.json"
+    process = subprocess.Popen([sys.executable, "-m", "deluceva.cli", "run", str(path), str(clip), "--plan", "dense",
+                                "--controller", "fixed", "--outputs", str(out), "--summary", str(summary)],
+                               stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "o.npz.parts"
+    deadline = time.monotonic() + 60
+    while not (parts.is_dir() and any(parts.glob("*.npy"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert json.loads(summary.read_text())["interrupted"] is True
+    with np.load(out) as data:
+        assert 0 < data["y"].shape[0] < 3000

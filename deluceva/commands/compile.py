@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 
+from deluceva.errors import DelucevaError
 
 __all__ = ["add_parser"]
 
@@ -23,6 +24,7 @@ def add_parser(commands, percentage, positive_int) -> None:
 
 def run(args) -> int:
     from deluceva.planner import load_model
+    from deluceva.planner.load_model import declared_input_shape
     from deluceva.planner.plan_file import compile_plan
     from deluceva.profiles import load_profile
 
@@ -30,7 +32,12 @@ def run(args) -> int:
 
     output = check_output(args.output, ".json", "-o")
     profile = load_profile(args.profile)
-    model = load_model(args.model, tuple(profile.model["input_shape"]))
+    shape = tuple(profile.model["input_shape"])
+    declared = declared_input_shape(args.model)
+    if any(have is not None and have != want for have, want in zip(declared[1:], shape[1:])):
+        raise DelucevaError(f"{args.profile}: profile was measured for input shape {shape}; {args.model} takes "
+                            f"{tuple(1 if d is None else d for d in declared)}: profile it again")
+    model = load_model(args.model, shape)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = compile_plan(model, profile, args.percentage, force=args.force)

@@ -22,9 +22,9 @@ def calibration_inputs(model_path: str, video: str, frames: int, preset: str | N
     from deluceva.runtime.preprocess import Preprocessor
     from deluceva.runtime.video import open_video
 
-    from deluceva.commands.run import _declared_input_shape
+    from deluceva.planner.load_model import declared_input_shape
 
-    declared = _declared_input_shape(model_path)
+    declared = declared_input_shape(model_path)
     reader = open_video(video, frames=frames, start=start)
     preprocess = Preprocessor.for_model(tuple(declared), preset=preset, model_name=str(model_path))
     input_shape = tuple(int(d) for d in preprocess.input_shape((reader.height, reader.width)))

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from deluceva.commands._types import budget, non_negative_int
 from deluceva.errors import DelucevaError
@@ -103,28 +102,11 @@ class Setup:
     calibration_frames: list = field(default_factory=list)  # the first frames, once read
 
 
-def _declared_input_shape(path: str) -> list[int | None]:
-    """The model's image input dims as declared (None where dynamic), before any binding."""
-    from deluceva.planner import load_model
-
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except Exception:
-        load_model(path)  # raises the one-line DelucevaError naming the problem
-        raise
-    initializers = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        load_model(path)
-        raise DelucevaError(f"{path}: expected one image input")
-    dims = inputs[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
-
-
 def prepare(args: argparse.Namespace) -> Setup:
     """Check options, open the video, fit the preprocessing to the model, make metric and controller."""
     from deluceva.controller import make_controller
     from deluceva.planner import load_model
+    from deluceva.planner.load_model import declared_input_shape
     from deluceva.runtime.metrics import check_preset, get_metric
     from deluceva.runtime.preprocess import Preprocessor
     from deluceva.runtime.video import open_video
@@ -135,7 +117,7 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise DelucevaError(f"--percentage {args.percentage} is outside [0, 1)")
     if args.controller == "learned" and not args.learned_model:
         raise DelucevaError("--controller learned needs --learned-model FILE.json")
-    declared = _declared_input_shape(args.model)
+    declared = declared_input_shape(args.model)
     video = open_video(args.video, frames=args.frames, start=args.start, every=args.every)
     preprocess = Preprocessor.for_model(tuple(declared), preset=args.preset, model_name=str(args.model),
                                         **generic_preprocessing(args))

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["Model", "load_model"]
+__all__ = ["Model", "load_model", "declared_input_shape"]
 
 MIN_OPSET = 9
 
@@ -112,6 +112,21 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, input_shape: tuple[i
     model.constants = {init.name: numpy_helper.to_array(init) for init in normalised.graph.initializer}
     model.shapes, model.dtypes = _infer_shapes(label, normalised, model)
     return model
+
+
+def declared_input_shape(path: str | os.PathLike) -> list[int | None]:
+    """The model's image input dims as declared (None where dynamic), before any binding.
+
+    Raises:
+        DelucevaError: the file is not a model deluceva can load (the load's own message).
+    """
+    _, _, proto = _read(path)
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise DelucevaError(f"{path}: expected one image input, found {len(inputs)} ({', '.join(i.name for i in inputs)})")
+    dims = inputs[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
 
 
 def _read(source) -> tuple[str, bytes, onnx.ModelProto]:
@@ -275,8 +290,10 @@ def _probe_shapes(label: str, proto: onnx.ModelProto, model: Model, names: list[
     for name in names:
         if name not in known:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # its failure is reported in one line below, not logged first
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
         values = session.run(names, {model.input_name: np.zeros(model.input_shape, np.float32)})
     except Exception as error:
         raise DelucevaError(f"{label}: cannot run the model on a {model.input_shape} input ({_first_line(error)}); "

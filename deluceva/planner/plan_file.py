@@ -42,6 +42,13 @@ SCHEMA_VERSION = 2
 MIN_GAIN = 0.10
 
 
+def _distinct_prefixes(a: str, b: str, least: int = 12) -> tuple[str, str]:
+    """The shortest prefixes (at least `least` long) that still tell two hashes apart."""
+    differ = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    length = max(least, differ + 4)
+    return a[:length], b[:length]
+
+
 def _measured(profile, node: str, variant: str, percentage: float) -> float | None:
     """What the profile measured for `node` in `variant` (dense: alone in its own session; delta:
     mean over the fit frames at `percentage`, where the profile measured at it)."""
@@ -89,12 +96,27 @@ class PlanFile:
         """Refuse to run this plan on another model or input shape."""
         want = self.data["model"]
         if want["sha256"] != model.sha256:
+            a, b = _distinct_prefixes(want["sha256"], model.sha256)
             raise DelucevaError(f"{self.path}: plan was compiled for another model "
-                                f"({Path(want.get('path', '?')).name}, sha256 {want['sha256'][:12]}…), "
-                                f"not {Path(model.path).name} (sha256 {model.sha256[:12]}…)")
+                                f"({Path(want.get('path', '?')).name}, sha256 {a}…), "
+                                f"not {Path(model.path).name} (sha256 {b}…)")
         if tuple(want["input_shape"]) != tuple(model.input_shape):
             raise DelucevaError(f"{self.path}: plan was compiled for input shape {tuple(want['input_shape'])}, "
                                 f"not {tuple(model.input_shape)}")
+        # The hash is the file's: a plan edited by hand (or cut short) must still name every
+        # node of the model, with its op type, and no other.
+        nodes = {n.name: n.op_type for n in model.onnx.graph.node}
+        planned = {n["name"]: n["op_type"] for n in self.data["nodes"]}
+        if planned != nodes:
+            missing = sorted(set(nodes) - set(planned))
+            extra = sorted(set(planned) - set(nodes))
+            wrong = sorted(n for n in set(nodes) & set(planned) if nodes[n] != planned[n])
+            what = "; ".join(part for part in (
+                f"{len(missing)} of its nodes missing (e.g. {missing[0]})" if missing else "",
+                f"{len(extra)} nodes it does not have (e.g. {extra[0]})" if extra else "",
+                f"{len(wrong)} with another op type (e.g. {wrong[0]})" if wrong else "") if part)
+            raise DelucevaError(f"{self.path}: plan does not describe the model's {len(nodes)} nodes: {what}; "
+                                "compile it again")
 
     def session(self, model: Model | str, percentage: float = 0.0, threads: int | None = None):
         """A `Session` running this plan's variants for `percentage` on `model` (checked first)."""

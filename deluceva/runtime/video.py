@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import time
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +35,31 @@ _MAGIC = {
     b"\x00\x00\x01\xba": "MPEG-PS",
     b"G": "MPEG-TS",  # sync byte, checked with its 188-byte period below
 }
+
+
+_PORTS = {"rtsp": 554, "rtsps": 322, "rtmp": 1935, "http": 80, "https": 443, "tcp": None, "udp": None}
+
+
+def _reach(url: str, timeout: float) -> None:
+    """Refuse a TCP stream whose host cannot be reached, saying so (FFmpeg reports an
+    unroutable address as invalid data, as if the stream were not a video)."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _PORTS or scheme == "udp" or not parts.hostname:
+        return
+    try:
+        port = parts.port or _PORTS[scheme]
+    except ValueError:
+        raise DelucevaError(f"{url}: bad port in the address") from None
+    if port is None:
+        return
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except socket.timeout:
+        raise DelucevaError(f"{url}: timed out: {parts.hostname}:{port} did not answer within {timeout:g} s") from None
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise DelucevaError(f"{url}: unreachable: {parts.hostname}:{port} ({reason})") from None
 
 
 def _looks_like_video(path: str) -> str | None:
@@ -130,18 +158,27 @@ class VideoReader:
                 raise DelucevaError(f"{src}: is a directory, not a video")
             if os.path.getsize(src) == 0:
                 raise DelucevaError(f"{src}: empty file, not a video")
+        if is_url:
+            _reach(src, self.timeout)
+        started = time.monotonic()
         try:
             # timeout bounds both the open and each read: a dead stream fails instead of hanging.
             container = av.open(src, mode="r", options=self.options, timeout=(self.timeout, self.timeout))
         except av.error.FileNotFoundError:
             raise DelucevaError(f"{src}: no such file") from None
-        except av.error.InvalidDataError:
-            kind = None if is_url else _looks_like_video(src)
-            if kind:
-                raise DelucevaError(f"{src}: {kind} file is truncated or damaged (FFmpeg cannot read its header/index)") from None
-            what = "stream" if is_url else "file"
-            raise DelucevaError(f"{src}: not a video (FFmpeg does not recognise the {what}'s format)") from None
         except (av.error.FFmpegError, OSError) as e:
+            if is_url and time.monotonic() - started >= 0.9 * self.timeout:
+                raise DelucevaError(f"{src}: timed out: no video within {self.timeout:g} s (a silent or stalled "
+                                    "stream)") from None
+            if isinstance(e, av.error.InvalidDataError):
+                kind = None if is_url else _looks_like_video(src)
+                if kind:
+                    raise DelucevaError(f"{src}: {kind} file is truncated or damaged (FFmpeg cannot read its "
+                                        "header/index)") from None
+                if is_url:
+                    raise DelucevaError(f"{src}: not a video stream (the server answered, but not with a stream "
+                                        "FFmpeg recognises)") from None
+                raise DelucevaError(f"{src}: not a video (FFmpeg does not recognise the file's format)") from None
             reason = getattr(e, "strerror", None) or str(e)
             if is_url:
                 raise DelucevaError(f"{src}: cannot open stream ({reason})") from None
