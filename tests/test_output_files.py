@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from test_bad_input import cli_refuses, conv_model
 
-from deluceva.cli import main
 from deluceva.errors import DelucevaError
 from deluceva.output_files import check_output, write_text
 
