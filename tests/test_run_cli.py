@@ -370,26 +370,6 @@ CASES = [
 ]
 
 
-def _learned_model(tmp_path, model, video, preset, metric):
-    """Fit a learned controller on calibration samples from the video's first frames."""
-    from deluceva.commands.run import prepare
-    from deluceva.cli import build_parser
-    from deluceva.controller import LearnedController
-    from deluceva.runtime.video import open_video
-    from deluceva.runtime.video_runner import PlanSet, calibration_samples
-    from deluceva.session import Session
-
-    args = build_parser().parse_args(["run", str(model), str(video), "--preset", preset, "--metric", metric,
-                                      "--controller", "fixed"])
-    setup = prepare(args)
-    frames = [setup.preprocess(rgb) for rgb in open_video(video, frames=40)]
-    plans = PlanSet([Session(setup.model, plan="delta")], [0.0])
-    samples = calibration_samples(plans, setup.metric, frames, percentages=(0.0, 0.5, 0.7, 0.8, 0.9))
-    path = tmp_path / "learned.json"
-    LearnedController(budget=setup.budget).fit(samples).to_json(path)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("controller", ["fixed", "pi", "learned"])
 @pytest.mark.parametrize("case", CASES, ids=[c[2] for c in CASES])
@@ -397,9 +377,8 @@ def test_end_to_end(shared_data, tmp_path, controller, case):
     name, video_name, preset, metric, frames = case
     model, video = shared_data / "models" / name, shared_data / "videos" / video_name
     summary_path = tmp_path / "summary.json"
+    # learned: without --learned-model, trained on the video's first frames through the run's plans.
     extra = ["--percentage", "0.3"] if controller == "fixed" else []
-    if controller == "learned":
-        extra = ["--learned-model", str(_learned_model(tmp_path, model, video, preset, metric))]
     code = main(["run", str(model), str(video), "--preset", preset, "--metric", metric, "--controller", controller,
                  "--frames", str(frames), "--reference-every", "10", "--summary", str(summary_path), *extra])
     assert code == 0
@@ -447,3 +426,29 @@ def test_calibration_samples_fit_a_learned_controller(tiny, tmp_path):
     assert max(s.error for s in samples if s.percentage == 0.0) < 1e-4
     LearnedController(budget=0.05).fit(samples).to_json(tmp_path / "learned.json")
     assert 0.0 <= make_controller("learned", learned_path=tmp_path / "learned.json").update(samples[0]) < 1.0
+
+
+def test_learned_controller_without_a_file_is_trained_on_the_first_frames(tiny, tmp_path, capsys):
+    model, clip = tiny
+    summary = tmp_path / "s.json"
+    assert main(["run", str(model), str(clip), "--plan", "delta", "--controller", "learned",
+                 "--reference-every", "3", "--summary", str(summary)]) == 0
+    err = capsys.readouterr().err
+    assert "training the learned controller on the first 12 frames" in err
+    data = json.loads(summary.read_text())
+    assert data["controller"] == "learned" and len(data["percentage_trace"]) == 12
+
+
+def test_profile_saves_a_learned_controller_that_run_loads(tiny, tmp_path, capsys):
+    from deluceva.controller import LearnedController
+
+    model, clip = tiny
+    controller = tmp_path / "controller.json"
+    assert main(["profile", str(model), "--video", str(clip), "--frames", "12", "--percentages", "0", "0.8",
+                 "-o", str(tmp_path / "p.json"), "--controller-out", str(controller)]) == 0
+    assert "learned controller:" in capsys.readouterr().out
+    loaded = LearnedController.from_json(controller)
+    assert loaded.model is not None and loaded.budget == 0.05
+    assert main(["run", str(model), str(clip), "--plan", "delta", "--controller", "learned",
+                 "--learned-model", str(controller)]) == 0
+    assert "training" not in capsys.readouterr().err

@@ -33,6 +33,34 @@ def calibration_inputs(model_path: str, video: str, frames: int, preset: str | N
     return model, inputs
 
 
+def _save_learned_controller(args, model, profile, inputs, path) -> None:
+    """Train a learned controller on the profiled frames, through the plans this profile compiles
+    to (calibrated on the first frames, as `run` calibrates), and save it as JSON."""
+    from deluceva.operators._buffers import Buffers
+    from deluceva.planner.plan_file import compile_plan
+    from deluceva.runtime.metrics import check_preset, get_metric
+    from deluceva.runtime.thresholds import CALIBRATION_FRAMES
+    from deluceva.runtime.video_runner import PlanSet, train_learned_controller
+    from deluceva.session import Session, calibrate_sessions
+
+    check_preset(args.preset, model)
+    metric = get_metric(args.metric, args.preset, input_shape=model.input_shape, output_names=model.output_names)
+    budget = args.error_budget if args.error_budget is not None else metric.budget
+    plan = compile_plan(model, profile)
+    sessions, percentages, previous, buffers = [], [], None, Buffers()
+    for percentage in plan.percentages:
+        variants = plan.variants_for(percentage)
+        if variants != previous:
+            sessions.append(Session(model, plan=variants, threads=args.threads, buffers=buffers))
+            percentages.append(percentage)
+            previous = variants
+    plans = PlanSet(sessions, percentages)
+    calibrate_sessions(plans.sessions, inputs[:CALIBRATION_FRAMES])
+    controller = train_learned_controller(plans, metric, inputs, budget)
+    controller.to_json(path)
+    print(f"learned controller: {path} ({args.metric}, budget {budget:g}, trained on {len(inputs)} frames)")
+
+
 def add_parser(commands, percentage, positive_int) -> None:
     parser = commands.add_parser("profile", help="measure each node's dense and delta cost on this machine",
                                  description=__doc__.splitlines()[0])
@@ -47,6 +75,13 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--preset", help="preprocessing preset: yolox, yunet, mtcnn (default: generic)")
     parser.add_argument("-o", "--output", metavar="PROFILE.json",
                         help="where to write the profile (default: beside the model, MODEL.profile.json)")
+    parser.add_argument("--controller-out", metavar="CONTROLLER.json",
+                        help="also train a learned controller on these frames, through the plans compiled from "
+                        "this profile, for `run --controller learned --learned-model` (needs --metric)")
+    parser.add_argument("--metric", choices=["det", "rel-l2"], default="rel-l2",
+                        help="the error the learned controller predicts (default: rel-l2)")
+    parser.add_argument("--error-budget", type=float, default=None,
+                        help="the learned controller's budget (default: the metric's; `run` can override it)")
     parser.set_defaults(handler=run)
 
 
@@ -56,12 +91,15 @@ def run(args) -> int:
     from deluceva.output_files import check_output
 
     output = check_output(args.output if args.output else default_profile_path(args.model), ".json", "-o")
+    controller_out = check_output(args.controller_out, ".json", "--controller-out")
     if args.start < 0:
         raise DelucevaError(f"--start {args.start} must not be negative")
     model, inputs = calibration_inputs(args.model, args.video, args.frames, args.preset, args.start)
     profile = measure_profile(model, inputs, threads=args.threads,
                               percentages=args.percentages or DEFAULT_PERCENTAGES)
     profile.save(output)
+    if controller_out is not None:
+        _save_learned_controller(args, model, profile, inputs, controller_out)
     v = profile.validation
     print(f"profile: {output} ({len(profile.nodes)} nodes, {len(inputs)} frames, "
           f"dense onnxruntime {profile.dense_model_ms:.2f} ms/frame)")

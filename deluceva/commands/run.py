@@ -69,7 +69,8 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int) -
     parser.add_argument("--frames", type=positive_int, default=None, metavar="N", help="process at most N frames")
     parser.add_argument("--start", type=non_negative_int, default=0, metavar="S", help="skip the first S frames")
     parser.add_argument("--every", type=positive_int, default=1, metavar="K", help="keep one frame in K")
-    parser.add_argument("--learned-model", help="learned controller JSON (for --controller learned)")
+    parser.add_argument("--learned-model", help="learned controller JSON from `deluceva profile --controller-out` "
+                        "(for --controller learned; without it one is trained on the video's first frames)")
 
 
 def add_parser(commands, percentage, positive_int) -> None:
@@ -115,8 +116,6 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise DelucevaError(f"--reference-every {args.reference_every} must be at least 1")
     if args.percentage is not None and not 0.0 <= args.percentage < 1.0:
         raise DelucevaError(f"--percentage {args.percentage} is outside [0, 1)")
-    if args.controller == "learned" and not args.learned_model:
-        raise DelucevaError("--controller learned needs --learned-model FILE.json")
     declared = declared_input_shape(args.model)
     video = open_video(args.video, frames=args.frames, start=args.start, every=args.every)
     preprocess = Preprocessor.for_model(tuple(declared), preset=args.preset, model_name=str(args.model),
@@ -129,8 +128,10 @@ def prepare(args: argparse.Namespace) -> Setup:
     percentage = args.percentage
     if args.controller == "fixed" and percentage is None:
         percentage = 0.0
-    controller = make_controller(args.controller, percentage=percentage, budget=budget,
-                                 learned_path=args.learned_model)
+    controller = None  # trained on the run's own plans, once they are built (build_plans)
+    if args.controller != "learned" or args.learned_model:
+        controller = make_controller(args.controller, percentage=percentage, budget=budget,
+                                     learned_path=args.learned_model)
     return Setup(args, video, preprocess, input_shape, model, metric, budget, controller)
 
 
@@ -155,7 +156,23 @@ def build_plans(setup: Setup, announce=None):
         calibrate_sessions(plans.sessions, frames)
     _warm_up(plans, frames)
     _start_controller(setup, plans, announce)
+    if setup.controller is None:
+        _train_controller(setup, plans, announce)
     return plans
+
+
+def _train_controller(setup: Setup, plans, announce) -> None:
+    """`--controller learned` without a file: trained on the video's first frames, through the
+    run's own plans (as `deluceva profile --controller-out` would save one)."""
+    from deluceva.runtime.video import open_video
+    from deluceva.runtime.video_runner import LEARNING_FRAMES, train_learned_controller
+
+    args = setup.args
+    video = open_video(args.video, frames=LEARNING_FRAMES, start=args.start, every=args.every)
+    frames = [setup.preprocess(rgb) for rgb in video]
+    announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
+             "(save one with `deluceva profile --controller-out`)")
+    setup.controller = train_learned_controller(plans, setup.metric, frames, setup.budget)
 
 
 def _warm_up(plans, frames: list) -> None:

@@ -299,9 +299,10 @@ class LearnedController:
         }
 
     def to_json(self, path: str | os.PathLike) -> None:
-        """Save as plain JSON (the trees' arrays and the settings)."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f)
+        """Save as plain JSON (the trees' arrays and the settings), whole or not at all."""
+        from deluceva.output_files import write_text
+
+        write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, budget: float | None = None) -> LearnedController:

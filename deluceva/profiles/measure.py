@@ -259,7 +259,9 @@ def _measure_delta(model, graph, fit, heldout, percentages, threads, thresholds,
                 ins = [frame_densities[t] for i, t in enumerate(graph.nodes[n]["inputs"])
                        if t and i not in spec.constants and t in frame_densities]
                 samples[n]["density"][-1].append(max(ins) if ins else 0.0)
-                samples[n]["ms"][-1].append(executor.step_times[f"delta[{n}]"][0] * 1e3)
+                # A frame whose change stayed under the frame's threshold ran no step: 0 ms.
+                times = executor.step_times.get(f"delta[{n}]") or [0.0]
+                samples[n]["ms"][-1].append(times[0] * 1e3)
             for member, head in fused.items():
                 samples[member]["density"][-1].append(samples[head]["density"][-1][-1])
                 samples[member]["ms"][-1].append(0.0)

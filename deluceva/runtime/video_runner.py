@@ -42,6 +42,8 @@ __all__ = [
     "change_statistics",
     "calibration_samples",
     "starting_percentage",
+    "train_learned_controller",
+    "LEARNING_FRAMES",
 ]
 
 Metric = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
@@ -351,6 +353,21 @@ def calibration_samples(plans: PlanSet, metric: Metric, frames: Sequence[np.ndar
         for frame in frames:
             runner.step(frame)
     return [s for s in samples if s.error is not None]
+
+
+LEARNING_FRAMES = 30  # a video's first frames a learned controller is trained on, without a file
+
+
+def train_learned_controller(plans: PlanSet, metric: Metric, frames: Sequence[np.ndarray], budget: float):
+    """A learned controller fitted on `frames` run through `plans` (the run's own plans, already
+    calibrated) at several fixed percentages: what `run --controller learned` does without a
+    file, and `profile --controller-out` saves."""
+    from deluceva.controller import LearnedController
+
+    samples = calibration_samples(plans, metric, frames)
+    for session in plans.sessions:
+        session.reset()
+    return LearnedController(budget=budget).fit(samples)
 
 
 # -- summary ------------------------------------------------------------------------------
