@@ -92,7 +92,12 @@ def test_profile_validates_on_held_out_frames(profile):
     assert all(m > 0 for m in v["all_delta"]["measured_ms"])
     assert all(m > 0 for m in v["all_delta"]["predicted_ms"])
     assert v["all_dense"]["measured_ms"] > 0 and v["all_dense"]["predicted_ms"] > 0
-    assert math.isfinite(v["mean_abs_error_pct"])
+    # The cost model predicts frames it never saw: within 40% all dense, and the median over the
+    # all-delta percentages within 50%. On this sub-millisecond model the dense LRN and the
+    # per-frame overhead dominate, so this catches gross failures (wrong units, wrong plan, a
+    # broken dense scale); the delta fit's own accuracy is tested on known samples below.
+    assert abs(v["all_dense"]["error_pct"]) <= 40, v
+    assert float(np.median(np.abs(v["all_delta"]["error_pct"]))) <= 50, v
 
 
 def test_profile_round_trip(profile, tmp_path):
