@@ -35,6 +35,8 @@ def check_output(path: str | os.PathLike | None, suffix: str | tuple[str, ...], 
     if target.is_dir():
         raise DelucevaError(f"{path}: {option} names an existing folder, not a file")
     folder = target.parent
+    if folder.exists() and not folder.is_dir():
+        raise DelucevaError(f"{path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise DelucevaError(f"{path}: folder {folder} does not exist")
     try:

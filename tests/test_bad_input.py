@@ -289,6 +289,20 @@ def test_cli_percentage_outside_zero_one(files, clip, percentage, capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith("deluceva run: error:"), err
 
 
+@pytest.mark.parametrize("option, value, says", [("--threads", "0", "must be at least 1"),
+                                                  ("--every", "0", "must be at least 1"),
+                                                  ("--frames", "-3", "must be at least 1"),
+                                                  ("--reference-every", "0", "must be at least 1"),
+                                                  ("--error-budget", "-1", "must be a positive number"),
+                                                  ("--error-budget", "nan", "must be a positive number")])
+def test_cli_invalid_numeric_options(files, clip, option, value, says, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["run", str(files["good"]), str(clip), option, value])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"argument {option}" in err and says in err, err
+
+
 # -- issue 10: what a new user tried ---------------------------------------------------------
 
 

@@ -121,6 +121,7 @@ def test_detection_error_identical_disjoint():
     a = _yolox_raw([(40, 60, 80, 100, 2, 0.9), (200, 100, 300, 260, 0, 0.8)])
     b = _yolox_raw([(300, 300, 340, 340, 2, 0.9)])
     decoder = YoloxDecoder()
+    assert len(decoder([a])) == 2  # identical outputs that hold detections, not two empty ones
     assert detection_error([a], [a], decoder) == 0.0
     assert detection_error([b], [a], decoder) == 1.0
     empty = _yolox_raw([])

@@ -25,6 +25,9 @@ def test_check_output_refuses_what_cannot_be_written(tmp_path, monkeypatch):
         check_output(tmp_path / "folder.json", ".json", "--summary")
     with pytest.raises(DelucevaError, match="does not exist"):
         check_output(tmp_path / "nowhere" / "a.json", ".json", "--summary")
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(DelucevaError, match="notes.txt is a file, not a folder"):
+        check_output(tmp_path / "notes.txt" / "a.json", ".json", "--summary")
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
