@@ -86,7 +86,7 @@ def build_demo_model(height: int = DEMO_SIZE[0], width: int = DEMO_SIZE[1], seed
 
 def demo_clip(path: str | Path, frames: int, height: int = DEMO_SIZE[0], width: int = DEMO_SIZE[1]) -> Path:
     """A synthetic static-camera clip (still background, moving objects, sensor noise), H.264."""
-    from deluceva.runtime.video import synthesise_clip
+    from deluceva.media.video import synthesise_clip
 
     return synthesise_clip(path, width=width, height=height, frames=frames, objects=3, noise=1.5, seed=1)
 
@@ -104,13 +104,14 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
     frame right after deluceva), speedup, error_mean, error_max (relative L2 against
     onnxruntime, the largest over the two outputs, on every frame).
     """
-    from deluceva.commands.bench import plain_onnxruntime, run_deluceva, run_onnxruntime
-    from deluceva.commands.run import PROFILE_FRAMES, compile_plans
+    from deluceva.baseline import plain_onnxruntime, run_onnxruntime
     from deluceva.controller import make_controller
+    from deluceva.media.video import open_video
+    from deluceva.metrics import get_metric
     from deluceva.planner import load_model
-    from deluceva.runtime.metrics import get_metric
-    from deluceva.runtime.video import open_video
-    from deluceva.runtime.video_runner import PlanSet, VideoRunner
+    from deluceva.runner.compare import run_deluceva
+    from deluceva.runner.loop import SessionsByPercentage, VideoRunner
+    from deluceva.runner.setup import PROFILE_FRAMES, compile_plans
     from deluceva.session import Session, calibrate_sessions
 
     proto = build_demo_model()
@@ -135,7 +136,7 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
             all_delta = Session(model, plan="delta", threads=threads)
             calibrate_sessions([all_delta], tensors[:PROFILE_FRAMES])
             runs = [("deluceva", plans, 0.0), ("deluceva", plans, percentage),
-                    ("all delta", PlanSet([all_delta], [0.0], description="all delta"), percentage)]
+                    ("all delta", SessionsByPercentage([all_delta], [0.0], description="all delta"), percentage)]
             for label, plan_set, p in runs:
                 def make_runner(plan_set=plan_set, p=p):
                     for session in plan_set.sessions:

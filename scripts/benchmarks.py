@@ -142,15 +142,15 @@ def breakdown(model_path: str, video_path: str, preset: str, plan_path: str, pi:
     its output, measured and predicted ms (40 frames after the 10 calibration frames)."""
     from deluceva.planner import load_model
     from deluceva.planner.plan_file import load_plan
-    from deluceva.runtime.preprocess import get_preset
-    from deluceva.runtime.video import open_video
+    from deluceva.presets import preprocessing
+    from deluceva.media.video import open_video
     from deluceva.session import Session
 
     plan = load_plan(plan_path)
     percentages = pi["percentage_trace"]
     p = statistics.median(percentages)
     index = plan.index_for(p)
-    pre = get_preset(preset)
+    pre = preprocessing(preset)
     inputs = [pre(rgb) for rgb in open_video(video_path, frames=frames)]
     model = load_model(model_path, inputs[0].shape)
     session = Session(model, plan=plan.variants_for(p), profile=True)

@@ -49,7 +49,7 @@ def pyramid_model() -> onnx.ModelProto:
 
 def make_files(folder: Path) -> dict[str, Path]:
     from deluceva.planner import load_model
-    from deluceva.runtime.video import synthesise_clip
+    from deluceva.media.video import synthesise_clip
 
     info = helper.make_tensor_value_info
     files: dict[str, Path] = {}
@@ -171,13 +171,13 @@ CLI_CASES = [
      "test_bad_input::test_a_tampered_hash_is_printed_far_enough_to_differ"),
     ("plan is not JSON", "explain {garbage.json}", "test_cli_planning::test_explain_refuses_bad_plan_and_graph_suffix"),
     ("--outputs inside a file (a folder that cannot be made)", "run {good.onnx} {clip.mp4} --plan dense --outputs {notes.onnx}/o.npz",
-     "test_output_files::test_check_output_refuses_what_cannot_be_written"),
+     "test_files::test_check_output_refuses_what_cannot_be_written"),
     ("--summary is an existing folder", "run {good.onnx} {clip.mp4} --plan dense --summary {folder.json}",
-     "test_output_files::test_run_refuses_an_existing_folder_as_output_before_running"),
+     "test_files::test_run_refuses_an_existing_folder_as_output_before_running"),
     ("profile -o in a folder that does not exist", "profile {good.onnx} --video {clip.mp4} -o {missing.mp4}/p.json",
-     "test_output_files::test_check_output_refuses_what_cannot_be_written"),
+     "test_files::test_check_output_refuses_what_cannot_be_written"),
     ("bench --json inside a file", "bench {good.onnx} {clip.mp4} --plan dense --json {notes.onnx}/b.json",
-     "test_output_files::test_check_output_refuses_what_cannot_be_written"),
+     "test_files::test_check_output_refuses_what_cannot_be_written"),
 ]
 
 

@@ -36,15 +36,15 @@ def read_frames(path: Path | str, count: int) -> list[np.ndarray]:
 
 
 def preprocessor(preset: str, size: tuple[int, int] | None = None):
-    """The `deluceva.runtime.preprocess` preset, optionally at a reduced input `size` (H, W).
+    """The `deluceva.media.preprocess` preset, optionally at a reduced input `size` (H, W).
 
     A reduced size keeps each preset's channel order and scaling: YOLOX letterboxes to it (its
     own mode), YuNet is letterboxed with zero padding (scaled to fit, padded right/bottom),
     MTCNN is resized to it.
     """
-    from deluceva.runtime.preprocess import get_preset
+    from deluceva.presets import preprocessing
 
-    pre = get_preset(preset)
+    pre = preprocessing(preset)
     if size is None:
         return pre
     mode = {"yolox": "letterbox", "yunet": "letterbox", "mtcnn": "resize"}[preset]
@@ -58,9 +58,7 @@ def video_inputs(shared: Path, video: str, count: int, preset: str, size: tuple[
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """||got - want|| / ||want|| (absolute when `want` is all zero)."""
-    got = np.asarray(got, np.float64)
-    want = np.asarray(want, np.float64)
-    norm = np.linalg.norm(want)
-    diff = np.linalg.norm(got - want)
-    return float(diff / norm) if norm > 0 else float(diff)
+    """||got - want|| / ||want||: the rel-l2 metric's, for one array."""
+    from deluceva.metrics import rel_l2
+
+    return rel_l2([got], [want])

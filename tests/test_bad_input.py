@@ -210,7 +210,7 @@ def test_unknown_plan():
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
-    from deluceva.runtime.video import synthesise_clip
+    from deluceva.media.video import synthesise_clip
 
     return synthesise_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", width=64, height=48, frames=4)
 
@@ -338,7 +338,7 @@ def test_a_preset_whose_decoder_does_not_fit_the_model_is_refused(tmp_path, clip
 def test_a_model_with_dynamic_size_gets_frames_padded_to_32(tmp_path, capsys):
     """A stride-32 pyramid on a 720-row video: at the frame's own size its Add fails; padded by
     default (as the README says) it runs; told not to pad, the error says what fixes it."""
-    from deluceva.runtime.video import synthesise_clip
+    from deluceva.media.video import synthesise_clip
 
     weight = numpy_helper.from_array(np.full((3, 3, 1, 1), 0.1, np.float32), "w")
     scales = numpy_helper.from_array(np.array([1, 1, 32, 32], np.float32), "s")
@@ -430,7 +430,7 @@ def test_unreachable_and_silent_streams_say_so():
     import threading
     import time
 
-    from deluceva.runtime.video import open_video
+    from deluceva.media.video import open_video
 
     with pytest.raises(DelucevaError, match="unreachable: 127.0.0.1:9"):
         list(open_video("rtsp://127.0.0.1:9/x", timeout=2))
@@ -453,7 +453,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     import signal
     import time
 
-    from deluceva.runtime.video import synthesise_clip
+    from deluceva.media.video import synthesise_clip
 
     path = tmp_path / "m.onnx"
     onnx.save(conv_model(dims=(1, 3, "h", "w")), path)

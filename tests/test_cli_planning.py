@@ -12,7 +12,7 @@ import pytest
 
 from deluceva.cli import main
 from deluceva.planner import load_model
-from deluceva.runtime.video import write_test_clip
+from deluceva.media.video import write_test_clip
 from tests.test_profiles import tiny_model
 
 
@@ -115,7 +115,7 @@ def test_plan_for_another_model_refused(workspace):
     with pytest.raises(DelucevaError, match="plan was compiled for another model"):
         plans_for_run(workspace["plan"], other)
     with pytest.raises(DelucevaError, match="plan was compiled for another model"):
-        load_plan(workspace["plan"]).session(other)
+        load_plan(workspace["plan"]).check_model(other)
 
 
 @pytest.mark.parametrize("argv_tail", [["--percentage", "1.0"], ["--percentage", "-0.1"], ["--percentage", "x"]])

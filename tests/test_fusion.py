@@ -178,10 +178,9 @@ def test_min_cut_keeps_groups_together_and_stays_optimal(seed):
 
 from deluceva.operators import DeltaTensor, Layout, get_operator  # noqa: E402
 from deluceva.operators.program import ElementwiseNode  # noqa: E402
-from deluceva.operators.testing import make_spec  # noqa: E402
-from deluceva.operators._ort import session_options  # noqa: E402
+from operator_harness import make_spec  # noqa: E402
+from deluceva.baseline import inference_session  # noqa: E402
 from deluceva.runtime.boundaries import Entry  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
 
 def _silu_conv_model(weight, bias, attrs):
@@ -193,7 +192,7 @@ def _silu_conv_model(weight, bias, attrs):
                               [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
-    return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    return inference_session(model, 1)
 
 
 @pytest.mark.parametrize("kernel,stride,dilation,group,changed", [
@@ -235,7 +234,7 @@ def test_conv_with_silu_epilogue(kernel, stride, dilation, group, changed):
 
 def test_flop_accounting_measures_fused_nodes_by_the_group_output():
     """A fused Conv's own output never exists as a delta: its work is read off the group's exit."""
-    from deluceva.runtime.video_runner import frame_flops
+    from deluceva.runner.loop import frame_flops
     from deluceva.session import Session
 
     session = Session(backbone(), plan="delta")

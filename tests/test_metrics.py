@@ -8,18 +8,11 @@ import numpy as np
 import pytest
 
 from deluceva.errors import DelucevaError
-from deluceva.runtime.metrics import (
-    DEFAULT_BUDGETS,
-    Detections,
-    PnetDecoder,
-    YoloxDecoder,
-    YunetDecoder,
-    detection_error,
-    get_metric,
-    match_f1,
-    nms,
-    rel_l2,
-)
+from deluceva.metrics import DEFAULT_BUDGETS, detection_error, get_metric, rel_l2
+from deluceva.presets.detections import Detections, match_f1, nms
+from deluceva.presets.mtcnn import PnetDecoder
+from deluceva.presets.yolox import YoloxDecoder
+from deluceva.presets.yunet import YunetDecoder
 
 
 def test_rel_l2_is_the_worst_output():
@@ -200,14 +193,14 @@ def test_get_metric():
 def test_decoders_on_the_shared_models(shared_data):
     import onnxruntime as ort
 
-    from deluceva.runtime.preprocess import get_preset
-    from deluceva.runtime.video import open_video
+    from deluceva.presets import preprocessing
+    from deluceva.media.video import open_video
 
     session = ort.InferenceSession(str(shared_data / "models" / "yolox_nano_coco_416.onnx"))
     frames = list(open_video(shared_data / "videos" / "intersection_cctv_640x480_909f.mp4", frames=3, every=100))
     metric = get_metric("det", "yolox", input_shape=(1, 3, 416, 416))
     for frame in frames:
-        outputs = session.run(None, {"images": get_preset("yolox")(frame)})
+        outputs = session.run(None, {"images": preprocessing("yolox")(frame)})
         found = metric.decoder(outputs)
         # A busy intersection: a few cars (2) and people (0) in every sampled frame.
         assert 3 <= len(found) <= 40 and {0, 2} & set(found.classes.tolist())

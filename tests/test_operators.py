@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from deluceva.operators import UnsupportedOperator, delta_support, get_operator, registered_op_types
-from deluceva.operators.testing import make_spec, run_operator, sparse_frames
+from operator_harness import make_spec, run_operator, sparse_frames
 
 TOLERANCE = 1e-5
 STORAGE = [0, 3]  # column offset of every tensor in its storage

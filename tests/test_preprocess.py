@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from deluceva.errors import DelucevaError
-from deluceva.runtime.preprocess import PRESETS, Preprocessor, get_preset, resize
+from deluceva.media.preprocess import Preprocessor, resize
+from deluceva.presets import preprocessing
 
 
 def _frame(h, w, seed=0):
@@ -15,7 +16,7 @@ def _frame(h, w, seed=0):
 
 @pytest.mark.parametrize("hw,content", [((480, 640), (312, 416)), ((720, 1280), (234, 416)), ((640, 320), (416, 208))])
 def test_letterbox_geometry(hw, content):
-    pre = get_preset("yolox")
+    pre = preprocessing("yolox")
     frame = np.full((*hw, 3), (10, 20, 30), np.uint8)  # R, G, B
     x = pre(frame)
     assert x.shape == pre.input_shape(hw) == (1, 3, 416, 416) and x.dtype == np.float32
@@ -33,7 +34,7 @@ def test_letterbox_keeps_image_content():
     # A bright square keeps its place after scaling by the letterbox ratio.
     frame = np.zeros((480, 640, 3), np.uint8)
     frame[100:200, 320:420] = 255
-    x = get_preset("yolox")(frame)[0, 0]
+    x = preprocessing("yolox")(frame)[0, 0]
     r = 416 / 640
     rows = np.flatnonzero(x[:, int(370 * r)] > 128)
     cols = np.flatnonzero(x[int(150 * r)] > 128)
@@ -42,17 +43,17 @@ def test_letterbox_keeps_image_content():
 
 
 def test_yunet_pads_right_bottom_to_multiple_of_32():
-    pre = get_preset("yunet")
+    pre = preprocessing("yunet")
     frame = _frame(100, 170)
     x = pre(frame)
     assert x.shape == pre.input_shape((100, 170)) == (1, 3, 128, 192)
     assert np.array_equal(x[0, :, :100, :170], frame[:, :, ::-1].transpose(2, 0, 1).astype(np.float32))
     assert not x[0, :, 100:].any() and not x[0, :, :, 170:].any()
-    assert get_preset("yunet").input_shape((128, 192)) == (1, 3, 128, 192)
+    assert preprocessing("yunet").input_shape((128, 192)) == (1, 3, 128, 192)
 
 
 def test_mtcnn_normalisation_any_size():
-    pre = get_preset("mtcnn")
+    pre = preprocessing("mtcnn")
     frame = _frame(37, 53)
     x = pre(frame)
     assert x.shape == (1, 3, 37, 53)
@@ -86,18 +87,18 @@ def test_resize_is_bilinear_and_keeps_flat_images():
 
 
 def test_for_model_checks_presets():
-    assert Preprocessor.for_model((1, 3, 416, 416), "yolox") == PRESETS["yolox"]
+    assert Preprocessor.for_model((1, 3, 416, 416), preprocessing("yolox")) == preprocessing("yolox")
     with pytest.raises(DelucevaError, match=r"preset yolox does not fit m\.onnx: model input is 320x320"):
-        Preprocessor.for_model((1, 3, 320, 320), "yolox", model_name="m.onnx")
+        Preprocessor.for_model((1, 3, 320, 320), preprocessing("yolox"), model_name="m.onnx")
     with pytest.raises(DelucevaError, match="preset yolox does not fit m.onnx: model input has 1 channels"):
-        Preprocessor.for_model((1, 1, 416, 416), "yolox", model_name="m.onnx")
+        Preprocessor.for_model((1, 1, 416, 416), preprocessing("yolox"), model_name="m.onnx")
     with pytest.raises(DelucevaError, match="preset yunet does not fit m.onnx: .* not a multiple of 32"):
-        Preprocessor.for_model((1, 3, 720, 1270), "yunet", model_name="m.onnx")
+        Preprocessor.for_model((1, 3, 720, 1270), preprocessing("yunet"), model_name="m.onnx")
     with pytest.raises(DelucevaError, match="preset mtcnn does not fit"):
-        Preprocessor.for_model((1, 4, None, None), "mtcnn")
+        Preprocessor.for_model((1, 4, None, None), preprocessing("mtcnn"))
     # A dynamic model takes the preset as is; a fixed YuNet pads every frame to its one size.
-    assert Preprocessor.for_model((1, 3, "height", "width"), "yunet") == PRESETS["yunet"]
-    fixed = Preprocessor.for_model((1, 3, 736, 1280), "yunet")
+    assert Preprocessor.for_model((1, 3, "height", "width"), preprocessing("yunet")) == preprocessing("yunet")
+    fixed = Preprocessor.for_model((1, 3, 736, 1280), preprocessing("yunet"))
     assert fixed.input_shape((720, 1280)) == (1, 3, 736, 1280)
     with pytest.raises(DelucevaError, match="larger than the model input"):
         fixed.input_shape((1080, 1920))
@@ -108,7 +109,7 @@ def test_for_model_generic_and_unknown_preset():
     assert (pre.mode, pre.size, pre.input_shape((480, 640))) == ("resize", (224, 224), (1, 3, 224, 224))
     assert Preprocessor.for_model((1, 1, None, None)).channels == "GRAY"
     with pytest.raises(DelucevaError, match="unknown preset 'yolo'; known presets: mtcnn, yolox, yunet"):
-        Preprocessor.for_model((1, 3, 416, 416), "yolo")
+        preprocessing("yolo")
 
 
 @pytest.mark.parametrize("kwargs,word", [
@@ -124,7 +125,7 @@ def test_bad_fields(kwargs, word):
 
 def test_bad_frame():
     with pytest.raises(DelucevaError, match="RGB frame"):
-        get_preset("yolox")(np.zeros((10, 10), np.uint8))
+        preprocessing("yolox")(np.zeros((10, 10), np.uint8))
 
 
 def test_presets_fit_the_shared_models(shared_data):
@@ -135,8 +136,8 @@ def test_presets_fit_the_shared_models(shared_data):
 
         proto = onnx.load(str(shared_data / "models" / f"{name}.onnx"), load_external_data=False)
         dims = [d.dim_value or None for d in proto.graph.input[0].type.tensor_type.shape.dim]
-        assert Preprocessor.for_model(dims, preset).name == preset
+        assert Preprocessor.for_model(dims, preprocessing(preset)).name == preset
     model = load_model(shared_data / "models" / "yolox_nano_coco_416.onnx")
     with pytest.raises(DelucevaError, match="preset mtcnn does not fit"):
-        Preprocessor.for_model((1, 1, 416, 416), "mtcnn", model_name=model.path)
-    assert Preprocessor.for_model(model, "yolox").input_shape((480, 640)) == model.input_shape
+        Preprocessor.for_model((1, 1, 416, 416), preprocessing("mtcnn"), model_name=model.path)
+    assert Preprocessor.for_model(model, preprocessing("yolox")).input_shape((480, 640)) == model.input_shape

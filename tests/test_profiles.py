@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 import warnings
 
@@ -15,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from deluceva.errors import DelucevaError
 from deluceva.planner import load_model
 from deluceva.planner.plan_file import compile_plan, load_plan, plans_for_run
-from deluceva.profiles import CostModel, Profile, load_profile, measure_profile
+from deluceva.planner.cost_model import CostModel
+from deluceva.profiles import Profile, load_profile, measure_profile
 
 PERCENTAGES = (0.0, 0.5, 0.9)
 
@@ -201,10 +201,12 @@ def test_compile_plan_and_run_it(model, profile, tmp_path):
         assert totals["plan_ms"] <= totals["all_delta_ms"] + 1e-9 or (
             totals["plan_ms"] == totals["all_dense_ms"] and totals["all_delta_ms"] > (1 - MIN_GAIN) * totals["all_dense_ms"])
     assert loaded.index_for(0.8) == 2 and loaded.index_for(0.2) == 0
-    session = loaded.session(model, percentage=0.0)
+    from deluceva.session import Session
+
+    loaded.check_model(model)
+    session = Session(model, plan=loaded.variants_for(0.0))
     frames = moving_frames(3)
     dense = load_model(tiny_model())
-    from deluceva.session import Session
 
     reference = Session(dense, plan="dense")
     for frame in frames:

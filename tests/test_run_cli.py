@@ -16,8 +16,11 @@ import pytest
 
 from deluceva.cli import main
 from deluceva.demo import build_demo_model
-from deluceva.runtime.video import synthesise_clip
-from deluceva.runtime.video_runner import FrameRecorder, GrowingNpy, PlanSet, VideoRunner
+from deluceva.media.video import synthesise_clip
+from deluceva.runner.loop import SessionsByPercentage, VideoRunner
+from deluceva.files import GrowingNpy
+from deluceva.metrics import rel_l2
+from deluceva.runner.recorder import FrameRecorder
 
 SUMMARY_FIELDS = {
     "frames", "threads", "ms_per_frame_median", "ms_per_frame_mean", "reference_frames", "error_mean",
@@ -88,8 +91,8 @@ def test_run_without_plan_compiles_on_the_fly_and_says_so(tiny, tmp_path, capsys
 
 def test_interrupted_run_keeps_finished_frames(tiny, tmp_path, monkeypatch):
     """Ctrl-C after 7 frames: OUT.npz and the summary hold exactly frames 0..6."""
-    import deluceva.runtime.video as video_module
-    from deluceva.commands.run import PROFILE_FRAMES
+    import deluceva.media.video as video_module
+    from deluceva.runner.setup import PROFILE_FRAMES
 
     model, clip = tiny
     real_open = video_module.open_video
@@ -159,21 +162,21 @@ class _Steps:
 
 
 def _rel_l2(outputs, references):
-    return max(float(np.linalg.norm(o - r) / (np.linalg.norm(r) or 1.0)) for o, r in zip(outputs, references))
+    return rel_l2(list(outputs), list(references))
 
 
 def test_runner_references_and_plan_switch(tiny):
     """References every K frames; crossing a compiled percentage switches plan at the next reference."""
     from deluceva.planner import load_model
-    from deluceva.runtime.preprocess import Preprocessor
-    from deluceva.runtime.video import open_video
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.media.video import open_video
     from deluceva.session import Session
 
     model_path, clip = tiny
     model = load_model(str(model_path))
     from deluceva.session import calibrate_sessions
 
-    plans = PlanSet([Session(model, plan="dense"), Session(model, plan="delta")], [0.0, 0.2])
+    plans = SessionsByPercentage([Session(model, plan="dense"), Session(model, plan="delta")], [0.0, 0.2])
     pre = Preprocessor.for_model(model.input_shape)
     inputs = [pre(rgb) for rgb in open_video(clip)]
     calibrate_sessions(plans.sessions, inputs[:4])  # as `deluceva run` does
@@ -197,8 +200,8 @@ def test_runner_refreshes_caches_only_when_the_plan_changes_or_p_falls(tiny):
     """A reference frame measures with a plain dense run; it reloads every cache (a keyframe, 3x
     the cost) only for a new plan's empty caches or after p fell below what they were filled at."""
     from deluceva.planner import load_model
-    from deluceva.runtime.preprocess import Preprocessor
-    from deluceva.runtime.video import open_video
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.media.video import open_video
     from deluceva.session import Session, calibrate_sessions
 
     model_path, clip = tiny
@@ -213,7 +216,7 @@ def test_runner_refreshes_caches_only_when_the_plan_changes_or_p_falls(tiny):
     session.reference = lambda *a: calls.append("reference") or reference(*a)
     # p: 0.5 on frames 1-3, 0.7 on 4-6, 0.3 from 7 on (each answer applies to the next frame).
     controller = _Steps([0.5, 0.5, 0.5, 0.7, 0.7, 0.7, 0.3])
-    runner = VideoRunner(PlanSet([session], [0.0]), controller, _rel_l2, reference_every=3, percentage=0.0)
+    runner = VideoRunner(SessionsByPercentage([session], [0.0]), controller, _rel_l2, reference_every=3, percentage=0.0)
     results = [runner.step(frame) for frame in inputs]
     references = {r.index: r.percentage for r in results if r.reference}
     assert references == {0: 0.0, 3: 0.5, 6: 0.7, 9: 0.3}
@@ -226,8 +229,8 @@ def test_runner_refreshes_caches_only_when_the_plan_changes_or_p_falls(tiny):
 def test_runner_measures_a_plan_without_delta_steps_without_a_second_run(tiny):
     """An all-dense plan is exact: its reference frames report error 0 and run the model once."""
     from deluceva.planner import load_model
-    from deluceva.runtime.preprocess import Preprocessor
-    from deluceva.runtime.video import open_video
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.media.video import open_video
     from deluceva.session import Session
 
     model_path, clip = tiny
@@ -236,7 +239,7 @@ def test_runner_measures_a_plan_without_delta_steps_without_a_second_run(tiny):
     calls = []
     run = session.run
     session.run = lambda *args, **kwargs: calls.append(kwargs.get("keyframe", False)) or run(*args, **kwargs)
-    runner = VideoRunner(PlanSet([session], [0.0]), _Steps([0.0]), _rel_l2, reference_every=4, percentage=0.0)
+    runner = VideoRunner(SessionsByPercentage([session], [0.0]), _Steps([0.0]), _rel_l2, reference_every=4, percentage=0.0)
     pre = Preprocessor.for_model(model.input_shape)
     results = [runner.step(pre(rgb)) for rgb in open_video(clip)]
     assert len(calls) == len(results)  # one run per frame, reference frames included
@@ -246,8 +249,8 @@ def test_runner_measures_a_plan_without_delta_steps_without_a_second_run(tiny):
 
 def test_runner_computes_change_statistics_only_for_controllers_that_use_them(tiny):
     from deluceva.planner import load_model
-    from deluceva.runtime.preprocess import Preprocessor
-    from deluceva.runtime.video import open_video
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.media.video import open_video
     from deluceva.session import Session
 
     class Statistical(_Steps):
@@ -259,7 +262,7 @@ def test_runner_computes_change_statistics_only_for_controllers_that_use_them(ti
     frames = [pre(rgb) for rgb in open_video(clip)]
     seen = {}
     for controller in (_Steps([0.0]), Statistical([0.0])):
-        runner = VideoRunner(PlanSet([Session(model, plan="dense")], [0.0]), controller, _rel_l2, 4, 0.0)
+        runner = VideoRunner(SessionsByPercentage([Session(model, plan="dense")], [0.0]), controller, _rel_l2, 4, 0.0)
         for frame in frames:
             runner.step(frame)
         seen[type(controller).__name__] = [o.changed_tiles for o in controller.seen]
@@ -269,7 +272,7 @@ def test_runner_computes_change_statistics_only_for_controllers_that_use_them(ti
 
 def test_runner_rejects_zero_reference_interval(tiny):
     with pytest.raises(Exception, match="at least 1"):
-        VideoRunner(PlanSet.__new__(PlanSet), None, _rel_l2, reference_every=0)
+        VideoRunner(SessionsByPercentage.__new__(SessionsByPercentage), None, _rel_l2, reference_every=0)
 
 
 # -- bad input: one line, exit 2 --------------------------------------------------------------
@@ -349,8 +352,9 @@ def test_bench_reports_and_writes_json_and_plot(tiny, tmp_path, capsys):
 
 def test_compare_on_runs_with_known_figures():
     """compare()'s figures against numbers worked out by hand for two frames."""
-    from deluceva.commands.bench import DelucevaRun, OnnxruntimeRun, compare
-    from deluceva.runtime.video_runner import FrameResult
+    from deluceva.baseline import OnnxruntimeRun
+    from deluceva.runner.compare import DelucevaRun, compare
+    from deluceva.runner.loop import FrameResult
 
     ort_run = OnnxruntimeRun(ms=[10.0, 20.0], store={}, names=[], memory_mib=40.0, folder=None)
     results = [FrameResult(0, None, 0.004, True, None, 0.5, 1.0, 100.0),
@@ -411,7 +415,7 @@ def test_end_to_end(shared_data, tmp_path, controller, case):
 
 
 def test_change_statistics_counts_changed_tiles():
-    from deluceva.runtime.video_runner import change_statistics
+    from deluceva.runner.loop import change_statistics
 
     rng = np.random.default_rng(0)
     before = rng.random((1, 3, 64, 80), dtype=np.float32)
@@ -427,16 +431,16 @@ def test_change_statistics_counts_changed_tiles():
 def test_calibration_samples_fit_a_learned_controller(tiny, tmp_path):
     from deluceva.controller import LearnedController, make_controller
     from deluceva.planner import load_model
-    from deluceva.runtime.preprocess import Preprocessor
-    from deluceva.runtime.video import open_video
-    from deluceva.runtime.video_runner import calibration_samples
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.media.video import open_video
+    from deluceva.runner.calibration import calibration_samples
     from deluceva.session import Session
 
     model_path, clip = tiny
     model = load_model(str(model_path))
     pre = Preprocessor.for_model(model.input_shape)
     frames = [pre(rgb) for rgb in open_video(clip)]
-    plans = PlanSet([Session(model, plan="delta")], [0.0])
+    plans = SessionsByPercentage([Session(model, plan="delta")], [0.0])
     samples = calibration_samples(plans, _rel_l2, frames, percentages=(0.0, 0.5, 0.9), reference_every=2)
     assert len(samples) == 3 * 5  # frames 2, 4, ..., 10 at each percentage
     assert {s.percentage for s in samples} == {0.0, 0.5, 0.9}

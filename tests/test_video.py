@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deluceva.errors import DelucevaError
-from deluceva.runtime.video import open_video, synthesise_clip, synthetic_frames, write_test_clip
+from deluceva.media.video import open_video, synthesise_clip, synthetic_frames, write_test_clip
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_truncated_mp4_with_nothing_decodable(tmp_path):
 
 def test_stream_that_cannot_be_opened_fails_fast():
     start = time.perf_counter()
-    with pytest.raises(DelucevaError, match=r"rtsp://127\.0\.0\.1:1/none: cannot open stream"):
+    with pytest.raises(DelucevaError, match=r"rtsp://127\.0\.0\.1:1/none: unreachable: 127\.0\.0\.1:1 \(Connection refused\)"):
         open_video("rtsp://127.0.0.1:1/none", timeout=1.0)
     assert time.perf_counter() - start < 5
 

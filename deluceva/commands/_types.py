@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from deluceva.errors import DelucevaError, check_percentage
+
 __all__ = ["percentage", "positive_int", "non_negative_int", "budget"]
 
 
@@ -17,9 +19,10 @@ def _parse(text: str, cast, what: str):
 
 def percentage(text: str) -> float:
     value = _parse(text, float, "a number")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"percentage {value} is outside [0, 1)")
-    return value
+    try:
+        return check_percentage(value, "percentage")
+    except DelucevaError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def positive_int(text: str) -> int:

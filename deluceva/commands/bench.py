@@ -12,34 +12,17 @@ machine slows both alike (on this project's shared 2-core machine, two consecuti
 the same model differed by up to 10%). The first pass gives the outputs and onnxruntime's
 memory.
 
-Peak memory of each pass: the process's peak resident set (VmHWM in /proc/self/status) is reset
-before the pass (`echo 5 > /proc/self/clear_refs`, Linux 4.0+), and the pass's peak is VmHWM at
-its end minus the resident set at its start, so it counts the sessions, their buffers and the
-decoder. tracemalloc would miss onnxruntime's native allocations. Where /proc cannot be reset,
-ru_maxrss deltas are used instead, which read 0 when the second pass peaks lower than the first.
+Peak memory of each pass is measured as `deluceva.baseline.PeakMemory` says; the measurements
+themselves are `deluceva.runner.compare`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import os
-import platform
-import re
-import resource
-import statistics
-import subprocess
-import tempfile
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
-
-__all__ = ["add_parser", "handle", "PeakMemory", "OnnxruntimeRun", "run_onnxruntime", "plain_onnxruntime", "run_deluceva",
-           "frame_skipping", "compare", "format_table", "machine_info", "plot"]
+__all__ = ["add_parser", "handle", "format_table", "plot"]
 
 
 def add_parser(commands, percentage, positive_int) -> None:
@@ -53,244 +36,6 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--skip-curve", action="store_true",
                         help="also measure frame skipping at every threshold it tries (its speed-versus-error curve)")
     parser.set_defaults(handler=handle)
-
-
-# -- memory ----------------------------------------------------------------------------------
-
-
-def _status_kib(name: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    found = re.search(rf"^{name}:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(found.group(1)) if found else None
-
-
-class PeakMemory:
-    """Peak resident memory added while the `with` block runs, in MiB (see the module docstring)."""
-
-    def __enter__(self) -> "PeakMemory":
-        gc.collect()
-        self.method = "VmHWM"
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
-        except OSError:
-            self.method = "ru_maxrss"
-        self.start = _status_kib("VmRSS") if self.method == "VmHWM" else None
-        if self.start is None:
-            self.method = "ru_maxrss"
-            self.start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.mib = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.method == "VmHWM":
-            end = _status_kib("VmHWM") or self.start
-        else:
-            end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.mib = max(0, end - self.start) / 1024
-
-
-# -- the two passes --------------------------------------------------------------------------
-
-
-@dataclass
-class OnnxruntimeRun:
-    """Plain onnxruntime's per-frame times and outputs (kept on disk, read back one frame at a time)."""
-
-    ms: list[float]
-    store: dict  # output name -> GrowingNpy
-    names: list[str]
-    memory_mib: float | None
-    folder: tempfile.TemporaryDirectory
-
-    def outputs(self, index: int) -> list[np.ndarray]:
-        return [self.store[name].read(index) for name in self.names]
-
-    def close(self) -> None:
-        for part in self.store.values():
-            part.close()
-        self.folder.cleanup()
-
-
-def run_onnxruntime(model: str | bytes, tensors: Iterable[np.ndarray], threads: int,
-                    progress=None) -> OnnxruntimeRun:
-    """Time plain onnxruntime on each (preprocessed) frame; keep its outputs on disk."""
-    import onnxruntime as ort
-
-    from deluceva.operators._ort import session_options
-    from deluceva.runtime.video_runner import GrowingNpy
-
-    folder = tempfile.TemporaryDirectory(prefix="deluceva-bench-")
-    store: dict = {}
-    ms: list[float] = []
-    with PeakMemory() as memory:
-        options = session_options(threads)  # intra-op = threads, inter-op 1, default optimisation level
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
-        names = [o.name for o in session.get_outputs()]
-        for tensor in tensors:
-            start = time.perf_counter()
-            outputs = session.run(None, {input_name: tensor})
-            ms.append((time.perf_counter() - start) * 1000)
-            for index, (name, value) in enumerate(zip(names, outputs)):
-                if name not in store:
-                    store[name] = GrowingNpy(Path(folder.name) / f"{index}.npy", value.shape, value.dtype)
-                store[name].append(value)
-            if progress is not None:
-                progress.update(1)
-        del session
-    return OnnxruntimeRun(ms, store, names, memory.mib, folder)
-
-
-def plain_onnxruntime(model: str | bytes, threads: int) -> Callable[[np.ndarray], list]:
-    """tensor -> outputs through plain onnxruntime, configured as the baseline is, for timing it
-    frame by frame beside deluceva."""
-    import onnxruntime as ort
-
-    from deluceva.operators._ort import session_options
-
-    session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    return lambda tensor: session.run(None, {input_name: tensor})
-
-
-@dataclass
-class DelucevaRun:
-    """Deluceva's per-frame figures, with the error against onnxruntime on every frame."""
-
-    results: list  # FrameResult, outputs dropped
-    errors: list[float]
-    memory_mib: float | None
-    plans: object
-    summary: dict = field(default_factory=dict)
-    paired_ms: list[float] = field(default_factory=list)  # plain onnxruntime, interleaved
-
-
-def run_deluceva(make_runner: Callable, tensors: Iterable[np.ndarray], reference: OnnxruntimeRun,
-                 error_metric: Callable, progress=None, paired: Callable | None = None) -> DelucevaRun:
-    """Run deluceva on each frame; `make_runner()` builds the sessions inside the memory count.
-
-    `paired(tensor)`, when given, runs plain onnxruntime on the same frame right after deluceva,
-    timed on its own (see the module docstring).
-    """
-    from deluceva.runtime.video_runner import summarise
-
-    results, errors, paired_ms = [], [], []
-    with PeakMemory() as memory:
-        runner = make_runner()
-        for index, tensor in enumerate(tensors):
-            result = runner.step(tensor)
-            if paired is not None:
-                start = time.perf_counter()
-                paired(tensor)
-                paired_ms.append((time.perf_counter() - start) * 1000)
-            # Outside the timed region: deluceva's error against plain onnxruntime on this frame.
-            errors.append(float(error_metric(result.outputs, reference.outputs(index))))
-            result.outputs = None
-            results.append(result)
-            if progress is not None:
-                progress.update(1)
-        plans = runner.plans
-        del runner
-    run = DelucevaRun(results, errors, memory.mib, plans, paired_ms=paired_ms)
-    run.summary = summarise(results, plans)
-    return run
-
-
-# -- what users do instead: skip frames that barely changed ----------------------------------
-
-SKIP_GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3)
-
-
-def frame_skipping(frames: Callable[[], Iterable[np.ndarray]], ort_run: OnnxruntimeRun, ort_ms: list[float],
-                   metric: Callable, target: float | None, calibration: int | None = None) -> dict:
-    """Plain onnxruntime that reuses its last outputs while the frame barely changed.
-
-    A frame is skipped when the share of 8x8 tiles changed by more than 1% of the input's range
-    since the last frame onnxruntime ran on (`change_statistics`) is under k. k is the largest on
-    SKIP_GRID whose mean error stays within `target` on the first `calibration` frames (as a
-    user would tune it, and as deluceva's controller is started), or, without `calibration`, on
-    all the frames (tuned on the very frames it is measured on: the best skipping can do at that
-    error). The time of a frame is the statistic's, measured, plus onnxruntime's measured time on
-    the frames it runs. `frames()` iterates the preprocessed frames from the first. Without a
-    `target`: {"curve": figures at every k of SKIP_GRID}.
-    """
-    from deluceva.runtime.video_runner import change_statistics
-
-    def simulate(k: float, count: int) -> tuple[list[float], list[float], int]:
-        errors, ms, skipped = [], [], 0
-        last_input, last_index = None, None
-        for index, tensor in zip(range(count), frames()):
-            start = time.perf_counter()
-            share = change_statistics(tensor, last_input)["changed_tiles"]
-            spent = (time.perf_counter() - start) * 1000
-            if last_input is not None and share < k:
-                skipped += 1
-                errors.append(float(metric(ort_run.outputs(last_index), ort_run.outputs(index))))
-            else:
-                last_input, last_index = tensor, index
-                spent += ort_ms[index]
-                errors.append(0.0)
-            ms.append(spent)
-        return errors, ms, skipped
-
-    def figures(k: float) -> dict:
-        errors, ms, skipped = simulate(k, len(ort_ms))
-        return {"threshold": k, "ms_mean": statistics.fmean(ms), "speedup": statistics.fmean(ort_ms) / statistics.fmean(ms),
-                "error_mean": statistics.fmean(errors), "error_p95": _percentile_of(errors, 0.95),
-                "error_max": max(errors), "skipped": skipped / len(ms),
-                "error_trace": [round(e, 6) for e in errors], "ms_trace": [round(m, 4) for m in ms]}
-
-    if target is None:  # the whole curve
-        return {"curve": [{k: v for k, v in figures(k).items() if not k.endswith("trace")} for k in SKIP_GRID]}
-    chosen = 0.0
-    for k in SKIP_GRID:
-        errors, _, _ = simulate(k, min(calibration or len(ort_ms), len(ort_ms)))
-        if statistics.fmean(errors) > target:
-            break
-        chosen = k
-    return figures(chosen)
-
-
-def _percentile_of(values, q):
-    from deluceva.runtime.video_runner import _percentile
-
-    return _percentile(values, q)
-
-
-def compare(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
-    """The headline figures: speedup, error, density, FLOP bound, efficiency, memory."""
-    from deluceva.runtime.video_runner import _percentile
-
-    frames = min(len(ort_run.ms), len(delta_run.results))
-    ort_ms = (delta_run.paired_ms or ort_run.ms)[:frames]
-    delta_ms = [r.seconds * 1000 for r in delta_run.results[:frames]]
-    errors = delta_run.errors[:frames]
-    speedup = statistics.fmean(ort_ms) / statistics.fmean(delta_ms)
-    bound = delta_run.summary["flop_reduction_bound"]
-    return {
-        "frames": frames,
-        "timing": "interleaved" if delta_run.paired_ms else "separate passes",
-        "onnxruntime_ms_mean": statistics.fmean(ort_ms),
-        "onnxruntime_ms_median": statistics.median(ort_ms),
-        "deluceva_ms_mean": statistics.fmean(delta_ms),
-        "deluceva_ms_median": statistics.median(delta_ms),
-        "speedup": speedup,
-        "error_mean": statistics.fmean(errors),
-        "error_p95": _percentile(errors, 0.95),
-        "error_max": max(errors),
-        "density_mean": delta_run.summary["density_mean"],
-        "flop_reduction_bound": bound,
-        "efficiency": speedup / bound if bound else None,
-        "reference_frames": delta_run.summary["reference_frames"],
-        "percentage_mean": statistics.fmean(r.percentage for r in delta_run.results[:frames]),
-        "onnxruntime_peak_mib": ort_run.memory_mib,
-        "deluceva_peak_mib": delta_run.memory_mib,
-        "memory_ratio": (delta_run.memory_mib / ort_run.memory_mib) if ort_run.memory_mib else None,
-    }
 
 
 def format_table(figures: dict, metric: str, budget: float | None = None) -> str:
@@ -326,34 +71,7 @@ def format_table(figures: dict, metric: str, budget: float | None = None) -> str
     return "\n".join(lines)
 
 
-def machine_info() -> dict:
-    """Where the figures were measured: CPU, cores, versions, commit."""
-    import numpy
-    import onnxruntime
-
-    cpu = platform.processor() or ""
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = found.group(1).strip() if found else cpu
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "commit": commit,
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-    }
-
-
-def plot(path: str, ort_run: OnnxruntimeRun, delta_run: DelucevaRun, metric: str, budget: float | None) -> None:
+def plot(path: str, ort_run, delta_run, metric: str, budget: float | None) -> None:
     """Per-frame time (both), error against onnxruntime, and filtering percentage."""
     from deluceva.commands._plotting import pyplot
 
@@ -385,14 +103,18 @@ def plot(path: str, ort_run: OnnxruntimeRun, delta_run: DelucevaRun, metric: str
 
 
 def handle(args: argparse.Namespace) -> int:
-    from deluceva.commands.run import build_plans, prepare, progress, run_info, write_json
-    from deluceva.output_files import check_output
+    from deluceva.baseline import plain_onnxruntime, run_onnxruntime
+    from deluceva.commands.run import progress, run_options, write_json
     from deluceva.controller import RUN_SETPOINT
-    from deluceva.runtime.video_runner import VideoRunner
+    from deluceva.machine import machine_info
+    from deluceva.files import check_output
+    from deluceva.runner.compare import compare, frame_skipping, run_deluceva
+    from deluceva.runner.loop import VideoRunner
+    from deluceva.runner.setup import build_plans, prepare, run_info
 
     check_output(args.json, ".json", "--json")
     check_output(args.plot, ".png", "--plot")
-    setup = prepare(args)
+    setup = prepare(run_options(args))
     preprocess = setup.preprocess
     bar = progress(setup.video.expected, "onnxruntime")
     try:

@@ -28,7 +28,7 @@ def run(args) -> int:
     from deluceva.planner.plan_file import compile_plan
     from deluceva.profiles import load_profile
 
-    from deluceva.output_files import check_output
+    from deluceva.files import check_output
 
     output = check_output(args.output, ".json", "-o")
     profile = load_profile(args.profile)

@@ -54,7 +54,7 @@ def draw_plan(plan, percentage: float, path: str | Path) -> Path:
     plt = pyplot("--graph")
     from matplotlib.patches import Patch
 
-    from deluceva.output_files import check_output
+    from deluceva.files import check_output
 
     path = check_output(path, (".png", ".svg"), "--graph")
     i = plan.index_for(percentage)

@@ -19,14 +19,15 @@ def default_profile_path(model: str) -> Path:
 def calibration_inputs(model_path: str, video: str, frames: int, preset: str | None, start: int = 0):
     """(model, list of model inputs) for the first `frames` frames of `video`, preprocessed."""
     from deluceva.planner import load_model
-    from deluceva.runtime.preprocess import Preprocessor
-    from deluceva.runtime.video import open_video
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.presets import preprocessing
+    from deluceva.media.video import open_video
 
     from deluceva.planner.load_model import declared_input_shape
 
     declared = declared_input_shape(model_path)
     reader = open_video(video, frames=frames, start=start)
-    preprocess = Preprocessor.for_model(tuple(declared), preset=preset, model_name=str(model_path))
+    preprocess = Preprocessor.for_model(tuple(declared), preset=preprocessing(preset), model_name=str(model_path))
     input_shape = tuple(int(d) for d in preprocess.input_shape((reader.height, reader.width)))
     model = load_model(model_path, input_shape)
     inputs = [preprocess(frame) for frame in reader]
@@ -38,9 +39,11 @@ def _save_learned_controller(args, model, profile, inputs, path) -> None:
     to (calibrated on the first frames, as `run` calibrates), and save it as JSON."""
     from deluceva.operators._buffers import Buffers
     from deluceva.planner.plan_file import compile_plan
-    from deluceva.runtime.metrics import check_preset, get_metric
+    from deluceva.metrics import get_metric
+    from deluceva.presets import check_preset
     from deluceva.runtime.thresholds import CALIBRATION_FRAMES
-    from deluceva.runtime.video_runner import PlanSet, train_learned_controller
+    from deluceva.runner.calibration import train_learned_controller
+    from deluceva.runner.loop import SessionsByPercentage
     from deluceva.session import Session, calibrate_sessions
 
     check_preset(args.preset, model)
@@ -54,7 +57,7 @@ def _save_learned_controller(args, model, profile, inputs, path) -> None:
             sessions.append(Session(model, plan=variants, threads=args.threads, buffers=buffers))
             percentages.append(percentage)
             previous = variants
-    plans = PlanSet(sessions, percentages)
+    plans = SessionsByPercentage(sessions, percentages)
     calibrate_sessions(plans.sessions, inputs[:CALIBRATION_FRAMES])
     controller = train_learned_controller(plans, metric, inputs, budget)
     controller.to_json(path)
@@ -88,7 +91,7 @@ def add_parser(commands, percentage, positive_int) -> None:
 def run(args) -> int:
     from deluceva.profiles import DEFAULT_PERCENTAGES, measure_profile
 
-    from deluceva.output_files import check_output
+    from deluceva.files import check_output
 
     output = check_output(args.output if args.output else default_profile_path(args.model), ".json", "-o")
     controller_out = check_output(args.controller_out, ".json", "--controller-out")

@@ -1,6 +1,6 @@
 """`deluceva run MODEL VIDEO`: the model's outputs for every frame, with adaptive filtering.
 
-The setup here (model, video, preprocessing, plans, metric, controller) is shared with `bench`.
+The options here are shared with `bench`; the setup they describe is `deluceva.runner.setup`.
 """
 
 from __future__ import annotations
@@ -8,26 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from deluceva.commands._types import budget, non_negative_int
 from deluceva.errors import DelucevaError
-from deluceva.runtime.thresholds import CALIBRATION_FRAMES
+from deluceva.runner.setup import RunOptions, Setup, build_plans, prepare, run_info
 
-__all__ = ["add_parser", "add_run_options", "Setup", "prepare", "build_plans", "compile_plans", "progress", "write_json", "handle"]
-
-# Without --plan: percentages compiled on the fly, and frames profiled for them; `deluceva
-# compile` makes a finer plan once and for all. The grid is dense below 0.5 because that is where
-# the controllers settle: YOLOX-nano on intersection_cctv keeps det error 0 up to p = 0.2 and
-# reaches 0.35 at p = 0.5, and the plan for p = 0 is all dense, so a coarse grid (0, 0.5, 0.9)
-# left the PI controller only "exact" or "far over budget" to choose from.
-ON_THE_FLY_PERCENTAGES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
-# The video's first frames, profiled on the fly; the same frames calibrate the filters.
-PROFILE_FRAMES = CALIBRATION_FRAMES
-
+__all__ = ["add_parser", "add_run_options", "run_options", "progress", "write_json", "handle"]
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -83,180 +72,16 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.set_defaults(handler=handle)
 
 
-# -- setup shared with bench -----------------------------------------------------------------
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The library's `RunOptions` from `run`'s (or `bench`'s) parsed command line."""
+    return RunOptions(model=args.model, video=args.video, plan=args.plan, controller=args.controller,
+                      percentage=args.percentage, error_budget=args.error_budget, metric=args.metric,
+                      preset=args.preset, preprocessing=generic_preprocessing(args),
+                      reference_every=args.reference_every, threads=args.threads, frames=args.frames,
+                      start=args.start, every=args.every, learned_model=args.learned_model)
 
 
-@dataclass
-class Setup:
-    """Everything a run needs before its sessions are built."""
-
-    args: argparse.Namespace
-    video: object
-    preprocess: object
-    input_shape: tuple[int, ...]
-    model: object  # deluceva Model, bound to input_shape
-    metric: object
-    budget: float
-    controller: object
-    notes: list[str] = field(default_factory=list)
-    start_percentage: float = 0.0
-    calibration_frames: list = field(default_factory=list)  # the first frames, once read
-
-
-def prepare(args: argparse.Namespace) -> Setup:
-    """Check options, open the video, fit the preprocessing to the model, make metric and controller."""
-    from deluceva.controller import make_controller
-    from deluceva.planner import load_model
-    from deluceva.planner.load_model import declared_input_shape
-    from deluceva.runtime.metrics import check_preset, get_metric
-    from deluceva.runtime.preprocess import Preprocessor
-    from deluceva.runtime.video import open_video
-
-    if args.reference_every < 1:
-        raise DelucevaError(f"--reference-every {args.reference_every} must be at least 1")
-    if args.percentage is not None and not 0.0 <= args.percentage < 1.0:
-        raise DelucevaError(f"--percentage {args.percentage} is outside [0, 1)")
-    declared = declared_input_shape(args.model)
-    video = open_video(args.video, frames=args.frames, start=args.start, every=args.every)
-    preprocess = Preprocessor.for_model(tuple(declared), preset=args.preset, model_name=str(args.model),
-                                        **generic_preprocessing(args))
-    input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
-    model = load_model(args.model, input_shape)
-    check_preset(args.preset, model)
-    metric = get_metric(args.metric, args.preset, input_shape=input_shape, output_names=model.output_names)
-    budget = args.error_budget if args.error_budget is not None else metric.budget
-    percentage = args.percentage
-    if args.controller == "fixed" and percentage is None:
-        percentage = 0.0
-    controller = None  # trained on the run's own plans, once they are built (build_plans)
-    if args.controller != "learned" or args.learned_model:
-        controller = make_controller(args.controller, percentage=percentage, budget=budget,
-                                     learned_path=args.learned_model)
-    return Setup(args, video, preprocess, input_shape, model, metric, budget, controller)
-
-
-def build_plans(setup: Setup, announce=None):
-    """Sessions for `--plan`, or compiled on the fly (said on stderr through `announce`)."""
-    from deluceva.runtime.video_runner import PlanSet
-    from deluceva.session import Session, calibrate_sessions
-
-    args = setup.args
-    announce = announce or (lambda text: print(f"deluceva: {text}", file=sys.stderr))
-    frames = setup.calibration_frames = _first_frames(setup)
-    if args.plan in ("dense", "delta"):
-        session = Session(setup.model, plan=args.plan, threads=args.threads)
-        plans = PlanSet([session], [0.0], description=f"{args.plan} (every node that can)")
-    elif args.plan:
-        plans = _plans_from_file(args.plan, setup)
-    else:
-        announce(f"no --plan given: profiling on the first {len(frames)} frames and compiling on the fly "
-                 f"for p in {', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} (save one with `deluceva compile`)")
-        plans = compile_plans(setup.model, frames, args.threads)
-    if args.plan:  # compile_plans calibrated its own
-        calibrate_sessions(plans.sessions, frames)
-    _warm_up(plans, frames)
-    _start_controller(setup, plans, announce)
-    if setup.controller is None:
-        _train_controller(setup, plans, announce)
-    return plans
-
-
-def _train_controller(setup: Setup, plans, announce) -> None:
-    """`--controller learned` without a file: trained on the video's first frames, through the
-    run's own plans (as `deluceva profile --controller-out` would save one)."""
-    from deluceva.runtime.video import open_video
-    from deluceva.runtime.video_runner import LEARNING_FRAMES, train_learned_controller
-
-    args = setup.args
-    video = open_video(args.video, frames=LEARNING_FRAMES, start=args.start, every=args.every)
-    frames = [setup.preprocess(rgb) for rgb in video]
-    announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
-             "(save one with `deluceva profile --controller-out`)")
-    setup.controller = train_learned_controller(plans, setup.metric, frames, setup.budget)
-
-
-def _warm_up(plans, frames: list) -> None:
-    """Run each plan once on the calibration frames: the first keyframe builds the shared
-    keyframe session, the first delta frame loads the compiled kernels from numba's cache
-    (0.1-0.3 s on a fresh process). Done here, set-up time, not the first frames' time."""
-    for session in plans.sessions:
-        session.run(frames[0], keyframe=True)
-        session.run(frames[1], 0.5)
-        session.reset()
-
-
-def _start_controller(setup: Setup, plans, announce) -> None:
-    """A PI controller without --percentage starts at the p the calibration frames say holds the
-    budget (see `starting_percentage`), rather than at 0."""
-    from deluceva.controller import RUN_SETPOINT, make_controller
-    from deluceva.runtime.video_runner import starting_percentage
-
-    args = setup.args
-    if args.controller != "pi" or args.percentage is not None:
-        return
-    start = starting_percentage(plans, setup.metric, setup.calibration_frames, RUN_SETPOINT * setup.budget)
-    setup.controller = make_controller("pi", percentage=start, budget=setup.budget)
-    setup.start_percentage = start
-    announce(f"pi controller starts at p = {start:g}, where the first {len(setup.calibration_frames)} frames "
-             f"stay within {RUN_SETPOINT:g} x the budget")
-
-
-def _first_frames(setup: Setup) -> list:
-    """The video's first frames (model inputs): what profiling and threshold calibration see."""
-    from deluceva.runtime.video import open_video
-
-    args = setup.args
-    video = open_video(args.video, frames=PROFILE_FRAMES, start=args.start, every=args.every)
-    frames = [setup.preprocess(rgb) for rgb in video]
-    if len(frames) < 2:
-        raise DelucevaError(f"{args.video}: needs at least 2 frames to calibrate the filters, has {len(frames)}")
-    return frames
-
-
-def _plans_from_file(path: str, setup: Setup):
-    """PlanSet from a plan JSON written by `deluceva compile`."""
-    from deluceva.operators._buffers import Buffers
-    from deluceva.planner import plan_file
-    from deluceva.runtime.video_runner import PlanSet
-    from deluceva.session import Session
-
-    entries = plan_file.plans_for_run(path, setup.model)  # [(percentage, {node: variant}), ...]
-    sessions, percentages, previous = [], [], None
-    buffers = Buffers()  # one plan runs at a time: they share working buffers and tensors' state
-    for percentage, variants in entries:
-        if variants == previous:
-            continue  # the same plan as the next lower percentage: its session serves this range too
-        previous = variants
-        sessions.append(Session(setup.model, plan=variants, threads=setup.args.threads, buffers=buffers))
-        percentages.append(percentage)
-    return PlanSet(sessions, percentages, description=f"from {path}")
-
-
-def compile_plans(model, frames: list, threads: int = 1, percentages=None, progress: bool = True):
-    """Profile `model` on `frames` (model inputs) and choose a plan by cost for each percentage.
-
-    Returns a PlanSet (plans identical to a lower percentage's are merged).
-    """
-    from deluceva.operators._buffers import Buffers
-    from deluceva.planner.plan_file import compile_plan
-    from deluceva.profiles import measure_profile
-    from deluceva.runtime.video_runner import PlanSet
-    from deluceva.session import Session, calibrate_sessions
-
-    percentages = tuple(percentages or ON_THE_FLY_PERCENTAGES)
-    profile = measure_profile(model, frames, threads=threads, percentages=percentages, progress=progress)
-    plan = compile_plan(model, profile, percentages)
-    sessions, compiled, previous = [], [], None
-    buffers = Buffers()  # one plan runs at a time: they share working buffers and tensors' state
-    for percentage in plan.percentages:
-        variants = plan.variants_for(percentage)
-        if variants == previous:
-            continue  # same plan as the next lower percentage: that session serves this range too
-        previous = variants
-        sessions.append(Session(model, plan=variants, threads=threads, buffers=buffers))
-        compiled.append(percentage)
-    calibrate_sessions(sessions, frames)
-    return PlanSet(sessions, compiled, description=f"profiled on {len(frames)} frames, compiled on the fly")
+# -- printing and writing, shared with bench -------------------------------------------------
 
 
 def progress(total: int | None, description: str):
@@ -267,8 +92,8 @@ def progress(total: int | None, description: str):
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    """Write `data` as JSON, whole or, failing that, in the temporary folder (see output_files)."""
-    from deluceva.output_files import write_text
+    """Write `data` as JSON, whole or, failing that, in the temporary folder (see deluceva.files)."""
+    from deluceva.files import write_text
 
     write_text(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
 
@@ -282,33 +107,17 @@ def _jsonable(value):
 
 
 
-def run_info(setup: Setup, plans) -> dict:
-    """The summary fields that describe the run rather than measure it."""
-    args = setup.args
-    return {
-        "model": str(args.model),
-        "video": str(args.video),
-        "input_shape": list(setup.input_shape),
-        "preset": args.preset,
-        "metric": args.metric,
-        "budget": setup.budget,
-        "controller": args.controller,
-        "threads": args.threads,
-        "reference_every": args.reference_every,
-        "plan": plans.description,
-    }
-
-
 # -- the command ---------------------------------------------------------------------------
 
 
 def handle(args: argparse.Namespace) -> int:
-    from deluceva.output_files import check_output
-    from deluceva.runtime.video_runner import FrameRecorder, VideoRunner, summarise
+    from deluceva.files import check_output
+    from deluceva.runner.loop import VideoRunner, summarise
+    from deluceva.runner.recorder import FrameRecorder
 
     check_output(args.outputs, ".npz", "--outputs")
     check_output(args.summary, ".json", "--summary")
-    setup = prepare(args)
+    setup = prepare(run_options(args))
     plans = build_plans(setup)
     runner = VideoRunner(plans, setup.controller, setup.metric, args.reference_every,
                          percentage=args.percentage or setup.start_percentage)
@@ -364,6 +173,6 @@ def _print_summary(summary: dict, setup: Setup) -> None:
     print(
         f"{summary['frames']} frames, {summary['ms_per_frame_mean']:.2f} ms/frame mean "
         f"({summary['ms_per_frame_median']:.2f} median), {summary['reference_frames']} reference frames, "
-        f"{setup.args.metric} error on references {measured} (budget {setup.budget:g})",
+        f"{setup.options.metric} error on references {measured} (budget {setup.budget:g})",
         file=sys.stderr,
     )

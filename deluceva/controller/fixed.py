@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deluceva.controller.base import Observation
-from deluceva.errors import DelucevaError
+from deluceva.errors import check_percentage
 
 __all__ = ["FixedController"]
 
@@ -23,8 +23,7 @@ class FixedController:
     wants_reference: bool = False
 
     def __post_init__(self):
-        if not 0.0 <= self.percentage < 1.0:
-            raise DelucevaError(f"percentage {self.percentage} must be in [0, 1)")
+        self.percentage = check_percentage(self.percentage, "percentage")
 
     def update(self, observation: Observation) -> float:
         return self.percentage

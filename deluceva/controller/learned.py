@@ -300,7 +300,7 @@ class LearnedController:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Save as plain JSON (the trees' arrays and the settings), whole or not at all."""
-        from deluceva.output_files import write_text
+        from deluceva.files import write_text
 
         write_text(path, json.dumps(self.to_dict()))
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from deluceva.operators._common import DeltaOperator, DeltaTensor, OpSpec, register
 from deluceva.operators._kernels import collect_marked, emit_rows
-from deluceva.operators._ort import session_options
+from deluceva.baseline import inference_session
 from deluceva.operators.elementwise import chunk_rows
 
 __all__ = ["DeltaRearrange", "copy_maps", "COPY_OP_TYPES", "EXACT_INDEX_LIMIT"]
@@ -58,7 +57,7 @@ def copy_maps(spec: OpSpec) -> list[np.ndarray] | str:
     model.ir_version = 8
     probe = np.arange(size, dtype=np.float32).reshape(spec.input_shapes[0])
     try:
-        session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+        session = inference_session(model, 1)
         results = session.run(None, {"x": probe})
     except Exception as error:  # onnxruntime refuses: the node would fail dense too
         return f"{spec.op_type} probe failed: {str(error).splitlines()[0]}"

@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from deluceva.baseline import inference_session, session_options
 from deluceva.errors import DelucevaError
 
 __all__ = ["Model", "load_model", "declared_input_shape"]
@@ -211,13 +212,12 @@ def _bind_shape(label: str, name: str, declared: list[int | None], wanted) -> tu
 
 
 def _normalise(label: str, proto: onnx.ModelProto) -> onnx.ModelProto:
-    options = ort.SessionOptions()
+    options = session_options(1)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
     with tempfile.TemporaryDirectory() as folder:
         options.optimized_model_filepath = os.path.join(folder, "normalised.onnx")
         try:
-            ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            inference_session(proto, options=options)
         except Exception as error:
             raise DelucevaError(f"{label}: onnxruntime cannot load this model ({_first_line(error)})") from None
         result = onnx.load(options.optimized_model_filepath)
@@ -290,10 +290,8 @@ def _probe_shapes(label: str, proto: onnx.ModelProto, model: Model, names: list[
     for name in names:
         if name not in known:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # its failure is reported in one line below, not logged first
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:  # log level 4: its failure is reported in one line below, not logged first
+        session = inference_session(probe, 1, log_level=4)
         values = session.run(names, {model.input_name: np.zeros(model.input_shape, np.float32)})
     except Exception as error:
         raise DelucevaError(f"{label}: cannot run the model on a {model.input_shape} input ({_first_line(error)}); "

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from deluceva.errors import DelucevaError
+from deluceva.errors import DelucevaError, check_percentage
+from deluceva.files import read_json
 from deluceva.planner.attach_costs import attach_costs
+from deluceva.planner.cost_model import CostModel
 from deluceva.planner.choose_variants import choose_variants, frame_cost
 from deluceva.planner.load_model import Model
 from deluceva.planner.pipeline import build_dag
@@ -83,8 +85,7 @@ class PlanFile:
 
     def index_for(self, percentage: float) -> int:
         """The covered percentage nearest to `percentage` (the lower one on a tie)."""
-        if not 0.0 <= percentage < 1.0:
-            raise DelucevaError(f"filtering percentage {percentage} is outside [0, 1)")
+        check_percentage(percentage)
         return min(range(len(self.percentages)), key=lambda i: (abs(self.percentages[i] - percentage), i))
 
     def variants_for(self, percentage: float) -> dict[str, str]:
@@ -118,18 +119,8 @@ class PlanFile:
             raise DelucevaError(f"{self.path}: plan does not describe the model's {len(nodes)} nodes: {what}; "
                                 "compile it again")
 
-    def session(self, model: Model | str, percentage: float = 0.0, threads: int | None = None):
-        """A `Session` running this plan's variants for `percentage` on `model` (checked first)."""
-        from deluceva.planner.load_model import load_model
-        from deluceva.session import Session
-
-        if not isinstance(model, Model):
-            model = load_model(model, tuple(self.data["model"]["input_shape"]))
-        self.check_model(model)
-        return Session(model, plan=self.variants_for(percentage), threads=self.threads if threads is None else threads)
-
     def save(self, path: str | os.PathLike) -> Path:
-        from deluceva.output_files import check_output, write_text
+        from deluceva.files import check_output, write_text
 
         path = check_output(path, ".json", "plan")
         write_text(path, json.dumps(self.data, indent=1, allow_nan=False) + "\n")
@@ -142,7 +133,7 @@ def check_machine(profile, threads: int | None = None, force: bool = False) -> l
 
     Returns the differences (empty when it is this machine).
     """
-    from deluceva.profiles.profile import compare_machines, machine_fingerprint
+    from deluceva.machine import compare_machines, machine_fingerprint
 
     here = machine_fingerprint(profile.machine.get("threads", 1) if threads is None else threads)
     differences = compare_machines(profile.machine, here)
@@ -167,16 +158,13 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
 
     Example:
         >>> plan = compile_plan(load_model("m.onnx"), load_profile("m.profile.json"), [0.0, 0.9])  # doctest: +SKIP
-        >>> session = plan.session(model, percentage=0.9)
+        >>> session = Session(model, plan=plan.variants_for(0.9))
     """
-    from deluceva.profiles.cost_model import CostModel
-
     profile.check_model(model.sha256, model.input_shape)
     check_machine(profile, force=force)
     percentages = sorted({float(p) for p in (profile.percentages if percentages is None else percentages)})
     for p in percentages:
-        if not 0.0 <= p < 1.0:
-            raise DelucevaError(f"percentage {p} is outside [0, 1)")
+        check_percentage(p, "percentage")
     if not percentages:
         raise DelucevaError("no percentage to compile for")
     threads = int(profile.machine.get("threads", 1))
@@ -221,8 +209,6 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
 
 def load_plan(path: str | os.PathLike) -> PlanFile:
     """Read and validate a plan file; one-line DelucevaError naming the file when it is bad."""
-    from deluceva.profiles.profile import read_json
-
     label = str(path)
     data = read_json(path, "plan")
     if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -15,7 +15,7 @@ What is measured, and how:
   consecutive frames, at each percentage, whether or not the all-delta plan converts it.
 Filters use thresholds calibrated on the fit frames (`deluceva.runtime.thresholds`), as `run` does.
 The last quarter of the frames is held out: measured there, never fitted, to validate the cost
-model (see `deluceva.profiles.cost_model.validate`).
+model (see `deluceva.planner.cost_model.validate`).
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ from typing import Iterable
 import numpy as np
 from onnx import TensorProto, helper
 
-from deluceva.errors import DelucevaError
-from deluceva.operators._ort import session_options
+from deluceva.errors import DelucevaError, check_percentage
+from deluceva.baseline import inference_session
 from deluceva.planner import Model, load_model
 from deluceva.planner.assign_variants import assign_variants
 from deluceva.operators import DeltaTensor
 from deluceva.planner.partition_dense import partition_dense
 from deluceva.planner.physical import DenseSegment, PhysicalPlan
 from deluceva.planner.pipeline import build_dag
-from deluceva.profiles.profile import DEFAULT_PERCENTAGES, Profile, machine_fingerprint
+from deluceva.machine import machine_fingerprint
+from deluceva.profiles.profile import DEFAULT_PERCENTAGES, Profile
 from deluceva.runtime.boundaries import Entry, mirror_step
 from deluceva.runtime.executor import Executor, _session
 from deluceva.runtime.thresholds import Thresholds, tensor_layouts, tensor_values
@@ -58,10 +59,7 @@ def session_call_overhead(threads: int, repeats: int = 300) -> float:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "overhead", [x], [y])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     proto.ir_version = 8
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    session = inference_session(proto, threads)
     feed = {"x": np.ones((1, 1, 1, 1), np.float32)}
     for _ in range(20):
         session.run(["y"], feed)
@@ -117,8 +115,10 @@ def measure_profile(
     """
     model = model if isinstance(model, Model) else load_model(model)
     percentages = sorted({float(p) for p in percentages})
-    if not percentages or not all(0.0 <= p < 1.0 for p in percentages):
-        raise DelucevaError(f"percentages must be in [0, 1), got {percentages}")
+    if not percentages:
+        raise DelucevaError("no percentage to profile at")
+    for p in percentages:
+        check_percentage(p, "percentage")
     inputs = [np.ascontiguousarray(f, np.float32) for f in frames]
     if len(inputs) < MIN_FRAMES:
         raise DelucevaError(f"profiling needs at least {MIN_FRAMES} frames, got {len(inputs)}")
@@ -191,7 +191,7 @@ def measure_profile(
         created=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
     if held:
-        from deluceva.profiles.cost_model import validate
+        from deluceva.planner.cost_model import validate
 
         session = _session(model.onnx, threads)
         times = []

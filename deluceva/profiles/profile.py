@@ -30,65 +30,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from deluceva.errors import DelucevaError
+from deluceva.files import read_json
 
 __all__ = [
-    "read_json",
     "Profile",
     "FORMAT",
     "SCHEMA_VERSION",
     "DEFAULT_PERCENTAGES",
-    "MACHINE_KEYS",
-    "machine_fingerprint",
     "load_profile",
-    "compare_machines",
 ]
 
 FORMAT = "deluceva-profile"
 SCHEMA_VERSION = 2
 DEFAULT_PERCENTAGES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
-# A profile measured where any of these differ describes another machine.
-MACHINE_KEYS = ("cpu_model", "cores", "threads", "onnxruntime", "numpy")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def machine_fingerprint(threads: int) -> dict:
-    """What identifies the machine and software a profile was measured on."""
-    import numpy
-    import onnxruntime
-
-    import deluceva
-
-    return {
-        "cpu_model": _cpu_model(),
-        "cores": os.cpu_count() or 0,
-        "threads": int(threads),
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": numpy.__version__,
-        "deluceva": deluceva.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def compare_machines(recorded: dict, current: dict) -> list[str]:
-    """The machine fields that differ, as "field: recorded != current" strings."""
-    return [f"{key}: {recorded.get(key)!r} != {current.get(key)!r}" for key in MACHINE_KEYS
-            if recorded.get(key) != current.get(key)]
-
-
 @dataclass
 class Profile:
     """A loaded (or freshly measured) profile; see the module docstring for the fields."""
@@ -123,7 +81,7 @@ class Profile:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the profile as JSON (atomically: a temporary file renamed into place)."""
-        from deluceva.output_files import check_output, write_text
+        from deluceva.files import check_output, write_text
 
         path = check_output(path, ".json", "profile")
         write_text(path, json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
@@ -165,26 +123,6 @@ def load_profile(path: str | os.PathLike) -> Profile:
         [0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99]
     """
     return Profile.from_json(read_json(path, "profile"), str(path))
-
-
-def read_json(path: str | os.PathLike, kind: str):
-    """The JSON in `path`; a one-line DelucevaError naming the file when it cannot be read.
-
-    `kind` names what the file should be ("profile", "plan") in the messages.
-    """
-    label = str(path)
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise DelucevaError(f"{label}: no such file") from None
-    except IsADirectoryError:
-        raise DelucevaError(f"{label}: is a directory, not a {kind}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DelucevaError(f"{label}: cannot read {kind} ({type(error).__name__})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DelucevaError(f"{label}: not a deluceva {kind} (invalid JSON at line {error.lineno})") from None
 
 
 def _number(value) -> bool:

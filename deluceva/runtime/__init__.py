@@ -1,1 +1,2 @@
-"""Running plans: the executor, its dense/delta boundaries, video input and preprocessing."""
+"""The engine: the executor that runs a physical plan (dense segments in onnxruntime, delta steps
+in the operators), its dense/delta boundaries, the filter thresholds and the copy tails."""

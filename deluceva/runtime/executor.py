@@ -22,9 +22,9 @@ import onnxruntime as ort
 from onnx import helper
 from threadpoolctl import threadpool_limits
 
-from deluceva.errors import DelucevaError
+from deluceva.errors import DelucevaError, check_percentage
 from deluceva.operators import DeltaTensor, Layout, get_operator
-from deluceva.operators._ort import session_options
+from deluceva.baseline import inference_session
 from deluceva.operators._buffers import Buffers
 from deluceva.operators.program import ElementwiseNode
 from deluceva.planner.load_model import Model
@@ -61,11 +61,9 @@ def _subgraph(model: Model, nodes: list[str], inputs: list[str], outputs: list[s
 
 
 def _session(model: onnx.ModelProto, threads: int, arena: bool = True) -> ort.InferenceSession:
-    options = session_options(threads)
     # Without its arena, a session returns its outputs' memory after each run: the keyframe
     # session's outputs are every delta tensor (50 MB on YOLOX-nano) and run rarely.
-    options.enable_cpu_mem_arena = arena
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return inference_session(model, threads, arena=arena)
 
 
 class Executor:
@@ -347,8 +345,7 @@ class Executor:
             keyframe: run this frame densely and refresh every cache.
         """
         frame = self._check_frame(frame)
-        if not 0.0 <= percentage < 1.0:
-            raise DelucevaError(f"filtering percentage {percentage} is outside [0, 1)")
+        check_percentage(percentage)
         if keyframe or self.keyframe_pending:
             return self._run_keyframe(frame)
         self._set_percentage(percentage)

@@ -20,7 +20,7 @@ import numpy as np
 
 from deluceva.errors import DelucevaError
 from deluceva.operators import Layout
-from deluceva.operators._ort import session_options
+from deluceva.baseline import inference_session
 from deluceva.runtime.boundaries import change_magnitudes
 
 __all__ = ["Thresholds", "QUANTILE_POINTS", "CALIBRATION_FRAMES", "tensor_values", "tensor_layouts"]
@@ -39,13 +39,9 @@ GROUP_VALUES = 1 << 22
 
 def tensor_values(model, frames: Iterable[np.ndarray], tensors: Iterable[str]):
     """For each frame, {tensor: value} for `tensors` (and the model input), from one onnxruntime run."""
-    import onnxruntime as ort
-
     wanted = [t for t in dict.fromkeys(tensors) if t != model.input_name]
-    options = session_options(1)
-    options.enable_cpu_mem_arena = False  # its outputs are freed after each frame, not kept in an arena
-    session = ort.InferenceSession(model.exposing(wanted).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    # Without an arena: its outputs are freed after each frame, not kept.
+    session = inference_session(model.exposing(wanted), 1, arena=False)
     for frame in frames:
         values = dict(zip(wanted, session.run(wanted, {model.input_name: frame}))) if wanted else {}
         values[model.input_name] = frame

@@ -1,7 +1,6 @@
 """From an RGB uint8 video frame to a model input: resize, letterbox or pad, channels, scale, layout.
 
-Presets for the models in `../shared/data` (`yolox`, `yunet`, `mtcnn`) and a generic form for any
-other model. Resizing uses FFmpeg's swscale through PyAV (bilinear), about 10x faster than numpy.
+A generic form for any model; the detector families' own settings are in `deluceva.presets`. Resizing uses FFmpeg's swscale through PyAV (bilinear), about 10x faster than numpy.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import numpy as np
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["Preprocessor", "PRESETS", "get_preset", "resize"]
+__all__ = ["Preprocessor", "resize"]
 
 MODES = ("none", "resize", "letterbox", "pad")
 CHANNELS = ("RGB", "BGR", "GRAY")
@@ -33,7 +32,7 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 class Preprocessor:
     """How a frame becomes a model input; `__call__(rgb_frame) -> (1, C, H, W) float32`.
 
-    Frozen, so that the shared `PRESETS` cannot be changed by accident; use `replace`.
+    Frozen, so that a preset's shared one cannot be changed by accident; use `replace`.
 
     Attributes:
         mode: "none" (frame size as is), "resize" (to `size`, aspect ignored), "letterbox" (scale
@@ -48,7 +47,7 @@ class Preprocessor:
         name: the preset's name, or "generic".
 
     Example:
-        >>> pre = get_preset("yolox")
+        >>> pre = Preprocessor(mode="letterbox", size=(416, 416), channels="BGR")
         >>> pre.input_shape((480, 640))
         (1, 3, 416, 416)
     """
@@ -172,14 +171,15 @@ class Preprocessor:
     # -- fitting a model -------------------------------------------------------------------
 
     @classmethod
-    def for_model(cls, model_input_shape, preset: str | Preprocessor | None = None, model_name: str = "model",
+    def for_model(cls, model_input_shape, preset: Preprocessor | None = None, model_name: str = "model",
                   **generic) -> Preprocessor:
         """The preprocessor for a model input of `model_input_shape`, checked against it.
 
         Args:
             model_input_shape: the model's input shape; dynamic dims may be None, strings or <= 0.
                 A `deluceva.Model` is accepted too (its input_shape and path are used).
-            preset: a preset name (see `PRESETS`) or a Preprocessor; None for the generic form.
+            preset: a preset's Preprocessor (`deluceva.presets.preprocessing(name)`); None for the
+                generic form.
             model_name: how the model is called in error messages (e.g. its file name).
             **generic: fields of `Preprocessor` overriding the preset's or the generic defaults.
                 Without a preset: a model with a fixed H x W gets mode "resize" to it; a dynamic
@@ -189,7 +189,7 @@ class Preprocessor:
 
         Raises:
             DelucevaError: "preset yolox does not fit MODEL: ..." when the channels, layout or a
-                fixed size disagree; unknown preset; bad field values.
+                fixed size disagree; bad field values.
         """
         if hasattr(model_input_shape, "input_shape"):
             model_name = getattr(model_input_shape, "path", model_name)
@@ -197,7 +197,7 @@ class Preprocessor:
         dims = [d if isinstance(d, (int, np.integer)) and d > 0 else None for d in model_input_shape]
         if len(dims) != 4:
             raise DelucevaError(f"{model_name}: input has shape {tuple(model_input_shape)}; expected 4 dims (1, C, H, W)")
-        label = preset.name if isinstance(preset, Preprocessor) else preset
+        label = preset.name if preset is not None else None
         if preset is None:
             layout = generic.get("layout", "NCHW")
             c, h, w = (dims[1], dims[2], dims[3]) if layout == "NCHW" else (dims[3], dims[1], dims[2])
@@ -210,8 +210,7 @@ class Preprocessor:
                 defaults.update(mode="pad", multiple=32)
             pre = cls(**{**defaults, **generic})
         else:
-            base = preset if isinstance(preset, Preprocessor) else get_preset(preset)
-            pre = base.replace(**generic) if generic else base
+            pre = preset.replace(**generic) if generic else preset
         c, h, w = (dims[1], dims[2], dims[3]) if pre.layout == "NCHW" else (dims[3], dims[1], dims[2])
         problems = []
         if c is not None and c != pre.num_channels:
@@ -233,21 +232,3 @@ class Preprocessor:
             who = f"preset {label}" if label else "preprocessing"
             raise DelucevaError(f"{who} does not fit {model_name}: " + "; ".join(problems))
         return pre
-
-
-PRESETS: dict[str, Preprocessor] = {
-    # YOLOX: BGR 0..255, letterbox to 416x416 at the top-left, pad 114, no normalisation.
-    "yolox": Preprocessor(mode="letterbox", size=(416, 416), pad_value=114.0, channels="BGR", name="yolox"),
-    # YuNet: BGR 0..255, any size, zero-pad right/bottom to a multiple of 32.
-    "yunet": Preprocessor(mode="pad", multiple=32, pad_value=0.0, channels="BGR", name="yunet"),
-    # MTCNN P-Net: RGB, (x - 127.5) / 128, any size.
-    "mtcnn": Preprocessor(mode="none", channels="RGB", mean=(127.5,), std=(128.0,), name="mtcnn"),
-}
-
-
-def get_preset(name: str) -> Preprocessor:
-    """The preset called `name`; DelucevaError listing the known ones otherwise."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise DelucevaError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None

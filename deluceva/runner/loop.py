@@ -9,42 +9,24 @@ next reference: its dense run fills the new plan's caches, and the next frame is
 so a new plan's error is measured on its first delta frame. A reference frame's whole cost counts
 in the frame's time.
 
-`FrameRecorder` writes outputs as the run goes (see its docstring for why a stopped run keeps
-every finished frame).
+How the run starts (the controller's first p, a learned controller's training) is in
+`deluceva.runner.calibration`; writing outputs as the run goes, in `deluceva.runner.recorder`.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import math
-import os
-import shutil
 import statistics
 import time
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from deluceva.errors import DelucevaError
 
-__all__ = [
-    "FrameResult",
-    "PlanSet",
-    "VideoRunner",
-    "FrameRecorder",
-    "GrowingNpy",
-    "frame_flops",
-    "summarise",
-    "change_statistics",
-    "calibration_samples",
-    "starting_percentage",
-    "train_learned_controller",
-    "LEARNING_FRAMES",
-]
+__all__ = ["FrameResult", "SessionsByPercentage", "VideoRunner", "frame_flops", "summarise", "change_statistics"]
 
 Metric = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
 
@@ -67,7 +49,7 @@ class FrameResult:
             frame, which has no delta run).
         flops: FLOPs actually computed for the frame (dense FLOPs on the first frame; delta run
             plus dense run on a reference frame).
-        plan: index of the plan (in `PlanSet.percentages`) the frame's delta run used.
+        plan: index of the plan (in `SessionsByPercentage.percentages`) the frame's delta run used.
     """
 
     index: int
@@ -84,7 +66,7 @@ class FrameResult:
 # -- plans ----------------------------------------------------------------------------------
 
 
-class _Costs:
+class FlopCounts:
     """Per-session FLOP bookkeeping: dense total, and each delta node's FLOPs and output tensor."""
 
     def __init__(self, session):
@@ -111,10 +93,10 @@ class _Costs:
 
 def frame_flops(session, densities: Mapping[str, float]) -> float:
     """FLOPs a delta run computed: each delta node's FLOPs times its output's density, dense nodes whole."""
-    return _Costs(session).delta_frame(densities)[0]
+    return FlopCounts(session).delta_frame(densities)[0]
 
 
-class PlanSet:
+class SessionsByPercentage:
     """Sessions compiled for a sorted list of filtering percentages; p uses the plan for the
     largest compiled percentage not above it.
 
@@ -132,7 +114,7 @@ class PlanSet:
         self.sessions = [sessions[i] for i in order]
         self.percentages = [float(percentages[i]) for i in order]
         self.description = description
-        self.costs = [_Costs(s) for s in self.sessions]
+        self.flops = [FlopCounts(s) for s in self.sessions]
 
     def index_for(self, percentage: float) -> int:
         return max(0, bisect.bisect_right(self.percentages, percentage) - 1)
@@ -178,10 +160,10 @@ def change_statistics(frame: np.ndarray, previous: np.ndarray | None, tile: int 
 
 
 class VideoRunner:
-    """Runs frames through a `PlanSet` with a controller, reference frames and timing.
+    """Runs frames through a `SessionsByPercentage` with a controller, reference frames and timing.
 
     Args:
-        plans: the compiled plans (a `PlanSet`).
+        plans: the compiled plans (a `SessionsByPercentage`).
         controller: object with `update(observation) -> percentage` (see `deluceva.controller`);
             it may set `wants_reference = True` to ask for a reference on the next frame.
         metric: callable(outputs, reference_outputs) -> error.
@@ -193,7 +175,7 @@ class VideoRunner:
 
     def __init__(
         self,
-        plans: PlanSet,
+        plans: SessionsByPercentage,
         controller,
         metric: Metric,
         reference_every: int = 30,
@@ -234,13 +216,13 @@ class VideoRunner:
             self.current = wanted
             outputs = self.session.run(frame, percentage, keyframe=True)
             self.held_at = percentage
-            flops, density, reference = self.plans.costs[self.current].total, 1.0, True
+            flops, density, reference = self.plans.flops[self.current].total, 1.0, True
             used = self.current
         else:
             used = self.current
             outputs = self.session.run(frame, percentage)
             self.held_at = max(self.held_at, percentage)
-            flops, density = self.plans.costs[used].delta_frame(self.session.executor.densities)
+            flops, density = self.plans.flops[used].delta_frame(self.session.executor.densities)
             reference = asked or self.probing or self.since_reference + 1 >= self.reference_every
             self.probing = False
             if reference:
@@ -252,7 +234,7 @@ class VideoRunner:
                 # over budget costs one frame's error rather than K frames of drift (YuNet with
                 # rel-l2: 0.3 after one frame at p = 0.8, 5.3 after ten).
                 self.probing = wanted != self.current
-                if wanted == used and not self.plans.costs[used].delta and percentage == 0:
+                if wanted == used and not self.plans.flops[used].delta and percentage == 0:
                     # A plan without delta steps is exact at p = 0 (above, a frame whose change
                     # stays under the frame's threshold is skipped): nothing to measure.
                     error = 0.0
@@ -271,7 +253,7 @@ class VideoRunner:
                         dense = self.session.reference(frame)
                     error = float(self.metric(outputs, dense))
                     outputs = dense
-                    flops += self.plans.costs[self.current].total
+                    flops += self.plans.flops[self.current].total
         self.since_reference = 0 if reference else self.since_reference + 1
         observation = self.observation(
             frame=self.index, error=error, percentage=percentage, statistics={**stats, "density": density}
@@ -292,88 +274,10 @@ def _default_observation() -> Callable:
     return build
 
 
-def starting_percentage(plans: PlanSet, metric: Metric, frames: Sequence[np.ndarray], target: float,
-                        grid: Sequence[float] = (0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)) -> float:
-    """The largest p on `grid` whose mean error on `frames` (the calibration frames, after a
-    keyframe on the first) stays within `target`; 0 when none does.
-
-    A PI controller starting from p = 0 climbs at most 0.3 in -log(1 - p) per reference frame:
-    p = 0.8 after six references, 180 frames at one every 30. Started here, it only has to hold
-    the budget. The sessions are calibrated already and reset afterwards.
-    """
-    if len(frames) < 2:
-        return 0.0
-    references = [plans.sessions[0].reference(frame) for frame in frames[1:]]
-    chosen = 0.0
-    for percentage in sorted(grid):
-        session = plans.sessions[plans.index_for(percentage)]
-        session.run(frames[0], keyframe=True)
-        errors = [float(metric(session.run(frame, percentage), reference))
-                  for frame, reference in zip(frames[1:], references)]
-        if statistics.fmean(errors) > target:
-            break  # error grows with p: past the first failure nothing qualifies
-        chosen = percentage
-    for session in plans.sessions:
-        session.reset()
-    return chosen
-
-
-def calibration_samples(plans: PlanSet, metric: Metric, frames: Sequence[np.ndarray],
-                        percentages: Sequence[float] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95),
-                        reference_every: int = 4) -> list:
-    """Observations with measured errors, for fitting a learned controller: `frames` run once
-    per fixed percentage, with a reference every `reference_every` frames.
-
-    Sessions without filter thresholds are calibrated first on the first frames, as `deluceva
-    run` calibrates them, so the errors learned are the ones a run will see.
-
-    Example:
-        >>> samples = calibration_samples(plans, metric, inputs)                # doctest: +SKIP
-        >>> LearnedController(budget=0.05).fit(samples).to_json("learned.json")  # doctest: +SKIP
-    """
-    from deluceva.controller import FixedController
-    from deluceva.runtime.thresholds import CALIBRATION_FRAMES
-    from deluceva.session import calibrate_sessions
-
-    if any(session.executor.thresholds is None for session in plans.sessions):
-        calibrate_sessions(plans.sessions, list(frames[:CALIBRATION_FRAMES]))
-    samples = []
-
-    class Recording(FixedController):
-        uses_statistics = True  # the samples are a learned controller's features
-
-        def update(self, observation):
-            samples.append(observation)
-            return super().update(observation)
-
-    for percentage in percentages:
-        for session in plans.sessions:
-            session.reset()
-        runner = VideoRunner(plans, Recording(percentage), metric, reference_every, percentage)
-        for frame in frames:
-            runner.step(frame)
-    return [s for s in samples if s.error is not None]
-
-
-LEARNING_FRAMES = 30  # a video's first frames a learned controller is trained on, without a file
-
-
-def train_learned_controller(plans: PlanSet, metric: Metric, frames: Sequence[np.ndarray], budget: float):
-    """A learned controller fitted on `frames` run through `plans` (the run's own plans, already
-    calibrated) at several fixed percentages: what `run --controller learned` does without a
-    file, and `profile --controller-out` saves."""
-    from deluceva.controller import LearnedController
-
-    samples = calibration_samples(plans, metric, frames)
-    for session in plans.sessions:
-        session.reset()
-    return LearnedController(budget=budget).fit(samples)
-
-
 # -- summary ------------------------------------------------------------------------------
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
@@ -382,11 +286,11 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
-def summarise(results: Sequence[FrameResult], plans: PlanSet) -> dict:
+def summarise(results: Sequence[FrameResult], plans: SessionsByPercentage) -> dict:
     """The per-run figures `deluceva run --summary` writes (errors over measured references)."""
     ms = [r.seconds * 1000 for r in results]
     errors = [r.error for r in results if r.error is not None]
-    dense = sum(c.total for c in plans.costs[:1]) or 1.0
+    dense = sum(c.total for c in plans.flops[:1]) or 1.0
     computed = sum(r.flops for r in results)
     counts = plans.variant_counts()
     used = statistics.mode(r.plan for r in results) if results else 0
@@ -397,7 +301,7 @@ def summarise(results: Sequence[FrameResult], plans: PlanSet) -> dict:
         "reference_frames": sum(r.reference for r in results),
         "measured_reference_frames": len(errors),
         "error_mean": statistics.fmean(errors) if errors else None,
-        "error_p95": _percentile(errors, 0.95) if errors else None,
+        "error_p95": percentile(errors, 0.95) if errors else None,
         "error_max": max(errors) if errors else None,
         "density_mean": statistics.fmean(r.density for r in results) if results else None,
         "flop_reduction_bound": dense * len(results) / computed if computed else None,
@@ -410,153 +314,3 @@ def summarise(results: Sequence[FrameResult], plans: PlanSet) -> dict:
         "plan_variants_per_plan": counts,
         "plan_percentages": plans.percentages,
     }
-
-
-# -- outputs written as the run goes ----------------------------------------------------------
-
-_HEADER_BYTES = 256  # fixed, so the frame count can be rewritten in place as frames arrive
-
-
-class GrowingNpy:
-    """A .npy file of shape (frames, *frame_shape) that grows one frame at a time.
-
-    The header is written with room to spare and rewritten in place after each frame's data is
-    flushed, so the file is a valid .npy holding every finished frame at any moment: a crash or a
-    kill leaves at worst one frame of trailing bytes, which `np.load` ignores.
-    """
-
-    def __init__(self, path: Path, frame_shape: tuple[int, ...], dtype: np.dtype):
-        self.path = Path(path)
-        self.frame_shape = tuple(int(d) for d in frame_shape)
-        self.dtype = np.dtype(dtype)
-        self.frame_bytes = int(np.prod(self.frame_shape, dtype=np.int64)) * self.dtype.itemsize
-        self.count = 0
-        self.file = open(self.path, "w+b")
-        self._write_header()
-
-    def _header(self) -> bytes:
-        text = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                     "shape": (self.count, *self.frame_shape)})
-        prefix = b"\x93NUMPY\x01\x00"
-        room = _HEADER_BYTES - len(prefix) - 2
-        body = text.encode("latin1").ljust(room - 1) + b"\n"
-        if len(body) > room:
-            raise DelucevaError(f"{self.path}: output shape {self.frame_shape} is too long for the header")
-        return prefix + len(body).to_bytes(2, "little") + body
-
-    def _write_header(self) -> None:
-        self.file.seek(0)
-        self.file.write(self._header())
-        self.file.flush()
-
-    def append(self, value: np.ndarray) -> None:
-        value = np.ascontiguousarray(value, self.dtype)
-        if value.shape != self.frame_shape:
-            raise DelucevaError(f"{self.path.name}: frame {self.count} has shape {value.shape}, earlier frames {self.frame_shape}")
-        self.file.seek(_HEADER_BYTES + self.count * self.frame_bytes)
-        self.file.write(value.tobytes())
-        self.file.flush()
-        self.count += 1
-        self._write_header()
-
-    def read(self, index: int) -> np.ndarray:
-        """Frame `index`, read with a plain file read (no memory map, so it adds nothing to RSS)."""
-        self.file.seek(_HEADER_BYTES + index * self.frame_bytes)
-        data = self.file.read(self.frame_bytes)
-        return np.frombuffer(data, self.dtype).reshape(self.frame_shape)
-
-    def copy_into(self, stream) -> None:
-        """Write the valid part (header and finished frames) into a writable binary stream."""
-        self.file.flush()
-        self.file.seek(0)
-        remaining = _HEADER_BYTES + self.count * self.frame_bytes
-        while remaining:
-            chunk = self.file.read(min(remaining, 1 << 24))
-            if not chunk:
-                break
-            stream.write(chunk)
-            remaining -= len(chunk)
-
-    def close(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-
-
-class FrameRecorder:
-    """Writes named arrays frame by frame into OUT.npz, keyed by name, stacked over frames.
-
-    While the run goes, each array grows in its own valid .npy under `OUT.npz.parts/`; `close()`
-    (called at the end, and also on Ctrl-C or an error, from a `finally`) packs them into OUT.npz
-    (uncompressed, written to a temporary name then renamed, so OUT.npz is never half-written) and
-    removes the folder. A run killed without a chance to clean up (SIGKILL, power loss) still
-    leaves `OUT.npz.parts/*.npy` (named in `names.json` there), each loadable with `np.load`,
-    holding every finished frame.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if self.path.suffix != ".npz":
-            raise DelucevaError(f"{self.path}: outputs file must end in .npz")
-        if not self.path.parent.is_dir():
-            raise DelucevaError(f"{self.path}: folder {self.path.parent} does not exist")
-        self.parts = self.path.with_name(self.path.name + ".parts")
-        if self.parts.exists():
-            shutil.rmtree(self.parts)
-        self.parts.mkdir()
-        self.arrays: dict[str, GrowingNpy] = {}
-        self.frames = 0
-
-    def add(self, arrays: Mapping[str, np.ndarray]) -> None:
-        for name, value in arrays.items():
-            value = np.asarray(value)
-            if name not in self.arrays:
-                if self.frames:
-                    raise DelucevaError(f"{self.path}: {name!r} first appears at frame {self.frames}")
-                part = self.parts / f"{len(self.arrays):03d}.npy"
-                self.arrays[name] = GrowingNpy(part, value.shape, value.dtype)
-                # Names may hold ':' or '/', so files are numbered and names.json maps them.
-                names = {p.path.name: key for key, p in self.arrays.items()}
-                (self.parts / "names.json").write_text(json.dumps(names, indent=1))
-            self.arrays[name].append(value)
-        self.frames += 1
-
-    def close(self) -> None:
-        """Pack the parts into OUT.npz. Where that fails (the folder's permissions changed, the
-        disk filled), OUT.npz goes to the temporary folder instead and the DelucevaError says
-        where; the parts stay until it is written somewhere."""
-        from deluceva.output_files import fallback_path
-
-        if self.parts is None:
-            return
-        target = self.path
-        try:
-            self._pack(target)
-        except OSError as error:
-            reason = error.strerror or type(error).__name__
-            target = fallback_path(self.path)
-            try:
-                self._pack(target)
-            except OSError:
-                raise DelucevaError(f"{self.path}: cannot write it ({reason}); the frames are in {self.parts}") from None
-            self._release()
-            raise DelucevaError(f"{self.path}: cannot write it ({reason}); the outputs are in {target}") from None
-        self._release()
-
-    def _pack(self, target: Path) -> None:
-        temporary = target.with_name(target.name + ".tmp")
-        try:
-            with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for name, part in self.arrays.items():
-                    with archive.open(f"{name}.npy", "w", force_zip64=True) as stream:
-                        part.copy_into(stream)
-            os.replace(temporary, target)
-        except OSError:
-            temporary.unlink(missing_ok=True) if temporary.parent.is_dir() else None
-            raise
-
-    def _release(self) -> None:
-        for part in self.arrays.values():
-            part.close()
-        shutil.rmtree(self.parts, ignore_errors=True)
-        self.parts = None
-

@@ -12,7 +12,7 @@ import pytest
 from test_bad_input import cli_refuses, conv_model
 
 from deluceva.errors import DelucevaError
-from deluceva.output_files import check_output, write_text
+from deluceva.files import check_output, write_text
 
 
 def test_check_output_refuses_what_cannot_be_written(tmp_path, monkeypatch):
@@ -60,7 +60,7 @@ def test_a_write_that_fails_at_the_end_keeps_the_result(tmp_path, monkeypatch):
 
 def test_run_writes_outputs_even_when_the_summary_fails_at_the_end(tmp_path, monkeypatch, capsys):
     import onnx
-    from deluceva.runtime.video import synthesise_clip
+    from deluceva.media.video import synthesise_clip
 
     model = tmp_path / "m.onnx"
     onnx.save(conv_model(dims=(1, 3, "h", "w")), model)
@@ -90,7 +90,7 @@ def test_run_writes_outputs_even_when_the_summary_fails_at_the_end(tmp_path, mon
 @pytest.mark.parametrize("option, name", [("--summary", "s.json"), ("--outputs", "o.npz")])
 def test_run_refuses_an_existing_folder_as_output_before_running(tmp_path, option, name, capsys):
     import onnx
-    from deluceva.runtime.video import synthesise_clip
+    from deluceva.media.video import synthesise_clip
 
     model = tmp_path / "m.onnx"
     onnx.save(conv_model(dims=(1, 3, "h", "w")), model)

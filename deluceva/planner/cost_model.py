@@ -25,8 +25,6 @@ import math
 
 import numpy as np
 
-from deluceva.profiles.profile import Profile
-
 __all__ = ["CostModel", "validate"]
 
 
@@ -39,7 +37,7 @@ class CostModel:
         True
     """
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile):  # a deluceva.profiles.Profile (the planner does not import profiles)
         from sklearn.isotonic import IsotonicRegression
 
         self.profile = profile
@@ -106,7 +104,7 @@ def _error_pct(predicted: float, measured: float) -> float:
     return 100.0 * (predicted - measured) / measured if measured > 0 else 0.0
 
 
-def validate(profile: Profile, graph, measured: list[list[float]], measured_dense: float | None = None) -> dict:
+def validate(profile, graph, measured: list[list[float]], measured_dense: float | None = None) -> dict:
     """Predicted vs measured ms per frame on held-out frames.
 
     Args:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from deluceva.operators._common import DeltaTensor, Layout, OpSpec, delta_support, get_operator
-from deluceva.operators._ort import session_options
+from deluceva.baseline import inference_session
+from deluceva.metrics import rel_l2
 
 __all__ = ["OperatorRun", "single_node_model", "make_spec", "sparse_frames", "run_operator", "relative_error"]
 
@@ -77,9 +77,8 @@ def sparse_frames(shape: tuple, frames: int, rng: np.random.Generator, rectangle
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """Relative L2 error, with an absolute floor so all-zero references are handled."""
-    diff = np.linalg.norm((actual.astype(np.float64) - expected).ravel())
-    return float(diff / max(np.linalg.norm(expected.ravel().astype(np.float64)), 1e-6))
+    """Relative L2 error: the rel-l2 metric's, for one array."""
+    return rel_l2([actual], [expected])
 
 
 @dataclass
@@ -106,7 +105,7 @@ def run_operator(op_type: str, attrs: dict, inputs: list, frames: int = 6, seed:
 
     rng = np.random.default_rng(seed)
     model = single_node_model(op_type, inputs, attrs, n_outputs, opset)
-    session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    session = inference_session(model, 1)
     varying = [i for i, item in enumerate(inputs) if isinstance(item, tuple)]
     if values is None:
         values, first = [], None

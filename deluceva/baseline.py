@@ -1,0 +1,155 @@
+"""Plain onnxruntime: how deluceva configures every onnxruntime session, and the baseline every
+figure is measured against (the whole model, densely, on every frame, with the same threads).
+
+`inference_session` builds every session deluceva uses (the dense segments, the reference and
+keyframe sessions, the profiler's, the probes'); `run_onnxruntime` times the baseline frame by
+frame and keeps its outputs on disk; `plain_onnxruntime` runs it one frame at a time beside
+deluceva (interleaved timing, see `deluceva bench`); `PeakMemory` measures a pass's memory.
+
+Peak memory of each pass: the process's peak resident set (VmHWM in /proc/self/status) is reset
+before the pass (`echo 5 > /proc/self/clear_refs`, Linux 4.0+), and the pass's peak is VmHWM at
+its end minus the resident set at its start, so it counts the sessions, their buffers and the
+decoder. tracemalloc would miss onnxruntime's native allocations. Where /proc cannot be reset,
+ru_maxrss deltas are used instead, which read 0 when the second pass peaks lower than the first.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["session_options", "inference_session", "PeakMemory", "OnnxruntimeRun", "run_onnxruntime",
+           "plain_onnxruntime"]
+
+
+def session_options(threads: int, log_level: int = 3) -> ort.SessionOptions:
+    """`threads` intra-op threads, one inter-op thread, sequential execution, quiet logging
+    (`log_level` 3: errors only; 4: nothing, for a probe whose failure deluceva reports itself)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = log_level
+    return options
+
+
+def inference_session(model, threads: int = 1, *, arena: bool = True, log_level: int = 3,
+                      options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session on `model` (a path, serialised bytes or an onnx.ModelProto).
+
+    Args:
+        arena: keep onnxruntime's memory arena; without it a session returns its outputs'
+            memory after each run (for sessions that run rarely and output much).
+        options: session options to use as they are (instead of `session_options(threads)`).
+    """
+    if options is None:
+        options = session_options(threads, log_level)
+        options.enable_cpu_mem_arena = arena
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif isinstance(model, Path):
+        model = str(model)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+def _status_kib(name: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(rf"^{name}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
+class PeakMemory:
+    """Peak resident memory added while the `with` block runs, in MiB (see the module docstring)."""
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        self.method = "VmHWM"
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        except OSError:
+            self.method = "ru_maxrss"
+        self.start = _status_kib("VmRSS") if self.method == "VmHWM" else None
+        if self.start is None:
+            self.method = "ru_maxrss"
+            self.start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.mib = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.method == "VmHWM":
+            end = _status_kib("VmHWM") or self.start
+        else:
+            end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.mib = max(0, end - self.start) / 1024
+
+
+# -- the baseline, timed -----------------------------------------------------------------------
+
+
+@dataclass
+class OnnxruntimeRun:
+    """Plain onnxruntime's per-frame times and outputs (kept on disk, read back one frame at a time)."""
+
+    ms: list[float]
+    store: dict  # output name -> GrowingNpy
+    names: list[str]
+    memory_mib: float | None
+    folder: tempfile.TemporaryDirectory
+
+    def outputs(self, index: int) -> list[np.ndarray]:
+        return [self.store[name].read(index) for name in self.names]
+
+    def close(self) -> None:
+        for part in self.store.values():
+            part.close()
+        self.folder.cleanup()
+
+
+def run_onnxruntime(model: str | bytes, tensors: Iterable[np.ndarray], threads: int,
+                    progress=None) -> OnnxruntimeRun:
+    """Time plain onnxruntime on each (preprocessed) frame; keep its outputs on disk."""
+    from deluceva.files import GrowingNpy
+
+    folder = tempfile.TemporaryDirectory(prefix="deluceva-bench-")
+    store: dict = {}
+    ms: list[float] = []
+    with PeakMemory() as memory:
+        session = inference_session(model, threads)  # intra-op = threads, inter-op 1, default optimisation
+        input_name = session.get_inputs()[0].name
+        names = [o.name for o in session.get_outputs()]
+        for tensor in tensors:
+            start = time.perf_counter()
+            outputs = session.run(None, {input_name: tensor})
+            ms.append((time.perf_counter() - start) * 1000)
+            for index, (name, value) in enumerate(zip(names, outputs)):
+                if name not in store:
+                    store[name] = GrowingNpy(Path(folder.name) / f"{index}.npy", value.shape, value.dtype)
+                store[name].append(value)
+            if progress is not None:
+                progress.update(1)
+        del session
+    return OnnxruntimeRun(ms, store, names, memory.mib, folder)
+
+
+def plain_onnxruntime(model: str | bytes, threads: int) -> Callable[[np.ndarray], list]:
+    """tensor -> outputs through plain onnxruntime, configured as the baseline is, for timing it
+    frame by frame beside deluceva."""
+    session = inference_session(model, threads)
+    input_name = session.get_inputs()[0].name
+    return lambda tensor: session.run(None, {input_name: tensor})

@@ -1,0 +1,69 @@
+"""Presets: what deluceva knows about a detector family, one module each.
+
+Each module (`yolox`, `yunet`, `mtcnn`) holds the family's `PREPROCESSING` (a `Preprocessor`:
+how a decoded RGB frame becomes the model's input) and its decoder (`decoder(input_shape,
+output_names)`: raw head outputs to `Detections` in model-input pixels), which the `det` metric
+compares.
+
+Example:
+    >>> get_preset("yolox").PREPROCESSING.size
+    (416, 416)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import numpy as np
+
+from deluceva.errors import DelucevaError
+from deluceva.presets import mtcnn, yolox, yunet
+from deluceva.presets.detections import Detections
+
+__all__ = ["PRESETS", "get_preset", "preprocessing", "get_decoder", "check_preset", "Detections"]
+
+PRESETS: dict[str, ModuleType] = {"yolox": yolox, "yunet": yunet, "mtcnn": mtcnn}
+
+
+def get_preset(name: str) -> ModuleType:
+    """The preset module called `name`; DelucevaError listing the known ones otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise DelucevaError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+
+def preprocessing(preset):
+    """A preset's `Preprocessor`: `preset` is a name, a Preprocessor (returned as is) or None."""
+    if preset is None or not isinstance(preset, str):
+        return preset
+    return get_preset(preset).PREPROCESSING
+
+
+def get_decoder(preset, input_shape: Sequence[int] | None = None, output_names: Sequence[str] | None = None):
+    """The detection decoder for a preset (name or Preprocessor), bound to the model's input shape
+    (1, C, H, W) and output names where the decoder uses them; DelucevaError if it has none."""
+    name = getattr(preset, "name", preset)
+    if name not in PRESETS:
+        known = ", ".join(sorted(PRESETS))
+        raise DelucevaError(f"metric det needs a preset that decodes detections ({known}); got {name or 'no preset'}")
+    return PRESETS[name].decoder(input_shape, output_names)
+
+
+def check_preset(preset, model) -> None:
+    """Refuse a preset whose detection decoder does not fit `model`'s outputs and input: the
+    decoder runs once on outputs of the model's shapes (zeros, and ones so that every anchor is
+    placed). Presets without a decoder fit any model their preprocessing fits."""
+    name = getattr(preset, "name", preset)
+    if name not in PRESETS:
+        return
+    decoder = get_decoder(name, model.input_shape, model.output_names)
+    shapes = [model.shapes.get(o) for o in model.output_names]
+    if any(shape is None for shape in shapes):
+        return  # shapes not inferred: the first reference frame will tell
+    try:
+        for fill in (0.0, 1.0):
+            decoder([np.full(shape, fill, np.float32) for shape in shapes])
+    except DelucevaError as error:
+        raise DelucevaError(f"{model.path}: preset {name} does not fit this model ({error})") from None

@@ -1,0 +1,141 @@
+"""Deluceva against plain onnxruntime on the same frames, and against what users do instead
+(skipping frames that barely changed): the measurements behind `deluceva bench` and the demo.
+See `deluceva.baseline` for how the baseline is timed and memory measured."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+from deluceva.baseline import OnnxruntimeRun, PeakMemory
+from deluceva.runner.loop import change_statistics, percentile, summarise
+
+__all__ = ["DelucevaRun", "run_deluceva", "frame_skipping", "compare", "SKIP_GRID"]
+
+
+@dataclass
+class DelucevaRun:
+    """Deluceva's per-frame figures, with the error against onnxruntime on every frame."""
+
+    results: list  # FrameResult, outputs dropped
+    errors: list[float]
+    memory_mib: float | None
+    plans: object
+    summary: dict = field(default_factory=dict)
+    paired_ms: list[float] = field(default_factory=list)  # plain onnxruntime, interleaved
+
+
+def run_deluceva(make_runner: Callable, tensors: Iterable[np.ndarray], reference: OnnxruntimeRun,
+                 error_metric: Callable, progress=None, paired: Callable | None = None) -> DelucevaRun:
+    """Run deluceva on each frame; `make_runner()` builds the sessions inside the memory count.
+
+    `paired(tensor)`, when given, runs plain onnxruntime on the same frame right after deluceva,
+    timed on its own (see the module docstring).
+    """
+    results, errors, paired_ms = [], [], []
+    with PeakMemory() as memory:
+        runner = make_runner()
+        for index, tensor in enumerate(tensors):
+            result = runner.step(tensor)
+            if paired is not None:
+                start = time.perf_counter()
+                paired(tensor)
+                paired_ms.append((time.perf_counter() - start) * 1000)
+            # Outside the timed region: deluceva's error against plain onnxruntime on this frame.
+            errors.append(float(error_metric(result.outputs, reference.outputs(index))))
+            result.outputs = None
+            results.append(result)
+            if progress is not None:
+                progress.update(1)
+        plans = runner.plans
+        del runner
+    run = DelucevaRun(results, errors, memory.mib, plans, paired_ms=paired_ms)
+    run.summary = summarise(results, plans)
+    return run
+
+
+# -- what users do instead: skip frames that barely changed ----------------------------------
+
+SKIP_GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.3)
+
+
+def frame_skipping(frames: Callable[[], Iterable[np.ndarray]], ort_run: OnnxruntimeRun, ort_ms: list[float],
+                   metric: Callable, target: float | None, calibration: int | None = None) -> dict:
+    """Plain onnxruntime that reuses its last outputs while the frame barely changed.
+
+    A frame is skipped when the share of 8x8 tiles changed by more than 1% of the input's range
+    since the last frame onnxruntime ran on (`change_statistics`) is under k. k is the largest on
+    SKIP_GRID whose mean error stays within `target` on the first `calibration` frames (as a
+    user would tune it, and as deluceva's controller is started), or, without `calibration`, on
+    all the frames (tuned on the very frames it is measured on: the best skipping can do at that
+    error). The time of a frame is the statistic's, measured, plus onnxruntime's measured time on
+    the frames it runs. `frames()` iterates the preprocessed frames from the first. Without a
+    `target`: {"curve": figures at every k of SKIP_GRID}.
+    """
+    def simulate(k: float, count: int) -> tuple[list[float], list[float], int]:
+        errors, ms, skipped = [], [], 0
+        last_input, last_index = None, None
+        for index, tensor in zip(range(count), frames()):
+            start = time.perf_counter()
+            share = change_statistics(tensor, last_input)["changed_tiles"]
+            spent = (time.perf_counter() - start) * 1000
+            if last_input is not None and share < k:
+                skipped += 1
+                errors.append(float(metric(ort_run.outputs(last_index), ort_run.outputs(index))))
+            else:
+                last_input, last_index = tensor, index
+                spent += ort_ms[index]
+                errors.append(0.0)
+            ms.append(spent)
+        return errors, ms, skipped
+
+    def figures(k: float) -> dict:
+        errors, ms, skipped = simulate(k, len(ort_ms))
+        return {"threshold": k, "ms_mean": statistics.fmean(ms), "speedup": statistics.fmean(ort_ms) / statistics.fmean(ms),
+                "error_mean": statistics.fmean(errors), "error_p95": percentile(errors, 0.95),
+                "error_max": max(errors), "skipped": skipped / len(ms),
+                "error_trace": [round(e, 6) for e in errors], "ms_trace": [round(m, 4) for m in ms]}
+
+    if target is None:  # the whole curve
+        return {"curve": [{k: v for k, v in figures(k).items() if not k.endswith("trace")} for k in SKIP_GRID]}
+    chosen = 0.0
+    for k in SKIP_GRID:
+        errors, _, _ = simulate(k, min(calibration or len(ort_ms), len(ort_ms)))
+        if statistics.fmean(errors) > target:
+            break
+        chosen = k
+    return figures(chosen)
+
+
+def compare(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
+    """The headline figures: speedup, error, density, FLOP bound, efficiency, memory."""
+    frames = min(len(ort_run.ms), len(delta_run.results))
+    ort_ms = (delta_run.paired_ms or ort_run.ms)[:frames]
+    delta_ms = [r.seconds * 1000 for r in delta_run.results[:frames]]
+    errors = delta_run.errors[:frames]
+    speedup = statistics.fmean(ort_ms) / statistics.fmean(delta_ms)
+    bound = delta_run.summary["flop_reduction_bound"]
+    return {
+        "frames": frames,
+        "timing": "interleaved" if delta_run.paired_ms else "separate passes",
+        "onnxruntime_ms_mean": statistics.fmean(ort_ms),
+        "onnxruntime_ms_median": statistics.median(ort_ms),
+        "deluceva_ms_mean": statistics.fmean(delta_ms),
+        "deluceva_ms_median": statistics.median(delta_ms),
+        "speedup": speedup,
+        "error_mean": statistics.fmean(errors),
+        "error_p95": percentile(errors, 0.95),
+        "error_max": max(errors),
+        "density_mean": delta_run.summary["density_mean"],
+        "flop_reduction_bound": bound,
+        "efficiency": speedup / bound if bound else None,
+        "reference_frames": delta_run.summary["reference_frames"],
+        "percentage_mean": statistics.fmean(r.percentage for r in delta_run.results[:frames]),
+        "onnxruntime_peak_mib": ort_run.memory_mib,
+        "deluceva_peak_mib": delta_run.memory_mib,
+        "memory_ratio": (delta_run.memory_mib / ort_run.memory_mib) if ort_run.memory_mib else None,
+    }

@@ -1,0 +1,96 @@
+"""Outputs written as the run goes: `FrameRecorder` (see its docstring for why a stopped run
+keeps every finished frame)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from deluceva.errors import DelucevaError
+from deluceva.files import GrowingNpy
+
+__all__ = ["FrameRecorder"]
+
+class FrameRecorder:
+    """Writes named arrays frame by frame into OUT.npz, keyed by name, stacked over frames.
+
+    While the run goes, each array grows in its own valid .npy under `OUT.npz.parts/`; `close()`
+    (called at the end, and also on Ctrl-C or an error, from a `finally`) packs them into OUT.npz
+    (uncompressed, written to a temporary name then renamed, so OUT.npz is never half-written) and
+    removes the folder. A run killed without a chance to clean up (SIGKILL, power loss) still
+    leaves `OUT.npz.parts/*.npy` (named in `names.json` there), each loadable with `np.load`,
+    holding every finished frame.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.suffix != ".npz":
+            raise DelucevaError(f"{self.path}: outputs file must end in .npz")
+        if not self.path.parent.is_dir():
+            raise DelucevaError(f"{self.path}: folder {self.path.parent} does not exist")
+        self.parts = self.path.with_name(self.path.name + ".parts")
+        if self.parts.exists():
+            shutil.rmtree(self.parts)
+        self.parts.mkdir()
+        self.arrays: dict[str, GrowingNpy] = {}
+        self.frames = 0
+
+    def add(self, arrays: Mapping[str, np.ndarray]) -> None:
+        for name, value in arrays.items():
+            value = np.asarray(value)
+            if name not in self.arrays:
+                if self.frames:
+                    raise DelucevaError(f"{self.path}: {name!r} first appears at frame {self.frames}")
+                part = self.parts / f"{len(self.arrays):03d}.npy"
+                self.arrays[name] = GrowingNpy(part, value.shape, value.dtype)
+                # Names may hold ':' or '/', so files are numbered and names.json maps them.
+                names = {p.path.name: key for key, p in self.arrays.items()}
+                (self.parts / "names.json").write_text(json.dumps(names, indent=1))
+            self.arrays[name].append(value)
+        self.frames += 1
+
+    def close(self) -> None:
+        """Pack the parts into OUT.npz. Where that fails (the folder's permissions changed, the
+        disk filled), OUT.npz goes to the temporary folder instead and the DelucevaError says
+        where; the parts stay until it is written somewhere."""
+        from deluceva.files import fallback_path
+
+        if self.parts is None:
+            return
+        target = self.path
+        try:
+            self._pack(target)
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            target = fallback_path(self.path)
+            try:
+                self._pack(target)
+            except OSError:
+                raise DelucevaError(f"{self.path}: cannot write it ({reason}); the frames are in {self.parts}") from None
+            self._release()
+            raise DelucevaError(f"{self.path}: cannot write it ({reason}); the outputs are in {target}") from None
+        self._release()
+
+    def _pack(self, target: Path) -> None:
+        temporary = target.with_name(target.name + ".tmp")
+        try:
+            with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for name, part in self.arrays.items():
+                    with archive.open(f"{name}.npy", "w", force_zip64=True) as stream:
+                        part.copy_into(stream)
+            os.replace(temporary, target)
+        except OSError:
+            temporary.unlink(missing_ok=True) if temporary.parent.is_dir() else None
+            raise
+
+    def _release(self) -> None:
+        for part in self.arrays.values():
+            part.close()
+        shutil.rmtree(self.parts, ignore_errors=True)
+        self.parts = None

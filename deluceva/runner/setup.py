@@ -1,0 +1,259 @@
+"""Setting up a run: the model fitted to the video, the plans, the metric and the controller.
+
+`prepare` checks the options, opens the video and fits the preprocessing to the model; then
+`build_plans` makes the sessions (from a plan file, or profiled and compiled on the fly),
+calibrates their filters on the video's first frames, warms them up and starts the controller.
+`deluceva run`, `bench` and `demo` all start here.
+
+Example:
+    >>> setup = prepare(RunOptions("yolox.onnx", "street.mp4", preset="yolox", metric="det"))  # doctest: +SKIP
+    >>> plans = build_plans(setup)                                                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from deluceva.errors import DelucevaError, check_percentage
+from deluceva.runtime.thresholds import CALIBRATION_FRAMES
+
+__all__ = ["RunOptions", "Setup", "prepare", "build_plans", "compile_plans", "run_info",
+           "ON_THE_FLY_PERCENTAGES", "PROFILE_FRAMES"]
+
+# Without --plan: percentages compiled on the fly, and frames profiled for them; `deluceva
+# compile` makes a finer plan once and for all. The grid is dense below 0.5 because that is where
+# the controllers settle: YOLOX-nano on intersection_cctv keeps det error 0 up to p = 0.2 and
+# reaches 0.35 at p = 0.5, and the plan for p = 0 is all dense, so a coarse grid (0, 0.5, 0.9)
+# left the PI controller only "exact" or "far over budget" to choose from.
+ON_THE_FLY_PERCENTAGES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
+# The video's first frames, profiled on the fly; the same frames calibrate the filters.
+PROFILE_FRAMES = CALIBRATION_FRAMES
+
+
+
+@dataclass
+class RunOptions:
+    """What a run is asked to do: `deluceva run`'s options, as the library takes them.
+
+    Attributes:
+        model, video: the ONNX file, and the video file or stream URL.
+        plan: a plan JSON from `deluceva compile`, "dense", "delta", or None to profile the
+            video's first frames and compile plans on the fly.
+        controller: "fixed", "pi" or "learned"; percentage: the fixed p, or where the
+            controller starts (None: PI starts where the first frames say the budget holds).
+        error_budget: the error to hold on reference frames (None: the metric's default).
+        metric: "rel-l2" or "det"; preset: "yolox", "yunet", "mtcnn" or None (generic).
+        preprocessing: generic `Preprocessor` fields overriding the preset's or the defaults.
+        reference_every: a dense reference frame every K frames.
+        frames, start, every: which frames of the video (at most N, from S, one in K).
+        learned_model: a learned controller JSON (None with "learned": trained on the video).
+    """
+
+    model: str
+    video: str
+    plan: str | None = None
+    controller: str = "pi"
+    percentage: float | None = None
+    error_budget: float | None = None
+    metric: str = "rel-l2"
+    preset: str | None = None
+    preprocessing: dict = field(default_factory=dict)
+    reference_every: int = 30
+    threads: int = 1
+    frames: int | None = None
+    start: int = 0
+    every: int = 1
+    learned_model: str | None = None
+
+
+@dataclass
+class Setup:
+    """Everything a run needs before its sessions are built."""
+
+    options: RunOptions
+    video: object
+    preprocess: object
+    input_shape: tuple[int, ...]
+    model: object  # deluceva Model, bound to input_shape
+    metric: object
+    budget: float
+    controller: object
+    notes: list[str] = field(default_factory=list)
+    start_percentage: float = 0.0
+    calibration_frames: list = field(default_factory=list)  # the first frames, once read
+
+
+def prepare(options: RunOptions) -> Setup:
+    """Check options, open the video, fit the preprocessing to the model, make metric and controller."""
+    from deluceva.controller import make_controller
+    from deluceva.planner import load_model
+    from deluceva.planner.load_model import declared_input_shape
+    from deluceva.metrics import get_metric
+    from deluceva.presets import check_preset
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.presets import preprocessing
+    from deluceva.media.video import open_video
+
+    if options.reference_every < 1:
+        raise DelucevaError(f"--reference-every {options.reference_every} must be at least 1")
+    if options.percentage is not None:
+        check_percentage(options.percentage, "--percentage")
+    declared = declared_input_shape(options.model)
+    video = open_video(options.video, frames=options.frames, start=options.start, every=options.every)
+    preprocess = Preprocessor.for_model(tuple(declared), preset=preprocessing(options.preset), model_name=str(options.model),
+                                        **options.preprocessing)
+    input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
+    model = load_model(options.model, input_shape)
+    check_preset(options.preset, model)
+    metric = get_metric(options.metric, options.preset, input_shape=input_shape, output_names=model.output_names)
+    budget = options.error_budget if options.error_budget is not None else metric.budget
+    percentage = options.percentage
+    if options.controller == "fixed" and percentage is None:
+        percentage = 0.0
+    controller = None  # trained on the run's own plans, once they are built (build_plans)
+    if options.controller != "learned" or options.learned_model:
+        controller = make_controller(options.controller, percentage=percentage, budget=budget,
+                                     learned_path=options.learned_model)
+    return Setup(options, video, preprocess, input_shape, model, metric, budget, controller)
+
+
+def build_plans(setup: Setup, announce=None):
+    """Sessions for `--plan`, or compiled on the fly (said on stderr through `announce`)."""
+    from deluceva.runner.loop import SessionsByPercentage
+    from deluceva.session import Session, calibrate_sessions
+
+    options = setup.options
+    announce = announce or (lambda text: print(f"deluceva: {text}", file=sys.stderr))
+    frames = setup.calibration_frames = _first_frames(setup)
+    if options.plan in ("dense", "delta"):
+        session = Session(setup.model, plan=options.plan, threads=options.threads)
+        plans = SessionsByPercentage([session], [0.0], description=f"{options.plan} (every node that can)")
+    elif options.plan:
+        plans = _plans_from_file(options.plan, setup)
+    else:
+        announce(f"no --plan given: profiling on the first {len(frames)} frames and compiling on the fly "
+                 f"for p in {', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} (save one with `deluceva compile`)")
+        plans = compile_plans(setup.model, frames, options.threads)
+    if options.plan:  # compile_plans calibrated its own
+        calibrate_sessions(plans.sessions, frames)
+    _warm_up(plans, frames)
+    _start_controller(setup, plans, announce)
+    if setup.controller is None:
+        _train_controller(setup, plans, announce)
+    return plans
+
+
+def _train_controller(setup: Setup, plans, announce) -> None:
+    """`--controller learned` without a file: trained on the video's first frames, through the
+    run's own plans (as `deluceva profile --controller-out` would save one)."""
+    from deluceva.media.video import open_video
+    from deluceva.runner.calibration import LEARNING_FRAMES, train_learned_controller
+
+    options = setup.options
+    video = open_video(options.video, frames=LEARNING_FRAMES, start=options.start, every=options.every)
+    frames = [setup.preprocess(rgb) for rgb in video]
+    announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
+             "(save one with `deluceva profile --controller-out`)")
+    setup.controller = train_learned_controller(plans, setup.metric, frames, setup.budget)
+
+
+def _warm_up(plans, frames: list) -> None:
+    """Run each plan once on the calibration frames: the first keyframe builds the shared
+    keyframe session, the first delta frame loads the compiled kernels from numba's cache
+    (0.1-0.3 s on a fresh process). Done here, set-up time, not the first frames' time."""
+    for session in plans.sessions:
+        session.run(frames[0], keyframe=True)
+        session.run(frames[1], 0.5)
+        session.reset()
+
+
+def _start_controller(setup: Setup, plans, announce) -> None:
+    """A PI controller without --percentage starts at the p the calibration frames say holds the
+    budget (see `starting_percentage`), rather than at 0."""
+    from deluceva.controller import RUN_SETPOINT, make_controller
+    from deluceva.runner.calibration import starting_percentage
+
+    options = setup.options
+    if options.controller != "pi" or options.percentage is not None:
+        return
+    start = starting_percentage(plans, setup.metric, setup.calibration_frames, RUN_SETPOINT * setup.budget)
+    setup.controller = make_controller("pi", percentage=start, budget=setup.budget)
+    setup.start_percentage = start
+    announce(f"pi controller starts at p = {start:g}, where the first {len(setup.calibration_frames)} frames "
+             f"stay within {RUN_SETPOINT:g} x the budget")
+
+
+def _first_frames(setup: Setup) -> list:
+    """The video's first frames (model inputs): what profiling and threshold calibration see."""
+    from deluceva.media.video import open_video
+
+    options = setup.options
+    video = open_video(options.video, frames=PROFILE_FRAMES, start=options.start, every=options.every)
+    frames = [setup.preprocess(rgb) for rgb in video]
+    if len(frames) < 2:
+        raise DelucevaError(f"{options.video}: needs at least 2 frames to calibrate the filters, has {len(frames)}")
+    return frames
+
+
+def _plans_from_file(path: str, setup: Setup):
+    """SessionsByPercentage from a plan JSON written by `deluceva compile`."""
+    from deluceva.operators._buffers import Buffers
+    from deluceva.planner import plan_file
+    from deluceva.runner.loop import SessionsByPercentage
+    from deluceva.session import Session
+
+    entries = plan_file.plans_for_run(path, setup.model)  # [(percentage, {node: variant}), ...]
+    sessions, percentages, previous = [], [], None
+    buffers = Buffers()  # one plan runs at a time: they share working buffers and tensors' state
+    for percentage, variants in entries:
+        if variants == previous:
+            continue  # the same plan as the next lower percentage: its session serves this range too
+        previous = variants
+        sessions.append(Session(setup.model, plan=variants, threads=setup.options.threads, buffers=buffers))
+        percentages.append(percentage)
+    return SessionsByPercentage(sessions, percentages, description=f"from {path}")
+
+
+def compile_plans(model, frames: list, threads: int = 1, percentages=None, progress: bool = True):
+    """Profile `model` on `frames` (model inputs) and choose a plan by cost for each percentage.
+
+    Returns a SessionsByPercentage (plans identical to a lower percentage's are merged).
+    """
+    from deluceva.operators._buffers import Buffers
+    from deluceva.planner.plan_file import compile_plan
+    from deluceva.profiles import measure_profile
+    from deluceva.runner.loop import SessionsByPercentage
+    from deluceva.session import Session, calibrate_sessions
+
+    percentages = tuple(percentages or ON_THE_FLY_PERCENTAGES)
+    profile = measure_profile(model, frames, threads=threads, percentages=percentages, progress=progress)
+    plan = compile_plan(model, profile, percentages)
+    sessions, compiled, previous = [], [], None
+    buffers = Buffers()  # one plan runs at a time: they share working buffers and tensors' state
+    for percentage in plan.percentages:
+        variants = plan.variants_for(percentage)
+        if variants == previous:
+            continue  # same plan as the next lower percentage: that session serves this range too
+        previous = variants
+        sessions.append(Session(model, plan=variants, threads=threads, buffers=buffers))
+        compiled.append(percentage)
+    calibrate_sessions(sessions, frames)
+    return SessionsByPercentage(sessions, compiled, description=f"profiled on {len(frames)} frames, compiled on the fly")
+
+
+def run_info(setup: Setup, plans) -> dict:
+    """The summary fields that describe the run rather than measure it."""
+    options = setup.options
+    return {
+        "model": str(options.model),
+        "video": str(options.video),
+        "input_shape": list(setup.input_shape),
+        "preset": options.preset,
+        "metric": options.metric,
+        "budget": setup.budget,
+        "controller": options.controller,
+        "threads": options.threads,
+        "reference_every": options.reference_every,
+        "plan": plans.description,
+    }
