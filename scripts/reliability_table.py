@@ -139,6 +139,8 @@ CLI_CASES = [
      "test_bad_input::test_a_preset_whose_decoder_does_not_fit_the_model_is_refused"),
     ("--preset yolox's 416x416 letterbox for a 16x16 model", "run {good.onnx} {clip.mp4} --plan dense --preset yolox",
      "test_bad_input::test_cli_run_refuses_a_preset_that_does_not_fit"),
+    ("--detections without a detection preset", "run {good.onnx} {clip.mp4} --plan dense --detections {folder}/d.jsonl",
+     "test_run_cli::test_detections_need_a_detection_preset"),
     ("unknown preset", "run {good.onnx} {clip.mp4} --preset yolo", "test_preprocess::test_for_model_generic_and_unknown_preset"),
     ("a 208-row frame for a stride-32 model, padding turned off", "run {pyramid.onnx} {wide.mp4} --plan dense --resize none",
      "test_bad_input::test_a_model_with_dynamic_size_gets_frames_padded_to_32"),

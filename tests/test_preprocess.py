@@ -141,3 +141,33 @@ def test_presets_fit_the_shared_models(shared_data):
     with pytest.raises(DelucevaError, match="preset mtcnn does not fit"):
         Preprocessor.for_model((1, 1, 416, 416), preprocessing("mtcnn"), model_name=model.path)
     assert Preprocessor.for_model(model, preprocessing("yolox")).input_shape((480, 640)) == model.input_shape
+
+
+@pytest.mark.parametrize("pre, frame_hw", [
+    (preprocessing("yolox"), (480, 640)),                                    # letterbox, top-left
+    (preprocessing("yolox"), (720, 400)),                                    # letterbox of a tall frame
+    (Preprocessor(mode="resize", size=(96, 160)), (240, 320)),               # aspect changed
+    (preprocessing("yunet"), (200, 300)),                                    # padded right and bottom
+    (preprocessing("mtcnn"), (120, 200)),                                    # as is
+])
+def test_to_frame_maps_a_box_in_the_input_back_to_the_pixels_it_covers(pre, frame_hw):
+    """A white rectangle drawn in the frame, found in the model input and mapped back with
+    `to_frame`, lands where it was drawn (within the one pixel that resizing blurs)."""
+    h, w = frame_hw
+    x1, y1, x2, y2 = int(w * 0.3), int(h * 0.4), int(w * 0.7), int(h * 0.9)
+    frame = np.zeros((h, w, 3), np.uint8)
+    frame[y1:y2, x1:x2] = 255
+    tensor = pre(frame)[0].mean(axis=0)
+    _, _, ch, cw, _, _ = pre.geometry(frame_hw)
+    bright = tensor[:ch, :cw] > (tensor[:ch, :cw].min() + tensor[:ch, :cw].max()) / 2
+    rows, cols = np.flatnonzero(bright.any(axis=1)), np.flatnonzero(bright.any(axis=0))
+    found = np.array([[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]], np.float64)
+    back = pre.to_frame(found, frame_hw)[0]
+    scale_y, scale_x, *_ = pre.geometry(frame_hw)
+    tolerance = 1.5 / min(scale_x, scale_y)  # one input pixel, in frame pixels
+    np.testing.assert_allclose(back, [x1, y1, x2, y2], atol=tolerance)
+
+
+def test_to_frame_clips_to_the_frame():
+    pre = preprocessing("yunet")  # pads 200x300 to 224x320: boxes may reach into the padding
+    assert pre.to_frame(np.array([[-5.0, 190.0, 310.0, 220.0]]), (200, 300)).tolist() == [[0.0, 190.0, 300.0, 200.0]]

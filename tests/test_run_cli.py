@@ -473,3 +473,50 @@ def test_profile_saves_a_learned_controller_that_run_loads(tiny, tmp_path, capsy
     assert main(["run", str(model), str(clip), "--plan", "delta", "--controller", "learned",
                  "--learned-model", str(controller)]) == 0
     assert "training" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset, model, video", [
+    ("yolox", "yolox_nano_coco_416.onnx", "intersection_cctv_640x480_909f.mp4"),
+    ("yunet", "yunet_face_dynamic.onnx", "overhead_pedestrians_1280x720_341f.avi"),
+])
+def test_run_writes_detections_in_the_videos_pixels(shared_data, tmp_path, capsys, preset, model, video):
+    """Each line of --detections holds the preset's decoded boxes of that frame's outputs (as
+    --outputs stored them), mapped to the source frame's pixels; frames and timestamps in order."""
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.media.video import open_video
+    from deluceva.presets import get_decoder, preprocessing
+
+    jsonl, npz = tmp_path / "d.jsonl", tmp_path / "o.npz"
+    assert main(["run", str(shared_data / "models" / model), str(shared_data / "videos" / video), "--preset", preset,
+                 "--plan", "dense", "--controller", "fixed", "--frames", "4", "--detections", str(jsonl),
+                 "--outputs", str(npz)]) == 0
+    capsys.readouterr()
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    reader = open_video(shared_data / "videos" / video, frames=4)
+    pre = Preprocessor.for_model((1, 3, None, None) if preset == "yunet" else (1, 3, 416, 416), preprocessing(preset))
+    shape = pre.input_shape((reader.height, reader.width))
+    from deluceva.planner import load_model
+
+    names = load_model(shared_data / "models" / model, shape).output_names
+    decoder = get_decoder(preset, shape, names)
+    with np.load(npz) as stored:
+        outputs = [[stored[name][i] for name in names] for i in range(4)]
+    assert [line["frame"] for line in lines] == [0, 1, 2, 3]
+    assert [line["time"] for line in lines] == sorted(line["time"] for line in lines) and lines[1]["time"] > 0
+    found = 0
+    for line, frame_outputs in zip(lines, outputs):
+        want = decoder(frame_outputs)
+        boxes = pre.to_frame(want.boxes, (reader.height, reader.width))
+        np.testing.assert_allclose(line["boxes"], boxes.reshape(-1, 4), atol=0.01)
+        assert line["classes"] == want.classes.tolist()
+        assert all(0 <= b[0] <= b[2] <= reader.width and 0 <= b[1] <= b[3] <= reader.height for b in line["boxes"])
+        found += len(line["boxes"])
+    assert found > 0  # the frames hold detections: the comparison is not of empty lists
+
+
+def test_detections_need_a_detection_preset(tiny, tmp_path, capsys):
+    model, clip = tiny
+    assert main(["run", str(model), str(clip), "--plan", "dense", "--detections", str(tmp_path / "d.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--detections needs a preset that decodes detections" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d.jsonl").exists()

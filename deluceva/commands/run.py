@@ -69,6 +69,9 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--outputs", metavar="OUT.npz", help="each output stacked over frames, written as the run goes")
     parser.add_argument("--save-inputs", action="store_true", help="also store each model input, keyed input:<name>")
     parser.add_argument("--summary", metavar="SUMMARY.json", help="write times, errors and traces as JSON")
+    parser.add_argument("--detections", metavar="OUT.jsonl",
+                        help="with a detection preset (yolox, yunet, mtcnn): each frame's boxes, scores and classes "
+                        "in the video's pixels, one JSON line per frame, written as the run goes")
     parser.set_defaults(handler=handle)
 
 
@@ -112,16 +115,25 @@ def _jsonable(value):
 
 def handle(args: argparse.Namespace) -> int:
     from deluceva.files import check_output
+    from deluceva.presets import PRESETS, get_decoder
     from deluceva.runner.loop import VideoRunner, summarise
-    from deluceva.runner.recorder import FrameRecorder
+    from deluceva.runner.recorder import DetectionWriter, FrameRecorder
 
     check_output(args.outputs, ".npz", "--outputs")
     check_output(args.summary, ".json", "--summary")
+    check_output(args.detections, ".jsonl", "--detections")
+    if args.detections and args.preset not in PRESETS:
+        raise DelucevaError(f"--detections needs a preset that decodes detections ({', '.join(sorted(PRESETS))}); "
+                            f"got {args.preset or 'no preset'}")
     setup = prepare(run_options(args))
     plans = build_plans(setup)
     runner = VideoRunner(plans, setup.controller, setup.metric, args.reference_every,
                          percentage=args.percentage or setup.start_percentage)
     recorder = FrameRecorder(args.outputs) if args.outputs else None
+    detections = None
+    if args.detections:
+        decoder = get_decoder(args.preset, setup.input_shape, setup.model.output_names)
+        detections = DetectionWriter(args.detections, decoder, setup.preprocess, (setup.video.height, setup.video.width))
     names = setup.model.output_names
     input_key = f"input:{setup.model.input_name}"
     results = []
@@ -137,6 +149,8 @@ def handle(args: argparse.Namespace) -> int:
                 if args.save_inputs:
                     arrays[input_key] = tensor
                 recorder.add(arrays)
+            if detections is not None:
+                detections.add(result.index, result.outputs, setup.video.pts, setup.video.time)
             result.outputs = None  # outputs live on disk only; keep memory flat on long videos
             bar.update(1)
             if result.error is not None:
@@ -147,6 +161,8 @@ def handle(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         failures = []  # each write is tried, whatever the other's fate: nothing done is lost
+        if detections is not None:
+            detections.close()
         if recorder is not None:
             try:
                 recorder.close()

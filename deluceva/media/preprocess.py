@@ -128,6 +128,20 @@ class Preprocessor:
             return 1.0, 1.0, h, w, H, W
         return 1.0, 1.0, h, w, h, w
 
+    def to_frame(self, boxes: np.ndarray, frame_hw: tuple[int, int]) -> np.ndarray:
+        """Boxes (n, 4) as x1, y1, x2, y2 in model-input pixels, mapped to the pixels of a frame
+        of `frame_hw` (the resize or letterbox undone, the padding dropped), clipped to the frame.
+
+        Example:
+            >>> pre = Preprocessor(mode="letterbox", size=(416, 416))
+            >>> pre.to_frame(np.array([[0.0, 0.0, 208.0, 104.0]]), (480, 640)).tolist()
+            [[0.0, 0.0, 320.0, 160.0]]
+        """
+        scale_y, scale_x, *_ = self.geometry(frame_hw)
+        h, w = (int(v) for v in frame_hw)
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4) / np.array([scale_x, scale_y, scale_x, scale_y])
+        return np.clip(boxes, 0.0, np.array([w, h, w, h], np.float64))
+
     def input_shape(self, frame_hw: tuple[int, int]) -> tuple[int, int, int, int]:
         """The model input shape for frames of `frame_hw` = (height, width), in `layout`."""
         *_, H, W = self.geometry(frame_hw)

@@ -93,6 +93,8 @@ class VideoReader:
         truncated: set after iteration when decoding stopped early on damaged data; the frames
             before the damage were yielded, and a one-line warning was issued.
         frames_read: frames yielded by the last iteration.
+        pts, time: the last yielded frame's timestamp, in the stream's time base and in seconds
+            (None when the container gives none).
 
     Iterating twice reopens the source.
     """
@@ -106,6 +108,7 @@ class VideoReader:
         self.options = dict(options or {})
         self.truncated = False
         self.frames_read = 0
+        self.pts = self.time = None  # the last frame yielded: its timestamp (stream units, seconds)
         container = self._open()
         try:
             stream = container.streams.video[0]
@@ -210,6 +213,7 @@ class VideoReader:
                 if index < self.start or (index - self.start) % self.every:
                     continue  # skipped frames are never converted: conversion is the costly part
                 self.frames_read += 1
+                self.pts, self.time = frame.pts, frame.time  # of the frame being yielded
                 yield frame.to_ndarray(format="rgb24")
         finally:
             container.close()

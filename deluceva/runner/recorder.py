@@ -1,5 +1,6 @@
-"""Outputs written as the run goes: `FrameRecorder` (see its docstring for why a stopped run
-keeps every finished frame)."""
+"""Outputs written as the run goes: the model's outputs (`FrameRecorder`, see its docstring for
+why a stopped run keeps every finished frame) and a detection preset's boxes in the source
+video's pixels (`DetectionWriter`, one JSON line per frame)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 from deluceva.errors import DelucevaError
 from deluceva.files import GrowingNpy
 
-__all__ = ["FrameRecorder"]
+__all__ = ["FrameRecorder", "DetectionWriter"]
 
 class FrameRecorder:
     """Writes named arrays frame by frame into OUT.npz, keyed by name, stacked over frames.
@@ -94,3 +95,41 @@ class FrameRecorder:
             part.close()
         shutil.rmtree(self.parts, ignore_errors=True)
         self.parts = None
+
+
+class DetectionWriter:
+    """Writes each frame's detections as one JSON line, in the source video's pixels:
+    {"frame", "pts", "time", "boxes": [[x1, y1, x2, y2], ...], "scores", "classes"}.
+
+    `decoder` turns the model's outputs into detections in model-input pixels (a preset's, see
+    `deluceva.presets`); `preprocess.to_frame` undoes the letterbox, resize or padding. Each line
+    is flushed as it is written, so a stopped run keeps every finished frame's line.
+
+    Example:
+        >>> writer = DetectionWriter("d.jsonl", decoder, preprocess, (480, 640))  # doctest: +SKIP
+        >>> writer.add(0, outputs, pts=0, time=0.0); writer.close()            # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike, decoder, preprocess, frame_hw: tuple[int, int]):
+        self.path = Path(path)
+        self.decoder, self.preprocess, self.frame_hw = decoder, preprocess, tuple(frame_hw)
+        self.file = open(self.path, "w")
+        self.frames = 0
+
+    def detections(self, outputs) -> dict:
+        """The fields of one line for `outputs` (boxes in the source frame's pixels)."""
+        found = self.decoder(outputs)
+        boxes = self.preprocess.to_frame(found.boxes, self.frame_hw)
+        return {"boxes": [[round(float(v), 2) for v in box] for box in boxes],
+                "scores": [round(float(s), 4) for s in found.scores],
+                "classes": [int(c) for c in found.classes]}
+
+    def add(self, frame: int, outputs, pts=None, time=None) -> None:
+        line = {"frame": int(frame), "pts": None if pts is None else int(pts),
+                "time": None if time is None else round(float(time), 6), **self.detections(outputs)}
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+        self.frames += 1
+
+    def close(self) -> None:
+        self.file.close()
