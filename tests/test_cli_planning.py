@@ -60,7 +60,8 @@ def test_profile_compile_explain(workspace, capsys, tmp_path):
     assert data["format"] == "deluceva-profile" and data["percentages"] == [0.0, 0.9]
     plan = json.loads(workspace["plan"].read_text())
     assert plan["model"]["sha256"] == load_model(workspace["model"]).sha256
-    assert plan["percentages"] == [0.0, 0.9]
+    # compiled for the measured percentages and, by default, those between them
+    assert plan["percentages"] == [0.0, 0.6, 0.65, 0.7, 0.75, 0.85, 0.9]
     graph = tmp_path / "plan.svg"
     code, out, err = run_cli(["explain", workspace["plan"], "--percentage", "0.9", "--graph", graph], capsys)
     assert code == 0, err

@@ -196,6 +196,40 @@ def test_runner_references_and_plan_switch(tiny):
     assert results[3].percentage == 0.4 and controller.seen[4].error is not None
 
 
+def test_runner_switches_plan_on_the_reference_that_moved_p(tiny):
+    """A controller that moves p only on measurements (as PI does): the reference whose error
+    moved p into another plan's range switches the plan there, not a reference interval later."""
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.media.video import open_video
+    from deluceva.planner import load_model
+    from deluceva.session import Session, calibrate_sessions
+
+    class OnMeasurement:
+        percentage = 0.0
+
+        def update(self, observation):
+            if observation.error is not None and observation.frame >= 4:
+                self.percentage = 0.4
+            return self.percentage
+
+    model_path, clip = tiny
+    model = load_model(str(model_path))
+    plans = SessionsByPercentage([Session(model, plan="dense"), Session(model, plan="delta")], [0.0, 0.2])
+    pre = Preprocessor.for_model(model.input_shape)
+    inputs = [pre(rgb) for rgb in open_video(clip)]
+    calibrate_sessions(plans.sessions, inputs[:4])
+    runner = VideoRunner(plans, OnMeasurement(), _rel_l2, reference_every=4, percentage=0.0)
+    results = [runner.step(frame) for frame in inputs]
+    # Frame 4's reference moves p to 0.4: plan 1 from frame 5 on, whose first delta frame is a
+    # probe (measured); waiting for the next reference would have run plan 0 until frame 8.
+    assert [r.plan for r in results[:5]] == [0] * 5 and all(r.plan == 1 for r in results[5:])
+    assert [r.index for r in results if r.reference] == [0, 4, 5, 9]
+    assert all(r.density < 1.0 for r in results[5:] if not r.reference)
+    for result, frame in zip(results, inputs):  # a reference frame's outputs are the exact dense ones
+        if result.reference:
+            assert _rel_l2(result.outputs, plans.sessions[0].reference(frame)) < 1e-5
+
+
 def test_runner_refreshes_caches_only_when_the_plan_changes_or_p_falls(tiny):
     """A reference frame measures with a plain dense run; it reloads every cache (a keyframe, 3x
     the cost) only for a new plan's empty caches or after p fell below what they were filled at."""

@@ -51,6 +51,21 @@ def _distinct_prefixes(a: str, b: str, least: int = 12) -> tuple[str, str]:
     return a[:length], b[:length]
 
 
+# Plans are also compiled between the percentages a profile measured (the cost model
+# interpolates the density in p): the controllers settle between 0.5 and 0.9 on the shared
+# models, and a run uses the plan compiled for the largest percentage not above its p, so with
+# only the measured 0.5 and 0.8 a PI controller holding p = 0.75 ran the all-dense 0.5 plan.
+BETWEEN_MEASURED = (0.6, 0.65, 0.7, 0.75, 0.85)
+
+
+def default_percentages(measured) -> list[float]:
+    """The percentages a plan is compiled for by default: those the profile measured, and
+    BETWEEN_MEASURED where they lie inside the measured range."""
+    measured = sorted(float(p) for p in measured)
+    between = [p for p in BETWEEN_MEASURED if measured and measured[0] < p < measured[-1]]
+    return sorted(set(measured) | set(between))
+
+
 def _measured(profile, node: str, variant: str, percentage: float) -> float | None:
     """What the profile measured for `node` in `variant` (dense: alone in its own session; delta:
     mean over the fit frames at `percentage`, where the profile measured at it)."""
@@ -149,7 +164,8 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
     """Choose variants for `model` at each percentage from `profile`'s cost model.
 
     Args:
-        percentages: which to plan for (default: the profile's grid); each in [0, 1).
+        percentages: which to plan for (default: `default_percentages` of the profile's grid);
+            each in [0, 1).
         force: accept a profile from another machine (with a warning) instead of refusing it.
 
     Raises:
@@ -162,7 +178,8 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
     """
     profile.check_model(model.sha256, model.input_shape)
     check_machine(profile, force=force)
-    percentages = sorted({float(p) for p in (profile.percentages if percentages is None else percentages)})
+    percentages = sorted({float(p) for p in (default_percentages(profile.percentages) if percentages is None
+                                            else percentages)})
     for p in percentages:
         check_percentage(p, "percentage")
     if not percentages:

@@ -4,10 +4,12 @@ Each frame runs through a `Session` at the controller's filtering percentage. Ev
 whenever the controller asks, the frame is a *reference*: its delta result is computed as usual,
 then the same frame runs densely in onnxruntime (an executor keyframe, which also refreshes every
 cache, when the plan changes or p fell since the last one); the error of the delta result
-against the dense one feeds the controller, and the frame's output is the exact dense one. When p crosses into another compiled plan's range, the plan switches at the
-next reference: its dense run fills the new plan's caches, and the next frame is a reference too,
-so a new plan's error is measured on its first delta frame. A reference frame's whole cost counts
-in the frame's time.
+against the dense one feeds the controller, and the frame's output is the exact dense one. When
+the controller moves p into another compiled plan's range, the plan switches on that reference
+(when a reference's measurement moved it) or at the next reference (when p moved on another
+frame): a keyframe fills the new plan's caches, and the next frame is a reference too, so a new
+plan's error is measured on its first delta frame. A reference frame's whole cost counts in the
+frame's time.
 
 How the run starts (the controller's first p, a learned controller's training) is in
 `deluceva.runner.calibration`; writing outputs as the run goes, in `deluceva.runner.recorder`.
@@ -259,6 +261,18 @@ class VideoRunner:
             frame=self.index, error=error, percentage=percentage, statistics={**stats, "density": density}
         )
         self.percentage = float(self.controller.update(observation))
+        switch = self.plans.index_for(self.percentage)
+        if reference and error is not None and switch != self.current:
+            # What this reference measured moved p into another plan's range: switch now, on
+            # this frame, rather than at the next reference (PI moves p only on references, so
+            # waiting left a run on the old plan for a whole interval: 30 of 120 frames all
+            # dense on YOLOX). A keyframe fills the new plan's caches; its first delta frame
+            # is measured (probing).
+            self.current = switch
+            self.session.run(frame, self.percentage, keyframe=True)
+            self.held_at = self.percentage
+            self.probing = True
+            flops += self.plans.flops[self.current].total
         seconds = time.perf_counter() - start
         result = FrameResult(self.index, outputs, seconds, reference, error, percentage, density, flops, used)
         self.index += 1

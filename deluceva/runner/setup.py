@@ -218,6 +218,10 @@ def _plans_from_file(path: str, setup: Setup):
 def compile_plans(model, frames: list, threads: int = 1, percentages=None, progress: bool = True):
     """Profile `model` on `frames` (model inputs) and choose a plan by cost for each percentage.
 
+    Args:
+        percentages: to profile and plan for exactly; default: profile at ON_THE_FLY_PERCENTAGES
+            and plan for those and the ones between (as `deluceva compile` does).
+
     Returns a SessionsByPercentage (plans identical to a lower percentage's are merged).
     """
     from deluceva.operators._buffers import Buffers
@@ -226,9 +230,10 @@ def compile_plans(model, frames: list, threads: int = 1, percentages=None, progr
     from deluceva.runner.loop import SessionsByPercentage
     from deluceva.session import Session, calibrate_sessions
 
+    planned = percentages
     percentages = tuple(percentages or ON_THE_FLY_PERCENTAGES)
     profile = measure_profile(model, frames, threads=threads, percentages=percentages, progress=progress)
-    plan = compile_plan(model, profile, percentages)
+    plan = compile_plan(model, profile, planned)
     sessions, compiled, previous = [], [], None
     buffers = Buffers()  # one plan runs at a time: they share working buffers and tensors' state
     for percentage in plan.percentages:
