@@ -157,7 +157,7 @@ def breakdown(model_path: str, video_path: str, preset: str, plan_path: str, pi:
     plan = load_plan(plan_path)
     percentages = pi["percentage_trace"]
     p = statistics.median(percentages)
-    index = plan.index_for(p)
+    index = plan.nearest_index(p)
     pre = preprocessing(preset)
     inputs = [pre(rgb) for rgb in open_video(video_path, frames=frames)]
     model = load_model(model_path, inputs[0].shape)

@@ -203,7 +203,7 @@ def test_compile_plan_and_run_it(model, profile, tmp_path):
         # the plan is all dense, within the cost model's error of it.
         assert totals["plan_ms"] <= totals["all_delta_ms"] + 1e-9 or (
             totals["plan_ms"] == totals["all_dense_ms"] and totals["all_delta_ms"] > (1 - MIN_GAIN) * totals["all_dense_ms"])
-    assert loaded.index_for(0.78) == 5 and loaded.index_for(0.2) == 0  # the nearest compiled percentage
+    assert loaded.nearest_index(0.78) == 5 and loaded.nearest_index(0.2) == 0  # the nearest compiled percentage
     from deluceva.session import Session
 
     loaded.check_model(model)

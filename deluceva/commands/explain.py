@@ -22,7 +22,7 @@ def _ms(value) -> str:
 
 def explain_table(plan, percentage: float) -> str:
     """EXPLAIN: one row per node, then totals against all-dense and all-delta."""
-    i = plan.index_for(percentage)
+    i = plan.nearest_index(percentage)
     header = ["node", "op", "output shape", "variant", "predicted ms", "measured ms", "dense ms", "delta ms",
               "density", "reason"]
     rows = []
@@ -57,7 +57,7 @@ def draw_plan(plan, percentage: float, path: str | Path) -> Path:
     from deluceva.files import check_output
 
     path = check_output(path, (".png", ".svg"), "--graph")
-    i = plan.index_for(percentage)
+    i = plan.nearest_index(percentage)
     graph = nx.DiGraph()
     for node in plan.data["nodes"]:
         graph.add_node(node["name"], variant=node["variant"][i], op=node["op_type"])

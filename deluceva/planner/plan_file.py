@@ -98,14 +98,14 @@ class PlanFile:
     def threads(self) -> int:
         return int(self.data["threads"])
 
-    def index_for(self, percentage: float) -> int:
+    def nearest_index(self, percentage: float) -> int:
         """The covered percentage nearest to `percentage` (the lower one on a tie)."""
         check_percentage(percentage)
         return min(range(len(self.percentages)), key=lambda i: (abs(self.percentages[i] - percentage), i))
 
     def variants_for(self, percentage: float) -> dict[str, str]:
         """{node: "dense"|"delta"} of the plan for the covered percentage nearest `percentage`."""
-        i = self.index_for(percentage)
+        i = self.nearest_index(percentage)
         return {node["name"]: node["variant"][i] for node in self.data["nodes"]}
 
     def check_model(self, model: Model) -> None:

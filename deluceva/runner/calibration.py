@@ -27,7 +27,7 @@ def starting_percentage(plans: SessionsByPercentage, metric: Metric, frames: Seq
     references = [plans.sessions[0].reference(frame) for frame in frames[1:]]
     chosen = 0.0
     for percentage in sorted(grid):
-        session = plans.sessions[plans.index_for(percentage)]
+        session = plans.sessions[plans.index_below(percentage)]
         session.run(frames[0], keyframe=True)
         errors = [float(metric(session.run(frame, percentage), reference))
                   for frame, reference in zip(frames[1:], references)]

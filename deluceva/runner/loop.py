@@ -118,7 +118,9 @@ class SessionsByPercentage:
         self.description = description
         self.flops = [FlopCounts(s) for s in self.sessions]
 
-    def index_for(self, percentage: float) -> int:
+    def index_below(self, percentage: float) -> int:
+        """The plan compiled for the largest percentage not above `percentage` (the first plan
+        below them all): its filters hold back at least what it was planned for."""
         return max(0, bisect.bisect_right(self.percentages, percentage) - 1)
 
     def variant_counts(self) -> list[dict[str, int]]:
@@ -192,7 +194,7 @@ class VideoRunner:
         self.reference_every = reference_every
         self.percentage = float(percentage)
         self.observation = observation or _default_observation()
-        self.current = plans.index_for(self.percentage)
+        self.current = plans.index_below(self.percentage)
         self.index = 0
         self.since_reference = 0
         self.probing = False  # measure the next frame: the plan just switched
@@ -210,7 +212,7 @@ class VideoRunner:
         if getattr(self.controller, "uses_statistics", False):
             stats = change_statistics(frame, self.previous)
             self.previous = frame
-        wanted = self.plans.index_for(self.percentage)
+        wanted = self.plans.index_below(self.percentage)
         asked = bool(getattr(self.controller, "wants_reference", False))
         error = None
         percentage = self.percentage
@@ -261,7 +263,7 @@ class VideoRunner:
             frame=self.index, error=error, percentage=percentage, statistics={**stats, "density": density}
         )
         self.percentage = float(self.controller.update(observation))
-        switch = self.plans.index_for(self.percentage)
+        switch = self.plans.index_below(self.percentage)
         if reference and error is not None and switch != self.current:
             # What this reference measured moved p into another plan's range: switch now, on
             # this frame, rather than at the next reference (PI moves p only on references, so
