@@ -83,7 +83,7 @@ def test_run_without_plan_compiles_on_the_fly_and_says_so(tiny, tmp_path, capsys
     summary_path = tmp_path / "summary.json"
     assert main(["run", str(model), str(clip), "--controller", "fixed", "--percentage", "0.5",
                  "--summary", str(summary_path)]) == 0
-    assert "compiling on the fly" in capsys.readouterr().err
+    assert "compiling plans on the fly" in capsys.readouterr().err
     summary = json.loads(summary_path.read_text())
     assert "compiled on the fly" in summary["plan"]
     assert summary["plan_percentages"][0] == 0.0 and summary["frames"] == 12

@@ -30,12 +30,12 @@ RUN_SETPOINT = 0.8
 
 
 def make_controller(name: str, percentage: float | None = None, budget: float | None = None,
-                    learned_path=None):
+                    learned_path=None, ceiling: float | None = None):
     """The controller called `name`.
 
     - "fixed": always `percentage` (default 0).
     - "pi": holds the mean error at `RUN_SETPOINT` x `budget`, starting from `percentage`
-      (default 0).
+      (default 0), never above `ceiling` (default 0.99).
     - "learned": loaded from `learned_path` (JSON); `budget` overrides the saved one.
 
     Raises:
@@ -53,7 +53,8 @@ def make_controller(name: str, percentage: float | None = None, budget: float | 
         start = 0.0 if percentage is None else float(percentage)
         if not 0.0 <= start <= 0.99:
             raise DelucevaError(f"percentage {start} must be in [0, 0.99] for the pi controller")
-        return PIController(float(budget), p_start=start, setpoint=RUN_SETPOINT)
+        p_max = 0.99 if ceiling is None else float(ceiling)
+        return PIController(float(budget), p_start=min(start, p_max), p_max=p_max, setpoint=RUN_SETPOINT)
     if name == "learned":
         if learned_path is None:
             raise DelucevaError("controller learned needs a saved controller file (JSON)")

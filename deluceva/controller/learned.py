@@ -171,13 +171,20 @@ class LearnedState:
 
     percentage: float = 0.0
     correction: float = 0.0  # running mean of measured - predicted error at the p used
+    integral: float = 0.0  # ki x the sum of (measured error - aim): what holds the mean at the aim
     updates: int = 0
 
 
 @dataclass
 class LearnedController:
-    """Picks the largest p on `grid` whose predicted error (plus a running correction) is
-    within `budget`.
+    """Picks the largest p on `grid` whose predicted error, plus a running correction and an
+    integral term, is within the aim, budget x (1 - margin).
+
+    The running correction (an average of measured minus predicted errors) follows the model's
+    bias quickly; the integral term, ki x the sum of (measured error - aim), is what holds the
+    *mean* measured error at the aim, as a PI controller's integral does. Without it, on a
+    detection metric whose errors are 0 on most references and several budgets on a few, the
+    mean sat on the budget (0.0194-0.021 against 0.02 on YOLOX-nano / intersection_cctv).
 
     Args:
         budget: the error to stay within.
@@ -186,6 +193,7 @@ class LearnedController:
         step: grid spacing in p.
         adapt: weight of each measured error in the running correction (0 = trust the model).
         margin: aim at budget x (1 - margin).
+        ki: integral gain (0 = none); the integral stays within [-aim, 10 x budget].
 
     Example:
         >>> ctl = LearnedController(budget=0.05).fit(samples)        # doctest: +SKIP
@@ -198,6 +206,7 @@ class LearnedController:
     step: float = 0.01
     adapt: float = 0.3
     margin: float = 0.0
+    ki: float = 0.2
     wants_reference: bool = False
     uses_statistics: ClassVar[bool] = True  # changed_tiles and mean_abs_change are features
     feature_range: list[list[float]] | None = None
@@ -211,6 +220,8 @@ class LearnedController:
             raise DelucevaError(f"need 0 < step <= p_max < 1, got step={self.step}, p_max={self.p_max}")
         if not 0 <= self.adapt <= 1 or not 0 <= self.margin < 1:
             raise DelucevaError(f"adapt must be in [0, 1] and margin in [0, 1), got {self.adapt}, {self.margin}")
+        if not 0 <= self.ki <= 1:
+            raise DelucevaError(f"ki must be in [0, 1], got {self.ki}")
 
     @property
     def grid(self) -> np.ndarray:
@@ -265,11 +276,15 @@ class LearnedController:
             cache[key] = self.predict(self.grid, observation)
         return cache[key]
 
+    @property
+    def aim(self) -> float:
+        return self.budget * (1 - self.margin)
+
     def choose(self, observation: Observation) -> float:
-        """The largest grid p whose predicted error + correction <= budget x (1 - margin); 0 if none."""
+        """The largest grid p whose predicted error + correction + integral <= the aim; 0 if none."""
         grid = self.grid
-        predicted = self.curve(observation) + self.state.correction
-        ok = np.flatnonzero(predicted <= self.budget * (1 - self.margin))
+        predicted = self.curve(observation) + self.state.correction + self.state.integral
+        ok = np.flatnonzero(predicted <= self.aim)
         return float(grid[ok[-1]]) if len(ok) else 0.0
 
     def reset(self) -> None:
@@ -282,6 +297,7 @@ class LearnedController:
             expected = float(self.predict([observation.percentage], observation)[0])
             residual = float(observation.error) - expected
             s.correction += self.adapt * (residual - s.correction)
+            s.integral = clamp(s.integral + self.ki * (float(observation.error) - self.aim), -self.aim, 10 * self.budget)
             s.updates += 1
         s.percentage = clamp(self.choose(observation), 0.0, self.p_max)
         return s.percentage
@@ -293,7 +309,7 @@ class LearnedController:
             raise DelucevaError("learned controller has no model to save")
         return {
             "format": FORMAT, "version": VERSION, "budget": self.budget, "p_max": self.p_max,
-            "step": self.step, "adapt": self.adapt, "margin": self.margin,
+            "step": self.step, "adapt": self.adapt, "margin": self.margin, "ki": self.ki,
             "feature_range": self.feature_range, "target": f"log(error + {ERROR_FLOOR})",
             "model": self.model.to_dict(),
         }
@@ -333,6 +349,7 @@ class LearnedController:
                 budget=float(budget if budget is not None else data["budget"]), model=model,
                 p_max=float(data.get("p_max", 0.99)), step=float(data.get("step", 0.01)),
                 adapt=float(data.get("adapt", 0.3)), margin=float(data.get("margin", 0.0)),
+                ki=float(data.get("ki", 0.0)),
                 feature_range=data.get("feature_range"),
             )
         except (KeyError, TypeError, ValueError) as e:

@@ -132,8 +132,9 @@ def build_plans(setup: Setup, announce=None):
     elif options.plan:
         plans = _plans_from_file(options.plan, setup)
     else:
-        announce(f"no --plan given: profiling on the first {len(frames)} frames and compiling on the fly "
-                 f"for p in {', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} (save one with `deluceva compile`)")
+        announce(f"no --plan given: profiling on the first {len(frames)} frames at p = "
+                 f"{', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} and compiling plans on the fly for those p "
+                 "and the ones between (save them with `deluceva compile`)")
         plans = compile_plans(setup.model, frames, options.threads)
     if options.plan:  # compile_plans calibrated its own
         calibrate_sessions(plans.sessions, frames)
@@ -170,18 +171,24 @@ def _warm_up(plans, frames: list) -> None:
 
 def _start_controller(setup: Setup, plans, announce) -> None:
     """A PI controller without --percentage starts at the p the calibration frames say holds the
-    budget (see `starting_percentage`), rather than at 0."""
+    budget, and stays below the first p where they are far over it (see `starting_range`)."""
     from deluceva.controller import RUN_SETPOINT, make_controller
-    from deluceva.runner.calibration import starting_percentage
+    from deluceva.runner.calibration import CLIFF, starting_range
 
     options = setup.options
     if options.controller != "pi" or options.percentage is not None:
         return
-    start = starting_percentage(plans, setup.metric, setup.calibration_frames, RUN_SETPOINT * setup.budget)
-    setup.controller = make_controller("pi", percentage=start, budget=setup.budget)
-    setup.start_percentage = start
-    announce(f"pi controller starts at p = {start:g}, where the first {len(setup.calibration_frames)} frames "
-             f"stay within {RUN_SETPOINT:g} x the budget")
+    frames = setup.calibration_frames
+    found = starting_range(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, setup.budget)
+    setup.controller = make_controller("pi", percentage=found.start, budget=setup.budget, ceiling=found.ceiling)
+    setup.start_percentage = found.start
+    text = (f"pi controller starts at p = {found.start:g}, where the first {len(frames)} frames "
+            f"stay within {RUN_SETPOINT:g} x the budget")
+    if found.cliff:
+        p, error = found.cliff
+        text += (f", and stays at or below p = {found.ceiling:g}: at p = {p:g} their error is {error:.3g}, "
+                 f"over {CLIFF:g} x the budget")
+    announce(text)
 
 
 def _first_frames(setup: Setup) -> list:
