@@ -21,7 +21,7 @@ import numpy as np
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["check_output", "write_text", "fallback_path", "read_json", "GrowingNpy"]
+__all__ = ["check_output", "write_text", "write_json", "fallback_path", "read_json", "GrowingNpy"]
 
 
 def check_output(path: str | os.PathLike | None, suffix: str | tuple[str, ...], option: str) -> Path | None:
@@ -80,6 +80,19 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
         raise DelucevaError(f"{path}: cannot write it ({reason}); the result is in {rescue}") from None
 
 
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    """`data` as indented JSON through `write_text` (numpy scalars and arrays as numbers and lists)."""
+    return write_text(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def read_json(path: str | os.PathLike, kind: str):
     """The JSON in `path`; a one-line DelucevaError naming the file when it cannot be read.
 
@@ -120,6 +133,36 @@ class GrowingNpy:
         self.count = 0
         self.file = open(self.path, "w+b")
         self._write_header()
+
+    @classmethod
+    def reopen(cls, path: Path, frames: int) -> GrowingNpy:
+        """An existing GrowingNpy file, to grow on after its first `frames` frames (any after
+        them, or a half-written one, are overwritten)."""
+        path = Path(path)
+        try:
+            existing = np.load(path, mmap_mode="r")
+            frame_shape, dtype, count = existing.shape[1:], existing.dtype, len(existing)
+            del existing
+        except (OSError, ValueError) as error:
+            raise DelucevaError(f"{path}: cannot resume it ({error})") from None
+        if count < frames:
+            raise DelucevaError(f"{path}: holds {count} frames, fewer than the {frames} to resume after")
+        grown = cls.__new__(cls)
+        grown.path, grown.frame_shape, grown.dtype = path, tuple(frame_shape), np.dtype(dtype)
+        grown.frame_bytes = int(np.prod(grown.frame_shape, dtype=np.int64)) * grown.dtype.itemsize
+        grown.count = int(frames)
+        grown.file = open(path, "r+b")
+        grown.file.truncate(_HEADER_BYTES + grown.count * grown.frame_bytes)
+        grown._write_header()
+        return grown
+
+    @staticmethod
+    def frames_in(path: Path) -> int:
+        """How many whole frames the file at `path` holds (0 when it cannot be read)."""
+        try:
+            return len(np.load(path, mmap_mode="r"))
+        except (OSError, ValueError):
+            return 0
 
     def _header(self) -> bytes:
         text = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,

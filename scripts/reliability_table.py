@@ -180,6 +180,16 @@ CLI_CASES = [
      "test_files::test_check_output_refuses_what_cannot_be_written"),
     ("bench --json inside a file", "bench {good.onnx} {clip.mp4} --plan dense --json {notes.onnx}/b.json",
      "test_files::test_check_output_refuses_what_cannot_be_written"),
+    ("streams --out is a file", "streams {clip.mp4} --model {good.onnx} --plan dense --out {notes.onnx}",
+     "test_streams::test_streams_refuses_bad_options"),
+    ("streams --model missing", "streams {clip.mp4} --model {missing.onnx} --out {folder}/s",
+     "test_streams::test_streams_refuses_bad_options"),
+    ("streams --retries -1", "streams {clip.mp4} --model {good.onnx} --out {folder}/s --retries -1",
+     "test_streams::test_streams_refuses_bad_options"),
+    ("streams list of sources missing", "streams {missing.mp4}.txt --model {good.onnx} --out {folder}/s",
+     "test_streams::test_read_sources_refuses"),
+    ("streams: one good source, one nobody listens to", "streams {clip.mp4} rtsp://127.0.0.1:9/x --model {good.onnx} "
+     "--plan dense --retries 0 --out {folder}/s", "test_streams::test_a_bad_source_fails_alone_and_quickly"),
 ]
 
 

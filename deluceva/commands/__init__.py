@@ -7,7 +7,7 @@ import importlib
 __all__ = ["register_all", "COMMANDS"]
 
 # Listed explicitly, in the order `deluceva --help` shows them.
-COMMANDS = ["demo", "run", "bench", "profile", "compile", "explain"]
+COMMANDS = ["demo", "run", "streams", "bench", "profile", "compile", "explain"]
 
 
 def register_all(commands, **types) -> None:

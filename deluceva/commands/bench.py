@@ -104,7 +104,8 @@ def plot(path: str, ort_run, delta_run, metric: str, budget: float | None) -> No
 
 def handle(args: argparse.Namespace) -> int:
     from deluceva.baseline import plain_onnxruntime, run_onnxruntime
-    from deluceva.commands.run import progress, run_options, write_json
+    from deluceva.commands.run import progress, run_options
+    from deluceva.files import write_json
     from deluceva.controller import RUN_SETPOINT
     from deluceva.machine import machine_info
     from deluceva.files import check_output

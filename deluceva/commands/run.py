@@ -6,17 +6,14 @@ The options here are shared with `bench`; the setup they describe is `deluceva.r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-import numpy as np
 
 from deluceva.commands._types import budget, non_negative_int
 from deluceva.errors import DelucevaError
-from deluceva.runner.setup import RunOptions, Setup, build_plans, prepare, run_info
+from deluceva.runner.setup import RunOptions, Setup, build_plans, prepare
 
-__all__ = ["add_parser", "add_run_options", "run_options", "progress", "write_json", "handle"]
+__all__ = ["add_parser", "add_run_options", "run_options", "progress", "handle"]
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -31,10 +28,12 @@ def generic_preprocessing(args: argparse.Namespace) -> dict:
     return {field: getattr(args, option) for option, field in names.items() if getattr(args, option, None) is not None}
 
 
-def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int) -> None:
-    """The options `run` and `bench` share."""
-    parser.add_argument("model", help="ONNX model file")
-    parser.add_argument("video", help="video file or stream URL (anything FFmpeg decodes)")
+def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int, one_video: bool = True) -> None:
+    """The options `run`, `bench` and `streams` share (`streams` takes the model as --model and
+    several sources: `one_video` False)."""
+    if one_video:
+        parser.add_argument("model", help="ONNX model file")
+        parser.add_argument("video", help="video file or stream URL (anything FFmpeg decodes)")
     parser.add_argument("--plan", help="plan JSON from `deluceva compile`, or 'dense' or 'delta' (every node that "
                         "has a delta kernel) without profiling (default: profile briefly, compile on the fly)")
     parser.add_argument("--controller", choices=["fixed", "pi", "learned"], default="pi",
@@ -77,7 +76,7 @@ def add_parser(commands, percentage, positive_int) -> None:
 
 def run_options(args: argparse.Namespace) -> RunOptions:
     """The library's `RunOptions` from `run`'s (or `bench`'s) parsed command line."""
-    return RunOptions(model=args.model, video=args.video, plan=args.plan, controller=args.controller,
+    return RunOptions(model=args.model, video=getattr(args, "video", ""), plan=args.plan, controller=args.controller,
                       percentage=args.percentage, error_budget=args.error_budget, metric=args.metric,
                       preset=args.preset, preprocessing=generic_preprocessing(args),
                       reference_every=args.reference_every, threads=args.threads, frames=args.frames,
@@ -94,30 +93,13 @@ def progress(total: int | None, description: str):
     return tqdm(total=total, desc=description, unit="frame", file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    """Write `data` as JSON, whole or, failing that, in the temporary folder (see deluceva.files)."""
-    from deluceva.files import write_text
-
-    write_text(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
-
-
-def _jsonable(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-
 # -- the command ---------------------------------------------------------------------------
 
 
 def handle(args: argparse.Namespace) -> int:
     from deluceva.files import check_output
-    from deluceva.presets import PRESETS, get_decoder
-    from deluceva.runner.loop import VideoRunner, summarise
-    from deluceva.runner.recorder import DetectionWriter, FrameRecorder
+    from deluceva.presets import PRESETS
+    from deluceva.runner.job import Outputs, run_video
 
     check_output(args.outputs, ".npz", "--outputs")
     check_output(args.summary, ".json", "--summary")
@@ -127,59 +109,19 @@ def handle(args: argparse.Namespace) -> int:
                             f"got {args.preset or 'no preset'}")
     setup = prepare(run_options(args))
     plans = build_plans(setup)
-    runner = VideoRunner(plans, setup.controller, setup.metric, args.reference_every,
-                         percentage=args.percentage or setup.start_percentage)
-    recorder = FrameRecorder(args.outputs) if args.outputs else None
-    detections = None
-    if args.detections:
-        decoder = get_decoder(args.preset, setup.input_shape, setup.model.output_names)
-        detections = DetectionWriter(args.detections, decoder, setup.preprocess, (setup.video.height, setup.video.width))
-    names = setup.model.output_names
-    input_key = f"input:{setup.model.input_name}"
-    results = []
-    interrupted = False
     bar = progress(setup.video.expected, "deluceva run")
+
+    def show(result):
+        bar.update(1)
+        if result.error is not None:
+            bar.set_postfix(p=f"{result.percentage:.2f}", err=f"{result.error:.4f}")
+
+    files = Outputs(outputs=args.outputs, summary=args.summary, detections=args.detections, save_inputs=args.save_inputs)
     try:
-        for rgb in setup.video:
-            tensor = setup.preprocess(rgb)
-            result = runner.step(tensor)
-            results.append(result)
-            if recorder is not None:
-                arrays = dict(zip(names, result.outputs))
-                if args.save_inputs:
-                    arrays[input_key] = tensor
-                recorder.add(arrays)
-            if detections is not None:
-                detections.add(result.index, result.outputs, setup.video.pts, setup.video.time)
-            result.outputs = None  # outputs live on disk only; keep memory flat on long videos
-            bar.update(1)
-            if result.error is not None:
-                bar.set_postfix(p=f"{result.percentage:.2f}", err=f"{result.error:.4f}")
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
+        job = run_video(setup, plans, files, on_frame=show)
     finally:
         bar.close()
-        failures = []  # each write is tried, whatever the other's fate: nothing done is lost
-        if detections is not None:
-            detections.close()
-        if recorder is not None:
-            try:
-                recorder.close()
-            except DelucevaError as error:
-                failures.append(error)
-        if args.summary and results:
-            summary = {**run_info(setup, plans), **summarise(results, plans), "interrupted": interrupted}
-            try:
-                write_json(args.summary, summary)
-            except DelucevaError as error:
-                failures.append(error)
-        for error in failures[0 if interrupted else 1:]:
-            print(f"deluceva: error: {error}", file=sys.stderr)
-        if failures and not interrupted:  # (an interrupted run ends as interrupted)
-            raise failures[0]
-    summary = summarise(results, plans)
-    _print_summary(summary, setup)
+    _print_summary(job.summary, setup)
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from deluceva.errors import DelucevaError
 from deluceva.files import GrowingNpy
 
-__all__ = ["FrameRecorder", "DetectionWriter"]
+__all__ = ["FrameRecorder", "DetectionWriter", "written_frames"]
 
 class FrameRecorder:
     """Writes named arrays frame by frame into OUT.npz, keyed by name, stacked over frames.
@@ -29,18 +29,25 @@ class FrameRecorder:
     holding every finished frame.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, resume: bool = False, frames: int = 0):
+        """With `resume`, the parts a killed run left are kept up to their first `frames` frames
+        and grown from there (see `written_frames`); otherwise any are removed."""
         self.path = Path(path)
         if self.path.suffix != ".npz":
             raise DelucevaError(f"{self.path}: outputs file must end in .npz")
         if not self.path.parent.is_dir():
             raise DelucevaError(f"{self.path}: folder {self.path.parent} does not exist")
         self.parts = self.path.with_name(self.path.name + ".parts")
+        self.arrays: dict[str, GrowingNpy] = {}
+        self.frames = 0
+        if resume and frames:
+            names = json.loads((self.parts / "names.json").read_text())
+            self.arrays = {key: GrowingNpy.reopen(self.parts / file, frames) for file, key in names.items()}
+            self.frames = frames
+            return
         if self.parts.exists():
             shutil.rmtree(self.parts)
         self.parts.mkdir()
-        self.arrays: dict[str, GrowingNpy] = {}
-        self.frames = 0
 
     def add(self, arrays: Mapping[str, np.ndarray]) -> None:
         for name, value in arrays.items():
@@ -110,11 +117,19 @@ class DetectionWriter:
         >>> writer.add(0, outputs, pts=0, time=0.0); writer.close()            # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, decoder, preprocess, frame_hw: tuple[int, int]):
+    def __init__(self, path: str | os.PathLike, decoder, preprocess, frame_hw: tuple[int, int],
+                 resume: bool = False, frames: int = 0):
+        """With `resume`, the first `frames` lines a killed run left are kept and the file grows
+        from there; otherwise it starts empty."""
         self.path = Path(path)
         self.decoder, self.preprocess, self.frame_hw = decoder, preprocess, tuple(frame_hw)
+        kept = _whole_lines(self.path)[:frames] if resume else []
+        if len(kept) < (frames if resume else 0):
+            raise DelucevaError(f"{self.path}: holds {len(kept)} frames, fewer than the {frames} to resume after")
         self.file = open(self.path, "w")
-        self.frames = 0
+        self.file.writelines(kept)
+        self.file.flush()
+        self.frames = len(kept)
 
     def detections(self, outputs) -> dict:
         """The fields of one line for `outputs` (boxes in the source frame's pixels)."""
@@ -133,3 +148,28 @@ class DetectionWriter:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _whole_lines(path: Path) -> list[str]:
+    """The lines of `path` that end in a newline (a killed writer may leave half a line)."""
+    try:
+        with open(path) as f:
+            return [line for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
+
+
+def written_frames(outputs: str | os.PathLike | None, detections: str | os.PathLike | None) -> int:
+    """How many frames a killed run wrote whole into every one of its files: OUT.npz's parts
+    (each output's GrowingNpy) and the detections' lines. A resumed run starts at that frame."""
+    counts = []
+    if outputs:
+        parts = Path(str(outputs) + ".parts")
+        names = parts / "names.json"
+        if names.is_file():
+            counts += [GrowingNpy.frames_in(parts / file) for file in json.loads(names.read_text())]
+        else:
+            counts.append(0)
+    if detections:
+        counts.append(len(_whole_lines(Path(detections))))
+    return min(counts) if counts else 0

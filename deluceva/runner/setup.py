@@ -48,6 +48,8 @@ class RunOptions:
         reference_every: a dense reference frame every K frames.
         frames, start, every: which frames of the video (at most N, from S, one in K).
         learned_model: a learned controller JSON (None with "learned": trained on the video).
+        calibration_start: where the first frames that profile, calibrate and train are read
+            (None: `start`). A resumed stream reads the ones its first run read.
     """
 
     model: str
@@ -65,6 +67,11 @@ class RunOptions:
     start: int = 0
     every: int = 1
     learned_model: str | None = None
+    calibration_start: int | None = None
+
+    @property
+    def first_frames_start(self) -> int:
+        return self.start if self.calibration_start is None else self.calibration_start
 
 
 @dataclass
@@ -152,7 +159,7 @@ def _train_controller(setup: Setup, plans, announce) -> None:
     from deluceva.runner.calibration import LEARNING_FRAMES, train_learned_controller
 
     options = setup.options
-    video = open_video(options.video, frames=LEARNING_FRAMES, start=options.start, every=options.every)
+    video = open_video(options.video, frames=LEARNING_FRAMES, start=options.first_frames_start, every=options.every)
     frames = [setup.preprocess(rgb) for rgb in video]
     announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
              "(save one with `deluceva profile --controller-out`)")
@@ -196,7 +203,7 @@ def _first_frames(setup: Setup) -> list:
     from deluceva.media.video import open_video
 
     options = setup.options
-    video = open_video(options.video, frames=PROFILE_FRAMES, start=options.start, every=options.every)
+    video = open_video(options.video, frames=PROFILE_FRAMES, start=options.first_frames_start, every=options.every)
     frames = [setup.preprocess(rgb) for rgb in video]
     if len(frames) < 2:
         raise DelucevaError(f"{options.video}: needs at least 2 frames to calibrate the filters, has {len(frames)}")

@@ -1,0 +1,85 @@
+"""`deluceva streams SOURCES... --model M.onnx --out DIR`: many videos at once, each as `run` runs one.
+
+Sources are video files, stream URLs, or .txt files listing them one a line (`name=source` or
+just the source). Each stream writes DIR/NAME/summary.json, detections.jsonl with a detection
+preset, and outputs.npz with --outputs; DIR/summary.json holds every stream and the aggregate
+throughput. See `deluceva.runner.streams` for how faults are handled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from deluceva.commands.run import add_run_options, progress, run_options
+from deluceva.errors import DelucevaError
+
+__all__ = ["add_parser", "handle"]
+
+
+def add_parser(commands, percentage, positive_int) -> None:
+    parser = commands.add_parser("streams", help="run a model on many videos or streams at once, a worker per core",
+                                 description=__doc__.splitlines()[0])
+    parser.add_argument("sources", nargs="+", help="video files, stream URLs, or .txt files listing them")
+    parser.add_argument("--model", required=True, help="ONNX model file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for each stream's files and the summary")
+    add_run_options(parser, percentage, positive_int, one_video=False)
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="worker processes (default: cores // threads)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="times a failed stream is tried again, after 1, 2, 4 ... s (default: 2)")
+    parser.add_argument("--outputs", action="store_true", help="also write each stream's outputs.npz")
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from deluceva.presets import PRESETS
+    from deluceva.runner.streams import StreamFiles, read_sources, run_streams
+
+    if args.retries < 0:
+        raise DelucevaError(f"--retries {args.retries} must not be negative")
+    if not os.path.isfile(args.model):
+        raise DelucevaError(f"{args.model}: no such model file")
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DelucevaError(f"{out}: --out must be a folder, and this is a file")
+    streams = read_sources(args.sources)
+    workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
+    files = StreamFiles(outputs=args.outputs, detections=args.preset in PRESETS)
+    bar = progress(None, f"deluceva streams ({len(streams)} on {min(workers, len(streams))} workers)")
+    states = {}
+
+    def show(kind, state):
+        states[state.stream.name] = state
+        if kind == "frame":
+            bar.update(1)
+        elif kind in ("retry", "failed"):
+            bar.write(f"deluceva: {state.stream.name}: {state.problems[-1]}"
+                      + (" (trying again)" if kind == "retry" else " (given up)"))
+        if kind != "frame" or bar.n % 10 == 0:
+            done = sum(s.status == "done" for s in states.values())
+            bar.set_postfix_str(f"{done}/{len(streams)} done")
+
+    try:
+        report = run_streams(streams, run_options(args), out, files, workers=workers, retries=args.retries,
+                             on_event=show)
+    finally:
+        bar.close()
+    _print_table(report)
+    if report.failed:
+        raise DelucevaError(f"{len(report.failed)} of {len(streams)} streams failed: {', '.join(report.failed)} "
+                            f"(see {os.path.join(out, 'summary.json')})")
+    return 0
+
+
+def _print_table(report) -> None:
+    print(f"{'stream':<24} {'status':<11} {'frames':>7} {'frames/s':>9} {'error':>8} {'restarts':>8}", file=sys.stderr)
+    for row in report.streams:
+        fps = "-" if row["frames_per_second"] is None else f"{row['frames_per_second']:.1f}"
+        error = "-" if row["error_mean"] is None else f"{row['error_mean']:.4f}"
+        print(f"{row['name'][:24]:<24} {row['status']:<11} {row['frames']:>7} {fps:>9} {error:>8} {row['restarts']:>8}",
+              file=sys.stderr)
+    rate = report.frames / report.seconds if report.seconds else 0.0
+    print(f"{report.frames} frames in {report.seconds:.1f} s on {report.workers} workers: {rate:.1f} frames/s in all",
+          file=sys.stderr)

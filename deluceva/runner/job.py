@@ -1,0 +1,122 @@
+"""One video through the run loop, its outputs written as it goes: what `deluceva run` does, and
+what each stream of `deluceva streams` does in its worker.
+
+Example:
+    >>> setup = prepare(RunOptions("yolox.onnx", "street.mp4", preset="yolox"))  # doctest: +SKIP
+    >>> job = run_video(setup, build_plans(setup), Outputs(summary="summary.json"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from deluceva.errors import DelucevaError
+
+__all__ = ["Outputs", "Job", "run_video"]
+
+
+@dataclass
+class Outputs:
+    """Where a run writes, each optional.
+
+    Attributes:
+        outputs: OUT.npz, every output stacked over frames (`save_inputs`: the model input too).
+        summary: SUMMARY.json, times, errors and traces.
+        detections: OUT.jsonl, each frame's boxes in the video's pixels (a detection preset only).
+        resume: carry on files a killed run left (its finished frames are kept and not run
+            again); the video must already be opened at the first frame without output.
+        first_frame: the index of the run's first frame in those files (frames already written).
+        extra_summary: fields added to the summary (a stream's restarts, say).
+    """
+
+    outputs: str | None = None
+    summary: str | None = None
+    detections: str | None = None
+    save_inputs: bool = False
+    resume: bool = False
+    first_frame: int = 0
+    extra_summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """What a run produced: per-frame results (outputs dropped: they are on disk), the summary
+    fields, and whether it was interrupted."""
+
+    results: list
+    summary: dict
+    interrupted: bool = False
+
+
+def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) -> Job:
+    """Run every frame of `setup.video` through `plans`, writing `files` as the run goes.
+
+    Whatever stops the run (the end, Ctrl-C, SIGTERM, an error), each file is written with every
+    finished frame, each write tried whatever the others' fate; a write that fails raises one
+    DelucevaError naming where the result went instead (after an interruption, it is printed and
+    the KeyboardInterrupt goes on).
+
+    Args:
+        on_frame: called with each FrameResult (outputs still attached) after it is written.
+    """
+    from deluceva.presets import get_decoder
+    from deluceva.runner.loop import VideoRunner, summarise
+    from deluceva.runner.recorder import DetectionWriter, FrameRecorder
+    from deluceva.runner.setup import run_info
+
+    options = setup.options
+    runner = VideoRunner(plans, setup.controller, setup.metric, options.reference_every,
+                         percentage=options.percentage or setup.start_percentage)
+    recorder = FrameRecorder(files.outputs, resume=files.resume, frames=files.first_frame) if files.outputs else None
+    detections = None
+    if files.detections:
+        decoder = get_decoder(options.preset, setup.input_shape, setup.model.output_names)
+        detections = DetectionWriter(files.detections, decoder, setup.preprocess, (setup.video.height, setup.video.width),
+                                     resume=files.resume, frames=files.first_frame)
+    names = setup.model.output_names
+    input_key = f"input:{setup.model.input_name}"
+    results = []
+    interrupted = False
+    try:
+        for rgb in setup.video:
+            tensor = setup.preprocess(rgb)
+            result = runner.step(tensor)
+            results.append(result)
+            if recorder is not None:
+                arrays = dict(zip(names, result.outputs))
+                if files.save_inputs:
+                    arrays[input_key] = tensor
+                recorder.add(arrays)
+            if detections is not None:
+                detections.add(files.first_frame + result.index, result.outputs, setup.video.pts, setup.video.time)
+            if on_frame is not None:
+                on_frame(result)
+            result.outputs = None  # outputs live on disk only; keep memory flat on long videos
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        failures = []
+        if detections is not None:
+            detections.close()
+        if recorder is not None:
+            try:
+                recorder.close()
+            except DelucevaError as error:
+                failures.append(error)
+        summary = {**run_info(setup, plans), **summarise(results, plans), **files.extra_summary,
+                   "frames_written": files.first_frame + len(results), "interrupted": interrupted}
+        if files.summary and results:
+            from deluceva.files import write_json
+
+            try:
+                write_json(files.summary, summary)
+            except DelucevaError as error:
+                failures.append(error)
+        for error in failures[0 if interrupted else 1:]:
+            print(f"deluceva: error: {error}", file=sys.stderr)
+        if failures and not interrupted:  # (an interrupted run ends as interrupted)
+            raise failures[0]
+    return Job(results, summary, interrupted)

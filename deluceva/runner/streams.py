@@ -1,0 +1,361 @@
+"""Many videos at once: `deluceva streams`. Each stream runs as `deluceva run` does (its own
+plans' state, controller, reference frames and calibration on its own first frames) in a pool of
+worker processes, one stream per worker at a time; more streams than workers wait their turn.
+
+Streams are independent, so a fault stays in its stream:
+- a source that cannot be opened, or fails mid-way, is tried again after 1, 2, 4 ... seconds,
+  `retries` times, then reported as failed; the others go on;
+- a worker that dies (killed, out of memory) is replaced, and its stream resumes with a keyframe
+  at the first frame without written output (`written_frames`), so every frame's outputs and
+  detections are written exactly once. A live source (a URL) resumes at its current frame; the
+  frame numbers go on from the last written one;
+- Ctrl-C or SIGTERM stops every worker; each writes what it finished, and the run's summary says
+  it was interrupted.
+
+Per stream, DIR/NAME/ holds summary.json, detections.jsonl (a detection preset) and outputs.npz
+(when asked); DIR/summary.json holds every stream's figures and the aggregate throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import queue
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from deluceva.errors import DelucevaError
+
+__all__ = ["Stream", "StreamFiles", "read_sources", "run_streams", "StreamsReport"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BACKOFF = 1.0  # seconds before a failed stream's first retry; doubled for each next one
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One source: a video file or stream URL, and the name its folder gets."""
+
+    name: str
+    source: str
+
+    @property
+    def live(self) -> bool:
+        """A URL other than file:// is a live source: it cannot be sought on resume."""
+        return "://" in self.source and not self.source.startswith("file://")
+
+
+@dataclass(frozen=True)
+class StreamFiles:
+    """What each stream writes into DIR/NAME/ besides summary.json."""
+
+    outputs: bool = False  # outputs.npz, every output stacked over frames
+    detections: bool = False  # detections.jsonl, with a detection preset
+
+
+def read_sources(items: Sequence[str]) -> list[Stream]:
+    """Streams from command-line items: a .txt file lists sources, one a line (`name=source` or
+    just the source; blank lines and lines starting with # skipped); anything else is a source.
+    Names default to the file name without its suffix (or the URL's last part), made unique.
+
+    Raises:
+        DelucevaError: an unreadable list, a bad or repeated name, no source at all.
+    """
+    entries: list[tuple[str | None, str, str]] = []  # (name, source, where it came from)
+    for item in items:
+        if item.endswith(".txt") and "://" not in item:
+            try:
+                lines = Path(item).read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as error:
+                raise DelucevaError(f"{item}: cannot read the list of sources ({getattr(error, 'strerror', None) or type(error).__name__})") from None
+            for number, line in enumerate(lines, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                head, equals, tail = line.partition("=")
+                if equals and _NAME.match(head.strip()):  # name=source (a URL's own '=' never follows a valid name)
+                    entries.append((head.strip(), tail.strip(), f"{item}:{number}"))
+                else:
+                    entries.append((None, line, f"{item}:{number}"))
+        else:
+            entries.append((None, item, item))
+    if not entries:
+        raise DelucevaError("no sources given: name video files, stream URLs, or a .txt file listing them")
+    streams, taken = [], set()
+    for name, source, where in entries:
+        if not source:
+            raise DelucevaError(f"{where}: no source after the name")
+        if name is not None:
+            if name in taken:
+                raise DelucevaError(f"{where}: stream name {name!r} is used twice")
+        else:
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.rstrip("/").split("?")[0]).stem).strip("._-") or "stream"
+            name, n = stem[:60], 2
+            while name in taken:
+                name, n = f"{stem[:56]}_{n}", n + 1
+        taken.add(name)
+        streams.append(Stream(name, source))
+    return streams
+
+
+@dataclass
+class StreamState:
+    """What the parent knows of one stream."""
+
+    stream: Stream
+    status: str = "queued"  # queued, running, done, failed, interrupted
+    attempts: int = 0  # starts, the first one included
+    restarts: int = 0  # starts after a failure or a dead worker
+    frames: int = 0  # frames written (resumed runs included)
+    expected: int | None = None
+    worker: int | None = None  # the pid of the worker running it
+    error: float | None = None  # last measured error on a reference frame
+    problems: list[str] = field(default_factory=list)
+    summary: dict | None = None
+    started: float | None = None
+    finished: float | None = None
+
+    def row(self) -> dict:
+        seconds = (self.finished or time.perf_counter()) - self.started if self.started else None
+        return {
+            "name": self.stream.name, "source": self.stream.source, "status": self.status,
+            "frames": self.frames, "seconds": seconds,
+            "frames_per_second": self.frames / seconds if seconds and self.frames else None,
+            "error_mean": (self.summary or {}).get("error_mean"), "attempts": self.attempts,
+            "restarts": self.restarts, "problems": self.problems,
+        }
+
+
+@dataclass
+class StreamsReport:
+    """The run's outcome: per-stream rows and the aggregate (what DIR/summary.json holds)."""
+
+    streams: list[dict]
+    frames: int
+    seconds: float
+    workers: int
+    interrupted: bool = False
+
+    @property
+    def failed(self) -> list[str]:
+        return [s["name"] for s in self.streams if s["status"] != "done"]
+
+    def to_dict(self) -> dict:
+        return {"streams": self.streams, "frames": self.frames, "seconds": self.seconds,
+                "frames_per_second": self.frames / self.seconds if self.seconds else None,
+                "workers": self.workers, "failed": self.failed, "interrupted": self.interrupted}
+
+
+def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, files: StreamFiles = StreamFiles(),
+                workers: int = 1, retries: int = 2, on_event: Callable[[str, StreamState], None] | None = None,
+                poll: float = 0.1) -> StreamsReport:
+    """Run `streams` with `options` (a RunOptions whose video is replaced by each source) in
+    `workers` processes, each stream writing into `out`/NAME/; returns the report and writes it
+    to `out`/summary.json.
+
+    `on_event(kind, state)` is called in this process as the run goes: kind is "start",
+    "frame", "done", "failed", "retry" or "restart". A KeyboardInterrupt stops every worker (each
+    writes what it finished), writes the report and is raised again.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stream in streams:
+        (out / stream.name).mkdir(exist_ok=True)
+    context = multiprocessing.get_context("spawn")  # onnxruntime's and numba's threads do not survive fork
+    tasks, events = context.Queue(), context.Queue()
+    states = {s.name: StreamState(s) for s in streams}
+    waiting: list[tuple[float, str, bool]] = [(0.0, s.name, False) for s in streams]  # (not before, name, resume)
+    pool: dict[int, multiprocessing.Process] = {}
+    holding: dict[int, str] = {}  # worker pid -> the stream it runs
+    notify = on_event or (lambda kind, state: None)
+    started = time.perf_counter()
+
+    def start_worker():
+        process = context.Process(target=_worker, args=(tasks, events, options, str(out), files), daemon=True)
+        process.start()
+        pool[process.pid] = process
+
+    def handle(message):
+        kind, name, *rest = message
+        state = states[name]
+        if kind == "start":
+            pid, state.frames = rest
+            holding[pid], state.worker = name, pid
+            state.status, state.attempts = "running", state.attempts + 1
+            state.started = state.started or time.perf_counter()
+        elif kind == "expected":
+            (state.expected,) = rest
+        elif kind == "frame":
+            state.frames, error = rest
+            state.error = error if error is not None else state.error
+        elif kind in ("done", "failed", "interrupted"):
+            pid, payload = rest
+            holding.pop(pid, None)
+            if kind == "done":
+                state.status, state.summary, state.finished = "done", payload, time.perf_counter()
+                state.frames = payload.get("frames_written", state.frames)
+            elif kind == "interrupted":
+                state.status, state.finished = "interrupted", time.perf_counter()
+            else:
+                state.problems.append(payload)
+                if state.restarts < retries:
+                    delay = BACKOFF * 2 ** state.restarts
+                    state.restarts += 1
+                    state.status = "queued"
+                    waiting.append((time.perf_counter() + delay, name, True))
+                    kind = "retry"
+                else:
+                    state.status, state.finished = "failed", time.perf_counter()
+        notify(kind, state)
+
+    def drain():
+        while True:
+            try:
+                handle(events.get_nowait())
+            except queue.Empty:
+                return
+
+    interrupted = False
+    try:
+        for _ in range(max(1, min(workers, len(streams)))):
+            start_worker()
+        while any(s.status in ("queued", "running") for s in states.values()):
+            now = time.perf_counter()
+            for item in [w for w in waiting if w[0] <= now]:
+                waiting.remove(item)
+                tasks.put((states[item[1]].stream, item[2], states[item[1]].restarts))
+            try:
+                handle(events.get(timeout=poll))
+            except queue.Empty:
+                pass
+            for pid, process in list(pool.items()):
+                if process.is_alive():
+                    continue
+                drain()  # its last messages may still be in the queue
+                pool.pop(pid)
+                process.join()
+                name = holding.pop(pid, None)
+                if name is not None:
+                    handle(("failed", name, pid, f"worker {pid} died (exit code {process.exitcode})"))
+                if any(s.status in ("queued", "running") for s in states.values()):
+                    start_worker()
+    except KeyboardInterrupt:
+        interrupted = True
+        _stop(pool.values())
+        drain()
+        for state in states.values():
+            if state.status in ("queued", "running"):
+                state.status = "interrupted"
+        raise
+    finally:
+        for _ in pool:
+            tasks.put(None)
+        for process in pool.values():
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+        tasks.cancel_join_thread()  # sentinels no worker is left to read must not hold up the exit
+        rows = [states[s.name].row() for s in streams]
+        report = StreamsReport(rows, sum(r["frames"] for r in rows), time.perf_counter() - started,
+                               max(1, min(workers, len(streams))), interrupted)
+        from deluceva.files import write_json
+
+        write_json(out / "summary.json", report.to_dict())
+    return report
+
+
+def _stop(processes) -> None:
+    """Ask each worker once to stop (SIGTERM, which it takes as Ctrl-C), and wait for it to write
+    what it has. Workers ignore SIGINT itself: Ctrl-C reaches the whole process group, and a
+    second signal must not cut a worker's writing short."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.perf_counter() + 30
+    for process in processes:
+        process.join(timeout=max(0.1, deadline - time.perf_counter()))
+
+
+# -- in each worker process ------------------------------------------------------------------
+
+
+def _worker(tasks, events, options, out: str, files: StreamFiles) -> None:
+    """Take streams from `tasks` until None; report on `events`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _interrupt)
+    pid = os.getpid()
+    while True:
+        try:
+            task = tasks.get()
+        except KeyboardInterrupt:
+            return
+        if task is None:
+            return
+        stream, resume, restarts = task
+        # "start" goes out first thing (from _run_stream): a worker that dies before it would lose
+        # the stream, a window of microseconds this does not guard.
+        try:
+            summary = _run_stream(stream, resume, restarts, options, Path(out), files, events, pid)
+            events.put(("done", stream.name, pid, summary))
+        except KeyboardInterrupt:
+            events.put(("interrupted", stream.name, pid, None))
+            return
+        except DelucevaError as error:
+            events.put(("failed", stream.name, pid, str(error)))
+        except Exception as error:  # a stream's bug must not take the pool down: reported, retried
+            events.put(("failed", stream.name, pid, f"{type(error).__name__}: {error}"))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path, files: StreamFiles, events, pid) -> dict:
+    """One stream, as `deluceva run` runs it, resumed after the frames already written."""
+    from deluceva.runner.job import Outputs, run_video
+    from deluceva.runner.recorder import written_frames
+    from deluceva.runner.setup import build_plans, prepare
+
+    folder = out / stream.name
+    outputs = str(folder / "outputs.npz") if files.outputs else None
+    detections = str(folder / "detections.jsonl") if files.detections else None
+    done = written_frames(outputs, detections) if resume else 0
+    events.put(("start", stream.name, pid, done))
+    remaining = None if options.frames is None else options.frames - done
+    if done and remaining is None and not stream.live:
+        from deluceva.media.video import open_video
+
+        video = open_video(stream.source, start=options.start, every=options.every)
+        remaining = None if video.expected is None else video.expected - done
+        video.close()
+    if remaining is not None and remaining <= 0:  # killed after its last frame: only the packing is left
+        return _finish(outputs, detections, done, stream, restarts)
+    # A file resumes where its outputs end, its filters calibrated on the same first frames as
+    # before; a live source resumes at its current frame, calibrated on what comes now.
+    start = options.start if stream.live else options.start + done * options.every
+    run = dataclasses.replace(options, video=stream.source, start=start, frames=remaining,
+                              calibration_start=None if stream.live else options.start)
+    setup = prepare(run)
+    events.put(("expected", stream.name, None if setup.video.expected is None else done + setup.video.expected))
+    plans = build_plans(setup, announce=lambda text: None)
+
+    def report(result):
+        events.put(("frame", stream.name, done + result.index + 1, result.error))
+
+    extra = {"stream": stream.name, "source": stream.source, "first_frame": done, "restarts": restarts}
+    job = run_video(setup, plans, Outputs(outputs=outputs, summary=str(folder / "summary.json"), detections=detections,
+                                          resume=done > 0, first_frame=done, extra_summary=extra), on_frame=report)
+    return {key: value for key, value in job.summary.items() if not key.endswith("_trace")}
+
+
+def _finish(outputs, detections, done: int, stream: Stream, restarts: int) -> dict:
+    from deluceva.runner.recorder import FrameRecorder
+
+    if outputs:
+        FrameRecorder(outputs, resume=True, frames=done).close()
+    return {"stream": stream.name, "source": stream.source, "frames_written": done, "restarts": restarts}

@@ -1,0 +1,176 @@
+"""`deluceva streams`: many sources through a pool of workers, each as `deluceva run` runs one;
+faults stay in their stream, and a killed worker's stream resumes where its outputs end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from deluceva.cli import main
+from deluceva.demo import build_demo_model
+from deluceva.errors import DelucevaError
+from deluceva.media.video import synthesise_clip
+from deluceva.runner.setup import RunOptions
+from deluceva.runner.streams import Stream, StreamFiles, read_sources, run_streams
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """The demo CNN at 32x48 and three different 96x64 clips of 40 frames."""
+    folder = tmp_path_factory.mktemp("streams")
+    model = folder / "tiny.onnx"
+    onnx.save(build_demo_model(32, 48), model)
+    videos = [synthesise_clip(folder / f"cam{i}.mp4", width=96, height=64, frames=40, seed=i) for i in range(3)]
+    return model, videos
+
+
+def _load(path):
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _exact_options(model, **more):
+    return ["--model", str(model), "--plan", "delta", "--controller", "fixed", "--percentage", "0", *more]
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+
+def test_read_sources_names_and_lists(tmp_path):
+    listing = tmp_path / "cams.txt"
+    listing.write_text("# car park\nnorth=rtsp://10.0.0.5/live\n\n/videos/south.mp4\n/other/south.mp4\n")
+    streams = read_sources([str(listing), "http://host/cam/gate.m3u8"])
+    assert streams == [Stream("north", "rtsp://10.0.0.5/live"), Stream("south", "/videos/south.mp4"),
+                       Stream("south_2", "/other/south.mp4"), Stream("gate", "http://host/cam/gate.m3u8")]
+    assert streams[0].live and not streams[1].live
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a=x.mp4\na=y.mp4\n", "stream name 'a' is used twice"),
+    ("# nothing\n", "no sources given"),
+    ("a=\n", "no source after the name"),
+])
+def test_read_sources_refuses(tmp_path, text, message):
+    listing = tmp_path / "cams.txt"
+    listing.write_text(text)
+    with pytest.raises(DelucevaError, match=message):
+        read_sources([str(listing)])
+    with pytest.raises(DelucevaError, match="cannot read the list of sources"):
+        read_sources([str(tmp_path / "missing.txt")])
+
+
+# -- the pool --------------------------------------------------------------------------------
+
+
+def test_streams_equal_run_at_p0_with_more_streams_than_workers(clips, tmp_path):
+    model, videos = clips
+    assert main(["streams", *map(str, videos), "--out", str(tmp_path / "out"), "--workers", "2", "--outputs",
+                 *_exact_options(model)]) == 0
+    report = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert report["failed"] == [] and report["frames"] == 120 and report["workers"] == 2
+    for video in videos:
+        name = video.stem
+        run_out = tmp_path / f"{name}.npz"
+        assert main(["run", str(model), str(video), "--plan", "delta", "--controller", "fixed", "--percentage", "0",
+                     "--outputs", str(run_out)]) == 0
+        got, want = _load(tmp_path / "out" / name / "outputs.npz"), _load(run_out)
+        assert set(got) == set(want) == {"heads", "coarse"}
+        for key in want:
+            assert got[key].shape == want[key].shape and np.array_equal(got[key], want[key])
+        summary = json.loads((tmp_path / "out" / name / "summary.json").read_text())
+        assert summary["frames"] == summary["frames_written"] == 40 and summary["stream"] == name
+
+
+def test_killed_worker_resumes_after_its_last_written_frame(clips, tmp_path):
+    """SIGKILL of the worker mid-stream: it is replaced, the stream resumes at the first frame
+    without output, every frame is written once, and at p = 0 the outputs are onnxruntime's."""
+    model, videos = clips
+    video = videos[0]
+    killed = []
+
+    def kill_once(kind, state):
+        if kind == "frame" and not killed and state.frames >= 12:
+            killed.append(state.frames)
+            os.kill(state.worker, signal.SIGKILL)
+
+    options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+    report = run_streams([Stream("cam", str(video))], options, tmp_path / "out", StreamFiles(outputs=True),
+                         workers=1, retries=2, on_event=kill_once)
+    assert killed and report.failed == []
+    row = report.streams[0]
+    assert row["restarts"] == 1 and "died" in row["problems"][0] and row["frames"] == 40
+    summary = json.loads((tmp_path / "out" / "cam" / "summary.json").read_text())
+    assert summary["first_frame"] >= 12  # resumed, not run again from the start
+    assert summary["frames_written"] == 40 and summary["frames"] == 40 - summary["first_frame"]
+    # Every frame exactly once, each equal to onnxruntime on the same input.
+    run_out = tmp_path / "run.npz"
+    assert main(["run", str(model), str(video), "--plan", "dense", "--outputs", str(run_out), "--save-inputs"]) == 0
+    inputs = _load(run_out)["input:image"]
+    got = _load(tmp_path / "out" / "cam" / "outputs.npz")
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert got["heads"].shape[0] == len(inputs) == 40
+    for index, x in enumerate(inputs):
+        for name, want in zip(names, session.run(None, {"image": x})):
+            error = np.linalg.norm(got[name][index] - want) / np.linalg.norm(want)
+            assert error < 1e-5, (index, name, error)
+
+
+def test_a_bad_source_fails_alone_and_quickly(clips, tmp_path, capsys):
+    model, videos = clips
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    listing = tmp_path / "cams.txt"
+    listing.write_text(f"good={videos[1]}\nclosed=rtsp://127.0.0.1:9/x\nbroken={corrupt}\n")
+    began = time.perf_counter()
+    code = main(["streams", str(listing), "--out", str(tmp_path / "out"), "--workers", "2", "--retries", "1",
+                 *_exact_options(model)])
+    assert time.perf_counter() - began < 60
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "2 of 3 streams failed: closed, broken" in err
+    report = json.loads((tmp_path / "out" / "summary.json").read_text())
+    rows = {row["name"]: row for row in report["streams"]}
+    assert rows["good"]["status"] == "done" and rows["good"]["frames"] == 40
+    assert rows["closed"]["status"] == "failed" and "unreachable" in rows["closed"]["problems"][-1]
+    assert rows["broken"]["status"] == "failed" and str(corrupt) in rows["broken"]["problems"][-1]
+    assert rows["closed"]["attempts"] == 2  # tried again once, after a second
+    assert all("\n" not in problem for row in rows.values() for problem in row["problems"])
+
+
+def test_streams_refuses_bad_options(clips, tmp_path, capsys):
+    model, videos = clips
+    (tmp_path / "file").write_text("")
+    assert main(["streams", str(videos[0]), "--out", str(tmp_path / "file"), *_exact_options(model)]) == 2
+    assert "must be a folder" in capsys.readouterr().err
+    assert main(["streams", str(videos[0]), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "none.onnx")]) == 2
+    assert "no such model file" in capsys.readouterr().err
+    assert main(["streams", str(videos[0]), "--out", str(tmp_path / "o"), "--retries", "-1", *_exact_options(model)]) == 2
+    assert "must not be negative" in capsys.readouterr().err
+
+
+# -- real detector (slow) --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_streams_detections_equal_run_detections(shared_data, tmp_path):
+    """Two YOLOX-nano streams: each detections.jsonl is what `run --detections` writes for it."""
+    model = shared_data / "models" / "yolox_nano_coco_416.onnx"
+    videos = [shared_data / "videos" / "intersection_cctv_640x480_909f.mp4",
+              shared_data / "videos" / "overhead_pedestrians_1280x720_341f.avi"]
+    common = ["--preset", "yolox", "--plan", "delta", "--controller", "fixed", "--percentage", "0", "--frames", "12"]
+    assert main(["streams", *map(str, videos), "--model", str(model), "--out", str(tmp_path / "out"), *common]) == 0
+    for video in videos:
+        run_lines = tmp_path / f"{video.stem}.jsonl"
+        assert main(["run", str(model), str(video), *common, "--detections", str(run_lines)]) == 0
+        got = [json.loads(line) for line in (tmp_path / "out" / video.stem / "detections.jsonl").read_text().splitlines()]
+        want = [json.loads(line) for line in run_lines.read_text().splitlines()]
+        assert len(got) == 12 and got == want
+        assert sum(len(line["boxes"]) for line in got) > 0
