@@ -230,6 +230,55 @@ def test_runner_switches_plan_on_the_reference_that_moved_p(tiny):
             assert _rel_l2(result.outputs, plans.sessions[0].reference(frame)) < 1e-5
 
 
+def test_runner_does_not_climb_plans_on_a_probe(tiny):
+    """p on a plan boundary: each measurement on the higher plan sends p below it, each on the
+    lower one back above. Down switches at once; up only on a regular reference, never on the
+    probe of a new plan, so the run does not turn every frame into a probe (it did: 141
+    references in 150 frames on P-Net)."""
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.media.video import open_video
+    from deluceva.planner import load_model
+    from deluceva.session import Session, calibrate_sessions
+
+    class Boundary:
+        percentage = 0.0
+
+        def update(self, observation):
+            if observation.error is not None:
+                self.percentage = 0.1 if observation.percentage >= 0.2 else 0.4
+            return self.percentage
+
+    model_path, clip = tiny
+    model = load_model(str(model_path))
+    plans = SessionsByPercentage([Session(model, plan="dense"), Session(model, plan="delta")], [0.0, 0.2])
+    pre = Preprocessor.for_model(model.input_shape)
+    inputs = [pre(rgb) for rgb in open_video(clip)]
+    calibrate_sessions(plans.sessions, inputs[:4])
+    runner = VideoRunner(plans, Boundary(), _rel_l2, reference_every=4, percentage=0.0)
+    results = [runner.step(frame) for frame in inputs]
+    # 4: regular reference, p up, switch; 5: the new plan's probe, p down, switch back at once;
+    # the next climb waits for the regular reference at 9.
+    assert [r.index for r in results if r.reference] == [0, 4, 5, 9, 10]
+    assert [r.plan for r in results] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+
+    class Climbing:  # every measurement asks for the next plan up
+        percentage = 0.0
+
+        def update(self, observation):
+            if observation.error is not None:
+                self.percentage = min(self.percentage + 0.2, 0.5)
+            return self.percentage
+
+    three = SessionsByPercentage([Session(model, plan="dense"), Session(model, plan="delta"),
+                                  Session(model, plan="delta")], [0.0, 0.2, 0.4])
+    calibrate_sessions(three.sessions, inputs[:4])
+    runner = VideoRunner(three, Climbing(), _rel_l2, reference_every=4, percentage=0.0)
+    results = [runner.step(frame) for frame in inputs]
+    # The probe at 5 asks for plan 2: that waits for the regular reference at 9.
+    assert [r.index for r in results if r.reference] == [0, 4, 5, 9, 10]
+    assert [r.plan for r in results] == [0] * 5 + [1] * 5 + [2] * 2
+
+
 def test_runner_refreshes_caches_only_when_the_plan_changes_or_p_falls(tiny):
     """A reference frame measures with a plain dense run; it reloads every cache (a keyframe, 3x
     the cost) only for a new plan's empty caches or after p fell below what they were filled at."""
