@@ -1,4 +1,4 @@
-"""The `deluceva` command line: compile, profile, run, streams, bench, explain, demo.
+"""The `deluceva` command line: compile, profile, run, streams, bench, bench-streams, explain, demo.
 
 Every subcommand lives in its own module and is registered here; bad input ends in one line on
 stderr naming the file and the problem, with exit status 2.

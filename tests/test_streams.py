@@ -174,3 +174,23 @@ def test_streams_detections_equal_run_detections(shared_data, tmp_path):
         want = [json.loads(line) for line in run_lines.read_text().splitlines()]
         assert len(got) == 12 and got == want
         assert sum(len(line["boxes"]) for line in got) > 0
+
+
+def test_bench_streams_reports_both_sides(clips, tmp_path):
+    model, videos = clips
+    out = tmp_path / "bench.json"
+    assert main(["bench-streams", str(model), str(videos[0]), "--plan", "delta", "--controller", "fixed",
+                 "--percentage", "0", "--streams", "1,2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["streams"] for row in report["rows"]] == [1, 2] and report["machine"]["cores"] >= 1
+    for row in report["rows"]:
+        assert row["deluceva_frames_per_second"] > 0 and row["onnxruntime_frames_per_second"] > 0
+        assert row["ratio"] == pytest.approx(row["deluceva_frames_per_second"] / row["onnxruntime_frames_per_second"])
+        assert row["error_mean"] < 1e-5  # p = 0: the streams' reference frames measure no error
+
+
+def test_streams_that_start_together_need_a_worker_each(clips, tmp_path):
+    model, videos = clips
+    options = RunOptions(model=str(model), video="", plan="delta")
+    with pytest.raises(DelucevaError, match="need a worker each"):
+        run_streams([Stream("a", str(videos[0])), Stream("b", str(videos[1]))], options, tmp_path, workers=1, together=True)

@@ -7,9 +7,9 @@ import importlib
 __all__ = ["register_all", "COMMANDS"]
 
 # Listed explicitly, in the order `deluceva --help` shows them.
-COMMANDS = ["demo", "run", "streams", "bench", "profile", "compile", "explain"]
+COMMANDS = ["demo", "run", "streams", "bench", "bench-streams", "profile", "compile", "explain"]
 
 
 def register_all(commands, **types) -> None:
     for name in COMMANDS:
-        importlib.import_module(f"deluceva.commands.{name}").add_parser(commands, **types)
+        importlib.import_module(f"deluceva.commands.{name.replace('-', '_')}").add_parser(commands, **types)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import pickle
 import queue
 import re
 import signal
@@ -31,7 +32,7 @@ from typing import Callable, Sequence
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["Stream", "StreamFiles", "read_sources", "run_streams", "StreamsReport"]
+__all__ = ["Stream", "StreamFiles", "read_sources", "run_streams", "StreamsReport", "throughput"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BACKOFF = 1.0  # seconds before a failed stream's first retry; doubled for each next one
@@ -153,39 +154,49 @@ class StreamsReport:
 
 def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, files: StreamFiles = StreamFiles(),
                 workers: int = 1, retries: int = 2, on_event: Callable[[str, StreamState], None] | None = None,
-                poll: float = 0.1) -> StreamsReport:
+                poll: float = 0.1, together: bool = False) -> StreamsReport:
     """Run `streams` with `options` (a RunOptions whose video is replaced by each source) in
     `workers` processes, each stream writing into `out`/NAME/; returns the report and writes it
     to `out`/summary.json.
 
     `on_event(kind, state)` is called in this process as the run goes: kind is "start",
-    "frame", "done", "failed", "retry" or "restart". A KeyboardInterrupt stops every worker (each
+    "expected", "frame", "done", "failed", "interrupted" or "retry". With `together` (one worker
+    per stream), every stream starts its first frame when all are set up: for timing them. A KeyboardInterrupt stops every worker (each
     writes what it finished), writes the report and is raised again.
     """
+    from multiprocessing.connection import wait
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stream in streams:
         (out / stream.name).mkdir(exist_ok=True)
+    if together and workers < len(streams):
+        raise DelucevaError(f"streams that start together need a worker each: {len(streams)} streams, {workers} workers")
     context = multiprocessing.get_context("spawn")  # onnxruntime's and numba's threads do not survive fork
-    tasks, events = context.Queue(), context.Queue()
+    barrier = context.Barrier(len(streams)) if together else None
     states = {s.name: StreamState(s) for s in streams}
     waiting: list[tuple[float, str, bool]] = [(0.0, s.name, False) for s in streams]  # (not before, name, resume)
-    pool: dict[int, multiprocessing.Process] = {}
-    holding: dict[int, str] = {}  # worker pid -> the stream it runs
+    # Each worker has its own two pipes: a lock shared between workers (a multiprocessing.Queue's)
+    # stays taken when one is killed mid-write, and the others' messages never arrive.
+    pool: list[_Worker] = []
     notify = on_event or (lambda kind, state: None)
     started = time.perf_counter()
 
     def start_worker():
-        process = context.Process(target=_worker, args=(tasks, events, options, str(out), files), daemon=True)
+        task_reader, task_writer = context.Pipe(duplex=False)
+        event_reader, event_writer = context.Pipe(duplex=False)
+        process = context.Process(target=_worker, args=(task_reader, event_writer, options, str(out), files, barrier),
+                                  daemon=True)
         process.start()
-        pool[process.pid] = process
+        task_reader.close()
+        event_writer.close()
+        pool.append(_Worker(process, task_writer, event_reader))
 
-    def handle(message):
+    def handle(worker, message):
         kind, name, *rest = message
         state = states[name]
         if kind == "start":
-            pid, state.frames = rest
-            holding[pid], state.worker = name, pid
+            state.frames, state.worker = rest[0], worker.process.pid
             state.status, state.attempts = "running", state.attempts + 1
             state.started = state.started or time.perf_counter()
         elif kind == "expected":
@@ -194,8 +205,8 @@ def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, file
             state.frames, error = rest
             state.error = error if error is not None else state.error
         elif kind in ("done", "failed", "interrupted"):
-            pid, payload = rest
-            holding.pop(pid, None)
+            (payload,) = rest
+            worker.stream = None
             if kind == "done":
                 state.status, state.summary, state.finished = "done", payload, time.perf_counter()
                 state.frames = payload.get("frames_written", state.frames)
@@ -213,12 +224,16 @@ def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, file
                     state.status, state.finished = "failed", time.perf_counter()
         notify(kind, state)
 
-    def drain():
+    def receive(worker) -> bool:
+        """Handle what `worker` sent; False once its pipe is closed or broken (it died)."""
         while True:
             try:
-                handle(events.get_nowait())
-            except queue.Empty:
-                return
+                if not worker.events.poll():
+                    return True
+                message = worker.events.recv()
+            except (EOFError, OSError, pickle.UnpicklingError, ValueError):
+                return False  # closed, or half a message from a killed worker
+            handle(worker, message)
 
     interrupted = False
     try:
@@ -226,40 +241,45 @@ def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, file
             start_worker()
         while any(s.status in ("queued", "running") for s in states.values()):
             now = time.perf_counter()
-            for item in [w for w in waiting if w[0] <= now]:
+            for item in sorted(w for w in waiting if w[0] <= now):
+                idle = next((w for w in pool if w.stream is None), None)
+                if idle is None:
+                    break
                 waiting.remove(item)
-                tasks.put((states[item[1]].stream, item[2], states[item[1]].restarts))
-            try:
-                handle(events.get(timeout=poll))
-            except queue.Empty:
-                pass
-            for pid, process in list(pool.items()):
-                if process.is_alive():
+                idle.stream = item[1]
+                idle.tasks.send((states[item[1]].stream, item[2], states[item[1]].restarts))
+            wait([w.events for w in pool] + [w.process.sentinel for w in pool], timeout=poll)
+            for worker in list(pool):
+                if receive(worker) and worker.process.is_alive():
                     continue
-                drain()  # its last messages may still be in the queue
-                pool.pop(pid)
-                process.join()
-                name = holding.pop(pid, None)
-                if name is not None:
-                    handle(("failed", name, pid, f"worker {pid} died (exit code {process.exitcode})"))
+                if worker.process.is_alive():
+                    worker.process.kill()
+                worker.process.join()
+                pool.remove(worker)
+                if worker.stream is not None:
+                    pid, code = worker.process.pid, worker.process.exitcode
+                    handle(worker, ("failed", worker.stream, f"worker {pid} died (exit code {code})"))
                 if any(s.status in ("queued", "running") for s in states.values()):
                     start_worker()
     except KeyboardInterrupt:
         interrupted = True
-        _stop(pool.values())
-        drain()
+        _stop([w.process for w in pool])
+        for worker in pool:
+            receive(worker)
         for state in states.values():
             if state.status in ("queued", "running"):
                 state.status = "interrupted"
         raise
     finally:
-        for _ in pool:
-            tasks.put(None)
-        for process in pool.values():
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-        tasks.cancel_join_thread()  # sentinels no worker is left to read must not hold up the exit
+        for worker in pool:
+            try:
+                worker.tasks.send(None)
+            except OSError:
+                pass
+        for worker in pool:
+            worker.process.join(timeout=10)
+            if worker.process.is_alive():
+                worker.process.kill()
         rows = [states[s.name].row() for s in streams]
         report = StreamsReport(rows, sum(r["frames"] for r in rows), time.perf_counter() - started,
                                max(1, min(workers, len(streams))), interrupted)
@@ -267,6 +287,16 @@ def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, file
 
         write_json(out / "summary.json", report.to_dict())
     return report
+
+
+@dataclass
+class _Worker:
+    """A worker process as the parent sees it: its pipes and the stream it was given."""
+
+    process: multiprocessing.Process
+    tasks: object  # Connection: (stream, resume, restarts) or None to stop
+    events: object  # Connection: (kind, name, ...) messages
+    stream: str | None = None
 
 
 def _stop(processes) -> None:
@@ -281,41 +311,117 @@ def _stop(processes) -> None:
         process.join(timeout=max(0.1, deadline - time.perf_counter()))
 
 
+# -- throughput against plain onnxruntime -----------------------------------------------------
+
+
+def throughput(count: int, options, out: str | os.PathLike) -> dict:
+    """`count` copies of `options.video` through `run_streams` (`count` workers) and through
+    `count` plain onnxruntime processes (same frames, preprocessing and threads): each side's
+    aggregate frames/s over the span from the first stream's first frame to the last one's last.
+
+    Every stream of a side starts its first frame when all of them are set up (model, plans,
+    calibration), and that first frame starts the clock (it is counted out): set-up is not frame
+    time on either side, and the streams really run side by side.
+    """
+    streams = [Stream(f"stream{i + 1}", options.video) for i in range(count)]
+    seen: dict[str, list[float]] = {}
+
+    def record(kind, state):
+        if kind == "frame":
+            seen.setdefault(state.stream.name, []).append(time.monotonic())
+
+    report = run_streams(streams, options, out, workers=count, retries=0, on_event=record, together=True)
+    if report.failed:
+        raise DelucevaError(f"{options.video}: streams failed in the throughput run: {', '.join(report.failed)}")
+    deluceva = _aggregate([(len(t) - 1, t[0], t[-1]) for t in seen.values()])
+    context = multiprocessing.get_context("spawn")
+    events, barrier = context.Queue(), context.Barrier(count)
+    processes = [context.Process(target=_onnxruntime_worker, args=(options, events, barrier), daemon=True)
+                 for _ in range(count)]
+    for process in processes:
+        process.start()
+    spans = []
+    while len(spans) < count:
+        try:
+            spans.append(events.get(timeout=1.0))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in processes):
+                for process in processes:
+                    process.kill()
+                raise DelucevaError(f"{options.video}: a plain onnxruntime stream failed in the throughput run") from None
+    for process in processes:
+        process.join()
+    plain = _aggregate(spans)
+    errors = [row["error_mean"] for row in report.streams if row["error_mean"] is not None]
+    return {
+        "streams": count, "threads": options.threads,
+        "deluceva_frames_per_second": deluceva, "onnxruntime_frames_per_second": plain,
+        "ratio": deluceva / plain if plain else None,
+        "error_mean": sum(errors) / len(errors) if errors else None,
+    }
+
+
+def _aggregate(spans) -> float:
+    """Frames per second over (frames after the first, first frame's end, last frame's end) spans."""
+    frames = sum(n for n, _, _ in spans)
+    seconds = max(end for _, _, end in spans) - min(begin for _, begin, _ in spans)
+    return frames / seconds if seconds > 0 else float("nan")
+
+
+def _onnxruntime_worker(options, events, barrier) -> None:
+    """One plain onnxruntime stream: decode, preprocess and run each frame, as the baseline does."""
+    from deluceva.baseline import plain_onnxruntime
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.media.video import open_video
+    from deluceva.planner.load_model import declared_input_shape
+    from deluceva.presets import preprocessing
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    video = open_video(options.video, frames=options.frames, start=options.start, every=options.every)
+    preprocess = Preprocessor.for_model(tuple(declared_input_shape(options.model)), preset=preprocessing(options.preset),
+                                        model_name=str(options.model), **options.preprocessing)
+    run = plain_onnxruntime(str(options.model), options.threads)
+    _wait(barrier)
+    times = []
+    for rgb in video:
+        run(preprocess(rgb))
+        times.append(time.monotonic())
+    events.put((len(times) - 1, times[0], times[-1]))
+
+
 # -- in each worker process ------------------------------------------------------------------
 
 
-def _worker(tasks, events, options, out: str, files: StreamFiles) -> None:
-    """Take streams from `tasks` until None; report on `events`."""
+def _worker(tasks, events, options, out: str, files: StreamFiles, barrier=None) -> None:
+    """Take streams from the `tasks` pipe until None; report on the `events` pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)
-    pid = os.getpid()
     while True:
         try:
-            task = tasks.get()
-        except KeyboardInterrupt:
+            task = tasks.recv()
+        except (KeyboardInterrupt, EOFError):
             return
         if task is None:
             return
         stream, resume, restarts = task
-        # "start" goes out first thing (from _run_stream): a worker that dies before it would lose
-        # the stream, a window of microseconds this does not guard.
         try:
-            summary = _run_stream(stream, resume, restarts, options, Path(out), files, events, pid)
-            events.put(("done", stream.name, pid, summary))
+            summary = _run_stream(stream, resume, restarts, options, Path(out), files, events, barrier)
+            events.send(("done", stream.name, summary))
         except KeyboardInterrupt:
-            events.put(("interrupted", stream.name, pid, None))
+            events.send(("interrupted", stream.name, None))
             return
         except DelucevaError as error:
-            events.put(("failed", stream.name, pid, str(error)))
+            events.send(("failed", stream.name, str(error)))
         except Exception as error:  # a stream's bug must not take the pool down: reported, retried
-            events.put(("failed", stream.name, pid, f"{type(error).__name__}: {error}"))
+            events.send(("failed", stream.name, f"{type(error).__name__}: {error}"))
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path, files: StreamFiles, events, pid) -> dict:
+def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path, files: StreamFiles, events,
+                barrier=None) -> dict:
     """One stream, as `deluceva run` runs it, resumed after the frames already written."""
     from deluceva.runner.job import Outputs, run_video
     from deluceva.runner.recorder import written_frames
@@ -325,7 +431,7 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
     outputs = str(folder / "outputs.npz") if files.outputs else None
     detections = str(folder / "detections.jsonl") if files.detections else None
     done = written_frames(outputs, detections) if resume else 0
-    events.put(("start", stream.name, pid, done))
+    events.send(("start", stream.name, done))
     remaining = None if options.frames is None else options.frames - done
     if done and remaining is None and not stream.live:
         from deluceva.media.video import open_video
@@ -341,16 +447,27 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
     run = dataclasses.replace(options, video=stream.source, start=start, frames=remaining,
                               calibration_start=None if stream.live else options.start)
     setup = prepare(run)
-    events.put(("expected", stream.name, None if setup.video.expected is None else done + setup.video.expected))
+    events.send(("expected", stream.name, None if setup.video.expected is None else done + setup.video.expected))
     plans = build_plans(setup, announce=lambda text: None)
+    if barrier is not None:
+        _wait(barrier)
 
     def report(result):
-        events.put(("frame", stream.name, done + result.index + 1, result.error))
+        events.send(("frame", stream.name, done + result.index + 1, result.error))
 
     extra = {"stream": stream.name, "source": stream.source, "first_frame": done, "restarts": restarts}
     job = run_video(setup, plans, Outputs(outputs=outputs, summary=str(folder / "summary.json"), detections=detections,
                                           resume=done > 0, first_frame=done, extra_summary=extra), on_frame=report)
     return {key: value for key, value in job.summary.items() if not key.endswith("_trace")}
+
+
+def _wait(barrier) -> None:
+    import threading
+
+    try:
+        barrier.wait(timeout=600)
+    except threading.BrokenBarrierError:
+        raise DelucevaError("another stream failed before the start they were to share") from None
 
 
 def _finish(outputs, detections, done: int, stream: Stream, restarts: int) -> dict:
