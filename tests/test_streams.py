@@ -194,3 +194,57 @@ def test_streams_that_start_together_need_a_worker_each(clips, tmp_path):
     options = RunOptions(model=str(model), video="", plan="delta")
     with pytest.raises(DelucevaError, match="need a worker each"):
         run_streams([Stream("a", str(videos[0])), Stream("b", str(videos[1]))], options, tmp_path, workers=1, together=True)
+
+
+# -- Ray -------------------------------------------------------------------------------------
+
+
+def test_ray_missing_is_refused_in_one_line(clips, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    model, videos = clips
+    assert main(["streams", str(videos[0]), "--out", str(tmp_path / "o"), "--ray", *_exact_options(model)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == 'deluceva: error: --ray needs Ray, an optional extra: pip install "deluceva[ray]" (or pip install ray)'
+
+
+@pytest.mark.slow
+def test_ray_streams_with_more_streams_than_cpus_survive_a_killed_actor(clips, tmp_path_factory, tmp_path):
+    """Three streams on a local 2-CPU Ray cluster (two actors: none left unscheduled); the actor
+    running one is killed mid-stream, Ray restarts it, and the stream resumes: every stream's
+    outputs equal `run`'s at p = 0."""
+    ray = pytest.importorskip("ray")
+    from deluceva.runner.ray_streams import run_streams_on_ray
+
+    model, _ = clips
+    folder = tmp_path_factory.mktemp("ray")
+    videos = [synthesise_clip(folder / f"long{i}.mp4", width=96, height=64, frames=150, seed=10 + i) for i in range(3)]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        killed = []
+
+        def kill_once(kind, state):
+            if kind == "frame" and state.stream.name == "long0" and not killed and state.frames >= 30:
+                killed.append(state.frames)
+                ray.kill(state.worker, no_restart=False)
+
+        options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+        streams = [Stream(v.stem, str(v)) for v in videos]
+        report = run_streams_on_ray(streams, options, tmp_path / "out", StreamFiles(outputs=True), retries=2,
+                                    on_event=kill_once)
+    finally:
+        ray.shutdown()
+    assert killed and report.failed == [] and report.workers == 2
+    rows = {row["name"]: row for row in report.streams}
+    assert rows["long0"]["restarts"] == 1 and "actor died" in rows["long0"]["problems"][0]
+    assert json.loads((tmp_path / "out" / "long0" / "summary.json").read_text())["first_frame"] >= 30
+    for video in videos:
+        run_out = tmp_path / f"{video.stem}.npz"
+        assert main(["run", str(model), str(video), "--plan", "delta", "--controller", "fixed", "--percentage", "0",
+                     "--outputs", str(run_out)]) == 0
+        got, want = _load(tmp_path / "out" / video.stem / "outputs.npz"), _load(run_out)
+        for key in want:  # a resumed stream's first frame is a keyframe: exact to float rounding
+            assert got[key].shape == want[key].shape == (150, *want[key].shape[1:])
+            errors = [np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got[key], want[key])]
+            assert max(errors) < 1e-5, (video.stem, key, int(np.argmax(errors)), max(errors))

@@ -26,10 +26,14 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for each stream's files and the summary")
     add_run_options(parser, percentage, positive_int, one_video=False)
     parser.add_argument("--workers", type=positive_int, default=None,
-                        help="worker processes (default: cores // threads)")
+                        help="worker processes, or Ray actors with --ray (default: cores // threads, or the Ray "
+                        "cluster's CPUs // threads)")
     parser.add_argument("--retries", type=int, default=2,
                         help="times a failed stream is tried again, after 1, 2, 4 ... s (default: 2)")
     parser.add_argument("--outputs", action="store_true", help="also write each stream's outputs.npz")
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="run the streams as Ray actors: on a new local cluster, or on the cluster at ADDRESS "
+                        "(needs pip install \"deluceva[ray]\"; OUT must be a folder every machine shares)")
     parser.set_defaults(handler=handle)
 
 
@@ -47,7 +51,8 @@ def handle(args: argparse.Namespace) -> int:
     streams = read_sources(args.sources)
     workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
     files = StreamFiles(outputs=args.outputs, detections=args.preset in PRESETS)
-    bar = progress(None, f"deluceva streams ({len(streams)} on {min(workers, len(streams))} workers)")
+    where = f"Ray at {args.ray}" if args.ray else f"{min(workers, len(streams))} workers"
+    bar = progress(None, f"deluceva streams ({len(streams)} on {where})")
     states = {}
 
     def show(kind, state):
@@ -62,8 +67,15 @@ def handle(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{done}/{len(streams)} done")
 
     try:
-        report = run_streams(streams, run_options(args), out, files, workers=workers, retries=args.retries,
-                             on_event=show)
+        if args.ray:
+            from deluceva.runner.ray_streams import import_ray, run_streams_on_ray
+
+            import_ray()  # refused in one line before any work when Ray is missing
+            report = run_streams_on_ray(streams, run_options(args), out, files, retries=args.retries, on_event=show,
+                                        address=None if args.ray == "local" else args.ray, actors=args.workers)
+        else:
+            report = run_streams(streams, run_options(args), out, files, workers=workers, retries=args.retries,
+                                 on_event=show)
     finally:
         bar.close()
     _print_table(report)

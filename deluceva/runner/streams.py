@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["Stream", "StreamFiles", "read_sources", "run_streams", "StreamsReport", "throughput"]
+__all__ = ["Stream", "StreamFiles", "read_sources", "run_streams", "Ledger", "StreamsReport", "throughput"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BACKOFF = 1.0  # seconds before a failed stream's first retry; doubled for each next one
@@ -152,6 +152,90 @@ class StreamsReport:
                 "workers": self.workers, "failed": self.failed, "interrupted": self.interrupted}
 
 
+class Ledger:
+    """The parent's account of every stream: status, attempts, retries with backoff, and the
+    report. Both the process pool and Ray (`deluceva.runner.ray_streams`) keep theirs here.
+
+    `on_event(kind, state)` is called as things happen: kind is "start", "expected", "frame",
+    "done", "failed", "interrupted" or "retry".
+    """
+
+    def __init__(self, streams: Sequence[Stream], out: str | os.PathLike, retries: int = 2,
+                 on_event: Callable[[str, StreamState], None] | None = None):
+        self.streams = list(streams)
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stream in self.streams:
+            (self.out / stream.name).mkdir(exist_ok=True)
+        self.states = {s.name: StreamState(s) for s in self.streams}
+        self.waiting: list[tuple[float, str, bool]] = [(0.0, s.name, False) for s in self.streams]  # (not before, name, resume)
+        self.retries = retries
+        self.notify = on_event or (lambda kind, state: None)
+        self.started = time.perf_counter()
+
+    def active(self) -> bool:
+        return any(s.status in ("queued", "running") for s in self.states.values())
+
+    def due(self) -> list[tuple[str, bool]]:
+        """(name, resume) of the streams whose turn has come, in order; taken off the waiting list
+        only by `take`."""
+        now = time.perf_counter()
+        return [(name, resume) for when, name, resume in sorted(self.waiting) if when <= now]
+
+    def take(self, name: str, resume: bool) -> tuple[Stream, bool, int]:
+        """The task for `name`: (stream, resume, restarts so far)."""
+        self.waiting = [w for w in self.waiting if w[1] != name]
+        return self.states[name].stream, resume, self.states[name].restarts
+
+    def handle(self, message: tuple, worker: int | None = None) -> None:
+        """One message from a worker: ("start", name, frames written), ("expected", name, n),
+        ("frame", name, frames, error), ("done", name, summary), ("failed", name, problem),
+        ("interrupted", name, None)."""
+        kind, name, *rest = message
+        state = self.states[name]
+        if kind == "start":
+            state.frames, state.worker = rest[0], worker
+            state.status, state.attempts = "running", state.attempts + 1
+            state.started = state.started or time.perf_counter()
+        elif kind == "expected":
+            (state.expected,) = rest
+        elif kind == "frame":
+            state.frames, error = rest
+            state.error = error if error is not None else state.error
+        elif kind == "done":
+            state.status, state.summary, state.finished = "done", rest[0], time.perf_counter()
+            state.frames = rest[0].get("frames_written", state.frames)
+        elif kind == "interrupted":
+            state.status, state.finished = "interrupted", time.perf_counter()
+        elif kind == "failed":
+            state.problems.append(rest[0])
+            if state.restarts < self.retries:
+                delay = BACKOFF * 2 ** state.restarts
+                state.restarts += 1
+                state.status = "queued"
+                self.waiting.append((time.perf_counter() + delay, name, True))
+                kind = "retry"
+            else:
+                state.status, state.finished = "failed", time.perf_counter()
+        self.notify(kind, state)
+
+    def stop(self) -> None:
+        """What was not finished is interrupted."""
+        for state in self.states.values():
+            if state.status in ("queued", "running"):
+                state.status = "interrupted"
+
+    def report(self, workers: int, interrupted: bool) -> StreamsReport:
+        """The report, also written to OUT/summary.json."""
+        from deluceva.files import write_json
+
+        rows = [self.states[s.name].row() for s in self.streams]
+        report = StreamsReport(rows, sum(r["frames"] for r in rows), time.perf_counter() - self.started, workers,
+                               interrupted)
+        write_json(self.out / "summary.json", report.to_dict())
+        return report
+
+
 def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, files: StreamFiles = StreamFiles(),
                 workers: int = 1, retries: int = 2, on_event: Callable[[str, StreamState], None] | None = None,
                 poll: float = 0.1, together: bool = False) -> StreamsReport:
@@ -159,28 +243,22 @@ def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, file
     `workers` processes, each stream writing into `out`/NAME/; returns the report and writes it
     to `out`/summary.json.
 
-    `on_event(kind, state)` is called in this process as the run goes: kind is "start",
-    "expected", "frame", "done", "failed", "interrupted" or "retry". With `together` (one worker
-    per stream), every stream starts its first frame when all are set up: for timing them. A KeyboardInterrupt stops every worker (each
-    writes what it finished), writes the report and is raised again.
+    `on_event` is called in this process as the run goes (see `Ledger`). With `together` (one
+    worker per stream), every stream starts its first frame when all are set up: for timing
+    them. A KeyboardInterrupt stops every worker (each writes what it finished), writes the
+    report and is raised again.
     """
     from multiprocessing.connection import wait
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stream in streams:
-        (out / stream.name).mkdir(exist_ok=True)
     if together and workers < len(streams):
         raise DelucevaError(f"streams that start together need a worker each: {len(streams)} streams, {workers} workers")
+    ledger = Ledger(streams, out, retries, on_event)
+    workers = max(1, min(workers, len(streams)))
     context = multiprocessing.get_context("spawn")  # onnxruntime's and numba's threads do not survive fork
     barrier = context.Barrier(len(streams)) if together else None
-    states = {s.name: StreamState(s) for s in streams}
-    waiting: list[tuple[float, str, bool]] = [(0.0, s.name, False) for s in streams]  # (not before, name, resume)
     # Each worker has its own two pipes: a lock shared between workers (a multiprocessing.Queue's)
     # stays taken when one is killed mid-write, and the others' messages never arrive.
     pool: list[_Worker] = []
-    notify = on_event or (lambda kind, state: None)
-    started = time.perf_counter()
 
     def start_worker():
         task_reader, task_writer = context.Pipe(duplex=False)
@@ -192,38 +270,6 @@ def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, file
         event_writer.close()
         pool.append(_Worker(process, task_writer, event_reader))
 
-    def handle(worker, message):
-        kind, name, *rest = message
-        state = states[name]
-        if kind == "start":
-            state.frames, state.worker = rest[0], worker.process.pid
-            state.status, state.attempts = "running", state.attempts + 1
-            state.started = state.started or time.perf_counter()
-        elif kind == "expected":
-            (state.expected,) = rest
-        elif kind == "frame":
-            state.frames, error = rest
-            state.error = error if error is not None else state.error
-        elif kind in ("done", "failed", "interrupted"):
-            (payload,) = rest
-            worker.stream = None
-            if kind == "done":
-                state.status, state.summary, state.finished = "done", payload, time.perf_counter()
-                state.frames = payload.get("frames_written", state.frames)
-            elif kind == "interrupted":
-                state.status, state.finished = "interrupted", time.perf_counter()
-            else:
-                state.problems.append(payload)
-                if state.restarts < retries:
-                    delay = BACKOFF * 2 ** state.restarts
-                    state.restarts += 1
-                    state.status = "queued"
-                    waiting.append((time.perf_counter() + delay, name, True))
-                    kind = "retry"
-                else:
-                    state.status, state.finished = "failed", time.perf_counter()
-        notify(kind, state)
-
     def receive(worker) -> bool:
         """Handle what `worker` sent; False once its pipe is closed or broken (it died)."""
         while True:
@@ -233,21 +279,21 @@ def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, file
                 message = worker.events.recv()
             except (EOFError, OSError, pickle.UnpicklingError, ValueError):
                 return False  # closed, or half a message from a killed worker
-            handle(worker, message)
+            if message[0] in ("done", "failed", "interrupted"):
+                worker.stream = None
+            ledger.handle(message, worker.process.pid)
 
     interrupted = False
     try:
-        for _ in range(max(1, min(workers, len(streams)))):
+        for _ in range(workers):
             start_worker()
-        while any(s.status in ("queued", "running") for s in states.values()):
-            now = time.perf_counter()
-            for item in sorted(w for w in waiting if w[0] <= now):
+        while ledger.active():
+            for name, resume in ledger.due():
                 idle = next((w for w in pool if w.stream is None), None)
                 if idle is None:
                     break
-                waiting.remove(item)
-                idle.stream = item[1]
-                idle.tasks.send((states[item[1]].stream, item[2], states[item[1]].restarts))
+                idle.stream = name
+                idle.tasks.send(ledger.take(name, resume))
             wait([w.events for w in pool] + [w.process.sentinel for w in pool], timeout=poll)
             for worker in list(pool):
                 if receive(worker) and worker.process.is_alive():
@@ -258,17 +304,15 @@ def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, file
                 pool.remove(worker)
                 if worker.stream is not None:
                     pid, code = worker.process.pid, worker.process.exitcode
-                    handle(worker, ("failed", worker.stream, f"worker {pid} died (exit code {code})"))
-                if any(s.status in ("queued", "running") for s in states.values()):
+                    ledger.handle(("failed", worker.stream, f"worker {pid} died (exit code {code})"), pid)
+                if ledger.active():
                     start_worker()
     except KeyboardInterrupt:
         interrupted = True
         _stop([w.process for w in pool])
         for worker in pool:
             receive(worker)
-        for state in states.values():
-            if state.status in ("queued", "running"):
-                state.status = "interrupted"
+        ledger.stop()
         raise
     finally:
         for worker in pool:
@@ -280,12 +324,7 @@ def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, file
             worker.process.join(timeout=10)
             if worker.process.is_alive():
                 worker.process.kill()
-        rows = [states[s.name].row() for s in streams]
-        report = StreamsReport(rows, sum(r["frames"] for r in rows), time.perf_counter() - started,
-                               max(1, min(workers, len(streams))), interrupted)
-        from deluceva.files import write_json
-
-        write_json(out / "summary.json", report.to_dict())
+        report = ledger.report(workers, interrupted)
     return report
 
 
