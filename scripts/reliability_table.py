@@ -159,6 +159,7 @@ CLI_CASES = [
     ("--every 0", "run {good.onnx} {clip.mp4} --every 0", "test_bad_input::test_cli_invalid_numeric_options"),
     ("--frames -3", "run {good.onnx} {clip.mp4} --frames -3", "test_bad_input::test_cli_invalid_numeric_options"),
     ("--error-budget -1", "run {good.onnx} {clip.mp4} --error-budget -1", "test_bad_input::test_cli_invalid_numeric_options"),
+    ("--drop-late -1", "run {good.onnx} {clip.mp4} --drop-late -1", "test_bad_input::test_cli_invalid_numeric_options"),
     ("learned controller file is a pickle", "run {good.onnx} {clip.mp4} --controller learned --learned-model {pickle.json}",
      "test_controllers::test_corrupt_json_refused"),
     ("profile missing", "compile {good.onnx} --profile {missing.onnx}.json -o {folder}/plan.json",

@@ -294,7 +294,9 @@ def test_cli_percentage_outside_zero_one(files, clip, percentage, capsys):
                                                   ("--frames", "-3", "must be at least 1"),
                                                   ("--reference-every", "0", "must be at least 1"),
                                                   ("--error-budget", "-1", "must be a positive number"),
-                                                  ("--error-budget", "nan", "must be a positive number")])
+                                                  ("--error-budget", "nan", "must be a positive number"),
+                                                  ("--drop-late", "-1", "at least 0"),
+                                                  ("--drop-late", "soon", "not a number of seconds")])
 def test_cli_invalid_numeric_options(files, clip, option, value, says, capsys):
     with pytest.raises(SystemExit) as caught:
         main(["run", str(files["good"]), str(clip), option, value])

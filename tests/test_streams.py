@@ -248,3 +248,38 @@ def test_ray_streams_with_more_streams_than_cpus_survive_a_killed_actor(clips, t
             assert got[key].shape == want[key].shape == (150, *want[key].shape[1:])
             errors = [np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got[key], want[key])]
             assert max(errors) < 1e-5, (video.stem, key, int(np.argmax(errors)), max(errors))
+
+
+# -- late frames -----------------------------------------------------------------------------
+
+
+def test_late_frames_are_those_the_wall_clock_has_passed_by_more_than_allowed():
+    from deluceva.runner.job import LateFrames
+
+    times = iter([10.0, 10.5, 11.0, 13.0, 13.1, 13.2])
+    late = LateFrames(1.0, clock=times.__next__)
+    # wall 0, 0.5, 1, 3, 3.1, 3.2 s after the first frame for frame times 0, 1, 2, 0.5, 4, 6:
+    # lags 0, -0.5, -1, 2.5, -0.9, -2.8; only the 2.5 is over 1 s
+    assert [late.late(t) for t in (0.0, 1.0, 2.0, 0.5, 4.0, 6.0)] == [False, False, False, True, False, False]
+    assert late.dropped == 1
+    assert LateFrames(0.5, clock=iter([0.0, 9.0]).__next__).late(None) is False  # no timestamp, never late
+    with pytest.raises(DelucevaError, match="at least 0"):
+        LateFrames(-1.0)
+
+
+def test_a_run_that_falls_behind_drops_late_frames_and_counts_them(clips, tmp_path):
+    """A 25 fps clip processed at about 12 frames/s with --drop-late 0.2: frames are skipped, the
+    summary counts them, and each detection line would carry its source frame's number."""
+    from deluceva.runner.job import Outputs, run_video
+    from deluceva.runner.setup import build_plans, prepare
+
+    model, videos = clips
+    setup = prepare(RunOptions(model=str(model), video=str(videos[0]), plan="delta", controller="fixed", percentage=0.0))
+    plans = build_plans(setup, announce=lambda text: None)
+    job = run_video(setup, plans, Outputs(outputs=str(tmp_path / "o.npz"), drop_late=0.2),
+                    on_frame=lambda result: time.sleep(0.08))
+    dropped = job.summary["dropped_frames"]
+    assert 5 < dropped < 40 and job.summary["frames"] + dropped == 40
+    assert _load(tmp_path / "o.npz")["heads"].shape[0] == job.summary["frames"]
+    setup = prepare(RunOptions(model=str(model), video=str(videos[0]), plan="delta", controller="fixed", percentage=0.0))
+    assert "dropped_frames" not in run_video(setup, plans, Outputs()).summary  # off by default: every frame runs

@@ -7,7 +7,7 @@ import math
 
 from deluceva.errors import DelucevaError, check_percentage
 
-__all__ = ["percentage", "positive_int", "non_negative_int", "budget"]
+__all__ = ["percentage", "positive_int", "non_negative_int", "budget", "seconds"]
 
 
 def _parse(text: str, cast, what: str):
@@ -43,4 +43,11 @@ def budget(text: str) -> float:
     value = _parse(text, float, "a number")
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"error budget {value} must be a positive number")
+    return value
+
+
+def seconds(text: str) -> float:
+    value = _parse(text, float, "a number of seconds")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{value} must be a number of seconds, at least 0")
     return value

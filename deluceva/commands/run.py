@@ -9,7 +9,7 @@ import argparse
 import sys
 
 
-from deluceva.commands._types import budget, non_negative_int
+from deluceva.commands._types import budget, non_negative_int, seconds
 from deluceva.errors import DelucevaError
 from deluceva.runner.setup import RunOptions, Setup, build_plans, prepare
 
@@ -68,6 +68,9 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--outputs", metavar="OUT.npz", help="each output stacked over frames, written as the run goes")
     parser.add_argument("--save-inputs", action="store_true", help="also store each model input, keyed input:<name>")
     parser.add_argument("--summary", metavar="SUMMARY.json", help="write times, errors and traces as JSON")
+    parser.add_argument("--drop-late", type=seconds, default=None, metavar="SECONDS",
+                        help="skip frames while the run is more than SECONDS behind the video's own clock (for live "
+                        "streams; the summary counts them; default: process every frame)")
     parser.add_argument("--detections", metavar="OUT.jsonl",
                         help="with a detection preset (yolox, yunet, mtcnn): each frame's boxes, scores and classes "
                         "in the video's pixels, one JSON line per frame, written as the run goes")
@@ -116,12 +119,16 @@ def handle(args: argparse.Namespace) -> int:
         if result.error is not None:
             bar.set_postfix(p=f"{result.percentage:.2f}", err=f"{result.error:.4f}")
 
-    files = Outputs(outputs=args.outputs, summary=args.summary, detections=args.detections, save_inputs=args.save_inputs)
+    files = Outputs(outputs=args.outputs, summary=args.summary, detections=args.detections, save_inputs=args.save_inputs,
+                    drop_late=args.drop_late)
     try:
         job = run_video(setup, plans, files, on_frame=show)
     finally:
         bar.close()
     _print_summary(job.summary, setup)
+    if job.summary.get("dropped_frames"):
+        print(f"{job.summary['dropped_frames']} frames dropped: the run fell more than {args.drop_late:g} s behind "
+              "the video", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from deluceva.commands._types import seconds
 from deluceva.commands.run import add_run_options, progress, run_options
 from deluceva.errors import DelucevaError
 
@@ -31,6 +32,9 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--retries", type=int, default=2,
                         help="times a failed stream is tried again, after 1, 2, 4 ... s (default: 2)")
     parser.add_argument("--outputs", action="store_true", help="also write each stream's outputs.npz")
+    parser.add_argument("--drop-late", type=seconds, default=None, metavar="SECONDS",
+                        help="live sources (URLs): skip frames while a stream is more than SECONDS behind its source; "
+                        "each stream's summary counts them")
     parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                         help="run the streams as Ray actors: on a new local cluster, or on the cluster at ADDRESS "
                         "(needs pip install \"deluceva[ray]\"; OUT must be a folder every machine shares)")
@@ -50,7 +54,7 @@ def handle(args: argparse.Namespace) -> int:
         raise DelucevaError(f"{out}: --out must be a folder, and this is a file")
     streams = read_sources(args.sources)
     workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
-    files = StreamFiles(outputs=args.outputs, detections=args.preset in PRESETS)
+    files = StreamFiles(outputs=args.outputs, detections=args.preset in PRESETS, drop_late=args.drop_late)
     where = f"Ray at {args.ray}" if args.ray else f"{min(workers, len(streams))} workers"
     bar = progress(None, f"deluceva streams ({len(streams)} on {where})")
     states = {}

@@ -9,12 +9,13 @@ Example:
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["Outputs", "Job", "run_video"]
+__all__ = ["Outputs", "Job", "LateFrames", "run_video"]
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Outputs:
             again); the video must already be opened at the first frame without output.
         first_frame: the index of the run's first frame in those files (frames already written).
         extra_summary: fields added to the summary (a stream's restarts, say).
+        drop_late: skip a frame when the run is more than this many seconds behind the video's
+            own clock (see `LateFrames`; for live sources); None: never.
     """
 
     outputs: str | None = None
@@ -38,6 +41,40 @@ class Outputs:
     resume: bool = False
     first_frame: int = 0
     extra_summary: dict = field(default_factory=dict)
+    drop_late: float | None = None
+
+
+class LateFrames:
+    """Which frames of a live source to skip when processing falls behind: a frame is late when
+    the wall time since the first frame exceeds the frame's own timestamp since the first by
+    more than `allowed` seconds. Skipping late frames lets a run catch up with the source
+    instead of falling further behind; `dropped` counts them.
+
+    Example:
+        >>> clock = iter([0.0, 0.5, 2.0]).__next__
+        >>> late = LateFrames(1.0, clock)
+        >>> [late.late(t) for t in (0.0, 0.04, 0.08)]   # 2 s of work for 0.08 s of video
+        [False, False, True]
+    """
+
+    def __init__(self, allowed: float, clock: Callable[[], float] = time.monotonic):
+        if not allowed >= 0:
+            raise DelucevaError(f"--drop-late {allowed} must be a number of seconds, at least 0")
+        self.allowed, self.clock = float(allowed), clock
+        self.origin: tuple[float, float] | None = None
+        self.dropped = 0
+
+    def late(self, frame_time: float | None) -> bool:
+        now = self.clock()
+        if frame_time is None:
+            return False  # no timestamp: nothing to be late against
+        if self.origin is None:
+            self.origin = (now, frame_time)
+            return False
+        if (now - self.origin[0]) - (frame_time - self.origin[1]) > self.allowed:
+            self.dropped += 1
+            return True
+        return False
 
 
 @dataclass
@@ -79,8 +116,13 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
     input_key = f"input:{setup.model.input_name}"
     results = []
     interrupted = False
+    late = LateFrames(files.drop_late) if files.drop_late is not None else None
+    position = files.first_frame - 1  # the source frame's number: with dropped frames, not the result's index
     try:
         for rgb in setup.video:
+            position += 1
+            if late is not None and late.late(setup.video.time):
+                continue
             tensor = setup.preprocess(rgb)
             result = runner.step(tensor)
             results.append(result)
@@ -90,7 +132,7 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
                     arrays[input_key] = tensor
                 recorder.add(arrays)
             if detections is not None:
-                detections.add(files.first_frame + result.index, result.outputs, setup.video.pts, setup.video.time)
+                detections.add(position, result.outputs, setup.video.pts, setup.video.time)
             if on_frame is not None:
                 on_frame(result)
             result.outputs = None  # outputs live on disk only; keep memory flat on long videos
@@ -108,6 +150,8 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
                 failures.append(error)
         summary = {**run_info(setup, plans), **summarise(results, plans), **files.extra_summary,
                    "frames_written": files.first_frame + len(results), "interrupted": interrupted}
+        if late is not None:
+            summary["dropped_frames"] = late.dropped
         if files.summary and results:
             from deluceva.files import write_json
 

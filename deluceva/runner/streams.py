@@ -57,6 +57,7 @@ class StreamFiles:
 
     outputs: bool = False  # outputs.npz, every output stacked over frames
     detections: bool = False  # detections.jsonl, with a detection preset
+    drop_late: float | None = None  # live sources: skip frames while this many seconds behind
 
 
 def read_sources(items: Sequence[str]) -> list[Stream]:
@@ -496,7 +497,8 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
 
     extra = {"stream": stream.name, "source": stream.source, "first_frame": done, "restarts": restarts}
     job = run_video(setup, plans, Outputs(outputs=outputs, summary=str(folder / "summary.json"), detections=detections,
-                                          resume=done > 0, first_frame=done, extra_summary=extra), on_frame=report)
+                                          resume=done > 0, first_frame=done, extra_summary=extra,
+                                          drop_late=files.drop_late if stream.live else None), on_frame=report)
     return {key: value for key, value in job.summary.items() if not key.endswith("_trace")}
 
 
