@@ -283,3 +283,39 @@ def test_a_run_that_falls_behind_drops_late_frames_and_counts_them(clips, tmp_pa
     assert _load(tmp_path / "o.npz")["heads"].shape[0] == job.summary["frames"]
     setup = prepare(RunOptions(model=str(model), video=str(videos[0]), plan="delta", controller="fixed", percentage=0.0))
     assert "dropped_frames" not in run_video(setup, plans, Outputs()).summary  # off by default: every frame runs
+
+
+def test_a_live_source_resumes_at_its_current_frame_and_counts_what_it_missed(clips, tmp_path_factory, tmp_path):
+    """A stream over HTTP is live (never sought): after its worker is killed it starts again
+    where the source is now, and the frames that went by while it was down are estimated from
+    the frame rate and counted."""
+    import functools
+    import http.server
+    import threading
+
+    model, _ = clips
+    folder = tmp_path_factory.mktemp("served")
+    synthesise_clip(folder / "live.mp4", width=96, height=64, frames=120, seed=7)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    killed = []
+
+    def kill_once(kind, state):
+        if kind == "frame" and not killed and state.frames >= 20:
+            killed.append(state.frames)
+            os.kill(state.worker, signal.SIGKILL)
+
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/live.mp4"
+        options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+        report = run_streams([Stream("cam", url)], options, tmp_path / "out", StreamFiles(outputs=True), workers=1,
+                             retries=1, on_event=kill_once)
+    finally:
+        server.shutdown()
+    row = report.streams[0]
+    assert killed and report.failed == [] and row["restarts"] == 1
+    assert row["frames_missed"] >= 25  # down for at least the 1 s backoff, at 25 frames/s
+    summary = json.loads((tmp_path / "out" / "cam" / "summary.json").read_text())
+    assert summary["first_frame"] >= 20 and summary["frames"] == 120  # not sought: the source from where it is
+    assert _load(tmp_path / "out" / "cam" / "outputs.npz")["heads"].shape[0] == summary["first_frame"] + 120

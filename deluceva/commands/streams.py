@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from deluceva.commands._types import seconds
 from deluceva.commands.run import add_run_options, progress, run_options
@@ -57,18 +58,27 @@ def handle(args: argparse.Namespace) -> int:
     files = StreamFiles(outputs=args.outputs, detections=args.preset in PRESETS, drop_late=args.drop_late)
     where = f"Ray at {args.ray}" if args.ray else f"{min(workers, len(streams))} workers"
     bar = progress(None, f"deluceva streams ({len(streams)} on {where})")
-    states = {}
+    states, shown = {}, [0.0]
 
     def show(kind, state):
+        """The live line: frames done in all, then each running stream's frames/s and last error."""
         states[state.stream.name] = state
-        if kind == "frame":
-            bar.update(1)
-        elif kind in ("retry", "failed"):
+        total = sum(s.frames for s in states.values())
+        if total > bar.n:
+            bar.update(total - bar.n)
+        if kind in ("retry", "failed"):
             bar.write(f"deluceva: {state.stream.name}: {state.problems[-1]}"
                       + (" (trying again)" if kind == "retry" else " (given up)"))
-        if kind != "frame" or bar.n % 10 == 0:
-            done = sum(s.status == "done" for s in states.values())
-            bar.set_postfix_str(f"{done}/{len(streams)} done")
+        now = time.monotonic()
+        if kind == "frame" and now - shown[0] < 0.5:
+            return
+        shown[0] = now
+        done = sum(s.status == "done" for s in states.values())
+        running = []
+        for s in [s for s in states.values() if s.status == "running"][:4]:
+            fps = s.row()["frames_per_second"]
+            running.append(f"{s.stream.name} {fps or 0:.1f} f/s" + ("" if s.error is None else f" err {s.error:.3f}"))
+        bar.set_postfix_str(f"{done}/{len(streams)} done" + ("; " + ", ".join(running) if running else ""))
 
     try:
         if args.ray:

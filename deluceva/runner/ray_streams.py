@@ -133,11 +133,12 @@ class _StreamActor:
         self.options = dataclasses.replace(options, **paths)
         self.out, self.files, self.progress = Path(out), files, progress
 
-    def run(self, stream: Stream, resume: bool, restarts: int) -> tuple[str, object]:
+    def run(self, stream: Stream, resume: bool, restarts: int, failed_at: float | None) -> tuple[str, object]:
         from deluceva.runner.streams import _run_stream
 
         try:
-            summary = _run_stream(stream, resume, restarts, self.options, self.out, self.files, _Progress(self.progress))
+            summary = _run_stream(stream, resume, restarts, self.options, self.out, self.files, _Progress(self.progress),
+                                  failed_at=failed_at)
             return "done", summary
         except DelucevaError as error:
             return "failed", str(error)

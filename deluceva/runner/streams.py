@@ -8,7 +8,8 @@ Streams are independent, so a fault stays in its stream:
 - a worker that dies (killed, out of memory) is replaced, and its stream resumes with a keyframe
   at the first frame without written output (`written_frames`), so every frame's outputs and
   detections are written exactly once. A live source (a URL) resumes at its current frame; the
-  frame numbers go on from the last written one;
+  frame numbers go on from the last written one, and the frames that went by while it was down
+  (estimated from its frame rate) are counted as frames_missed;
 - Ctrl-C or SIGTERM stops every worker; each writes what it finished, and the run's summary says
   it was interrupted.
 
@@ -116,6 +117,8 @@ class StreamState:
     frames: int = 0  # frames written (resumed runs included)
     expected: int | None = None
     worker: int | None = None  # the pid of the worker running it
+    missed: int = 0  # frames of a live source that passed while it was down (estimated from its frame rate)
+    failed_at: float | None = None  # wall time (time.time()) of the last failure
     error: float | None = None  # last measured error on a reference frame
     problems: list[str] = field(default_factory=list)
     summary: dict | None = None
@@ -130,6 +133,7 @@ class StreamState:
             "frames_per_second": self.frames / seconds if seconds and self.frames else None,
             "error_mean": (self.summary or {}).get("error_mean"), "attempts": self.attempts,
             "restarts": self.restarts, "problems": self.problems,
+            **({"frames_missed": self.missed} if self.stream.live else {}),
         }
 
 
@@ -183,10 +187,11 @@ class Ledger:
         now = time.perf_counter()
         return [(name, resume) for when, name, resume in sorted(self.waiting) if when <= now]
 
-    def take(self, name: str, resume: bool) -> tuple[Stream, bool, int]:
-        """The task for `name`: (stream, resume, restarts so far)."""
+    def take(self, name: str, resume: bool) -> tuple[Stream, bool, int, float | None]:
+        """The task for `name`: (stream, resume, restarts so far, when it last failed)."""
         self.waiting = [w for w in self.waiting if w[1] != name]
-        return self.states[name].stream, resume, self.states[name].restarts
+        state = self.states[name]
+        return state.stream, resume, state.restarts, state.failed_at
 
     def handle(self, message: tuple, worker: int | None = None) -> None:
         """One message from a worker: ("start", name, frames written), ("expected", name, n),
@@ -200,6 +205,8 @@ class Ledger:
             state.started = state.started or time.perf_counter()
         elif kind == "expected":
             (state.expected,) = rest
+        elif kind == "missed":
+            state.missed += rest[0]
         elif kind == "frame":
             state.frames, error = rest
             state.error = error if error is not None else state.error
@@ -210,6 +217,7 @@ class Ledger:
             state.status, state.finished = "interrupted", time.perf_counter()
         elif kind == "failed":
             state.problems.append(rest[0])
+            state.failed_at = time.time()
             if state.restarts < self.retries:
                 delay = BACKOFF * 2 ** state.restarts
                 state.restarts += 1
@@ -443,9 +451,9 @@ def _worker(tasks, events, options, out: str, files: StreamFiles, barrier=None) 
             return
         if task is None:
             return
-        stream, resume, restarts = task
+        stream, resume, restarts, failed_at = task
         try:
-            summary = _run_stream(stream, resume, restarts, options, Path(out), files, events, barrier)
+            summary = _run_stream(stream, resume, restarts, options, Path(out), files, events, barrier, failed_at)
             events.send(("done", stream.name, summary))
         except KeyboardInterrupt:
             events.send(("interrupted", stream.name, None))
@@ -461,7 +469,7 @@ def _interrupt(signum, frame):
 
 
 def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path, files: StreamFiles, events,
-                barrier=None) -> dict:
+                barrier=None, failed_at: float | None = None) -> dict:
     """One stream, as `deluceva run` runs it, resumed after the frames already written."""
     from deluceva.runner.job import Outputs, run_video
     from deluceva.runner.recorder import written_frames
@@ -487,6 +495,9 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
     run = dataclasses.replace(options, video=stream.source, start=start, frames=remaining,
                               calibration_start=None if stream.live else options.start)
     setup = prepare(run)
+    if stream.live and failed_at is not None and setup.video.fps:
+        # A live source goes on while it is down: the frames that passed are lost, and counted.
+        events.send(("missed", stream.name, max(0, round((time.time() - failed_at) * setup.video.fps))))
     events.send(("expected", stream.name, None if setup.video.expected is None else done + setup.video.expected))
     plans = build_plans(setup, announce=lambda text: None)
     if barrier is not None:
