@@ -196,13 +196,26 @@ def test_runner_references_and_plan_switch(tiny):
     assert results[3].percentage == 0.4 and controller.seen[4].error is not None
 
 
-def test_runner_switches_plan_on_the_reference_that_moved_p(tiny):
-    """A controller that moves p only on measurements (as PI does): the reference whose error
-    moved p into another plan's range switches the plan there, not a reference interval later."""
+def _plans_and_frames(tiny, variants=("dense", "delta"), percentages=(0.0, 0.2)):
+    """The tiny model compiled once per variant (plans for `percentages`), calibrated, and the
+    clip's frames as model inputs."""
     from deluceva.media.preprocess import Preprocessor
     from deluceva.media.video import open_video
     from deluceva.planner import load_model
     from deluceva.session import Session, calibrate_sessions
+
+    model_path, clip = tiny
+    model = load_model(str(model_path))
+    plans = SessionsByPercentage([Session(model, plan=v) for v in variants], list(percentages))
+    pre = Preprocessor.for_model(model.input_shape)
+    inputs = [pre(rgb) for rgb in open_video(clip)]
+    calibrate_sessions(plans.sessions, inputs[:4])
+    return plans, inputs
+
+
+def test_runner_switches_plan_on_the_reference_that_moved_p(tiny):
+    """A controller that moves p only on measurements (as PI does): the reference whose error
+    moved p into another plan's range switches the plan there, not a reference interval later."""
 
     class OnMeasurement:
         percentage = 0.0
@@ -212,12 +225,7 @@ def test_runner_switches_plan_on_the_reference_that_moved_p(tiny):
                 self.percentage = 0.4
             return self.percentage
 
-    model_path, clip = tiny
-    model = load_model(str(model_path))
-    plans = SessionsByPercentage([Session(model, plan="dense"), Session(model, plan="delta")], [0.0, 0.2])
-    pre = Preprocessor.for_model(model.input_shape)
-    inputs = [pre(rgb) for rgb in open_video(clip)]
-    calibrate_sessions(plans.sessions, inputs[:4])
+    plans, inputs = _plans_and_frames(tiny)
     runner = VideoRunner(plans, OnMeasurement(), _rel_l2, reference_every=4, percentage=0.0)
     results = [runner.step(frame) for frame in inputs]
     # Frame 4's reference moves p to 0.4: plan 1 from frame 5 on, whose first delta frame is a
@@ -235,10 +243,6 @@ def test_runner_does_not_climb_plans_on_a_probe(tiny):
     lower one back above. Down switches at once; up only on a regular reference, never on the
     probe of a new plan, so the run does not turn every frame into a probe (it did: 141
     references in 150 frames on P-Net)."""
-    from deluceva.media.preprocess import Preprocessor
-    from deluceva.media.video import open_video
-    from deluceva.planner import load_model
-    from deluceva.session import Session, calibrate_sessions
 
     class Boundary:
         percentage = 0.0
@@ -248,12 +252,7 @@ def test_runner_does_not_climb_plans_on_a_probe(tiny):
                 self.percentage = 0.1 if observation.percentage >= 0.2 else 0.4
             return self.percentage
 
-    model_path, clip = tiny
-    model = load_model(str(model_path))
-    plans = SessionsByPercentage([Session(model, plan="dense"), Session(model, plan="delta")], [0.0, 0.2])
-    pre = Preprocessor.for_model(model.input_shape)
-    inputs = [pre(rgb) for rgb in open_video(clip)]
-    calibrate_sessions(plans.sessions, inputs[:4])
+    plans, inputs = _plans_and_frames(tiny)
     runner = VideoRunner(plans, Boundary(), _rel_l2, reference_every=4, percentage=0.0)
     results = [runner.step(frame) for frame in inputs]
     # 4: regular reference, p up, switch; 5: the new plan's probe, p down, switch back at once;
@@ -269,9 +268,7 @@ def test_runner_does_not_climb_plans_on_a_probe(tiny):
                 self.percentage = min(self.percentage + 0.2, 0.5)
             return self.percentage
 
-    three = SessionsByPercentage([Session(model, plan="dense"), Session(model, plan="delta"),
-                                  Session(model, plan="delta")], [0.0, 0.2, 0.4])
-    calibrate_sessions(three.sessions, inputs[:4])
+    three, inputs = _plans_and_frames(tiny, ("dense", "delta", "delta"), (0.0, 0.2, 0.4))
     runner = VideoRunner(three, Climbing(), _rel_l2, reference_every=4, percentage=0.0)
     results = [runner.step(frame) for frame in inputs]
     # The probe at 5 asks for plan 2: that waits for the regular reference at 9.
