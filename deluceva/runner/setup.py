@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from deluceva.errors import DelucevaError, check_percentage
 from deluceva.runtime.thresholds import CALIBRATION_FRAMES
 
-__all__ = ["RunOptions", "Setup", "prepare", "build_plans", "compile_plans", "run_info",
+__all__ = ["RunOptions", "Setup", "prepare", "preprocessor", "build_plans", "compile_plans", "run_info",
            "ON_THE_FLY_PERCENTAGES", "PROFILE_FRAMES"]
 
 # Without --plan: percentages compiled on the fly, and frames profiled for them; `deluceva
@@ -95,21 +95,16 @@ def prepare(options: RunOptions) -> Setup:
     """Check options, open the video, fit the preprocessing to the model, make metric and controller."""
     from deluceva.controller import make_controller
     from deluceva.planner import load_model
-    from deluceva.planner.load_model import declared_input_shape
     from deluceva.metrics import get_metric
     from deluceva.presets import check_preset
-    from deluceva.media.preprocess import Preprocessor
-    from deluceva.presets import preprocessing
     from deluceva.media.video import open_video
 
     if options.reference_every < 1:
         raise DelucevaError(f"--reference-every {options.reference_every} must be at least 1")
     if options.percentage is not None:
         check_percentage(options.percentage, "--percentage")
-    declared = declared_input_shape(options.model)
     video = open_video(options.video, frames=options.frames, start=options.start, every=options.every)
-    preprocess = Preprocessor.for_model(tuple(declared), preset=preprocessing(options.preset), model_name=str(options.model),
-                                        **options.preprocessing)
+    preprocess = preprocessor(options)
     input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
     model = load_model(options.model, input_shape)
     check_preset(options.preset, model)
@@ -123,6 +118,18 @@ def prepare(options: RunOptions) -> Setup:
         controller = make_controller(options.controller, percentage=percentage, budget=budget,
                                      learned_path=options.learned_model)
     return Setup(options, video, preprocess, input_shape, model, metric, budget, controller)
+
+
+def preprocessor(options: RunOptions):
+    """The preprocessing that fits `options.model`'s declared input: the preset's, with the
+    generic fields given overriding it (what every run, and the plain onnxruntime baseline of
+    `bench-streams`, feeds the model)."""
+    from deluceva.media.preprocess import Preprocessor
+    from deluceva.planner.load_model import declared_input_shape
+    from deluceva.presets import preprocessing
+
+    return Preprocessor.for_model(tuple(declared_input_shape(options.model)), preset=preprocessing(options.preset),
+                                  model_name=str(options.model), **options.preprocessing)
 
 
 def build_plans(setup: Setup, announce=None):

@@ -419,15 +419,12 @@ def _aggregate(spans) -> float:
 def _onnxruntime_worker(options, events, barrier) -> None:
     """One plain onnxruntime stream: decode, preprocess and run each frame, as the baseline does."""
     from deluceva.baseline import plain_onnxruntime
-    from deluceva.media.preprocess import Preprocessor
     from deluceva.media.video import open_video
-    from deluceva.planner.load_model import declared_input_shape
-    from deluceva.presets import preprocessing
+    from deluceva.runner.setup import preprocessor
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     video = open_video(options.video, frames=options.frames, start=options.start, every=options.every)
-    preprocess = Preprocessor.for_model(tuple(declared_input_shape(options.model)), preset=preprocessing(options.preset),
-                                        model_name=str(options.model), **options.preprocessing)
+    preprocess = preprocessor(options)
     run = plain_onnxruntime(str(options.model), options.threads)
     _wait(barrier)
     times = []
