@@ -104,14 +104,14 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
     frame right after deluceva), speedup, error_mean, error_max (relative L2 against
     onnxruntime, the largest over the two outputs, on every frame).
     """
-    from deluceva.baseline import plain_onnxruntime, run_onnxruntime
+    from deluceva.bench.baseline import plain_onnxruntime, run_onnxruntime
     from deluceva.controller import make_controller
     from deluceva.media.video import open_video
     from deluceva.metrics import get_metric
     from deluceva.planner import load_model
-    from deluceva.runner.compare import run_deluceva
-    from deluceva.runner.loop import SessionsByPercentage, VideoRunner
-    from deluceva.runner.setup import PROFILE_FRAMES, compile_plans
+    from deluceva.bench.compare import run_deluceva
+    from deluceva.playback.loop import SessionsByPercentage, VideoRunner
+    from deluceva.playback.setup import PROFILE_FRAMES, compile_plans
     from deluceva.session import Session, calibrate_sessions
 
     proto = build_demo_model()

@@ -13,7 +13,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from deluceva.operators._common import DeltaTensor, Layout, OpSpec, delta_support, get_operator
-from deluceva.baseline import inference_session
+from deluceva.onnxruntime_session import inference_session
 from deluceva.metrics import rel_l2
 
 __all__ = ["OperatorRun", "single_node_model", "make_spec", "sparse_frames", "run_operator", "relative_error"]

@@ -301,7 +301,7 @@ class _Staircase:
     ({0.3: 0.11}, 0.0, 0.0, (0.3, 0.11)),  # the first grid p is already a cliff: stay at 0
 ])
 def test_starting_range_stops_below_a_cliff(errors, start, ceiling, cliff):
-    from deluceva.runner.calibration import starting_range
+    from deluceva.playback.calibration import starting_range
 
     plans = _Staircase(errors)
     found = starting_range(plans, plans.metric, [np.zeros(1)] * 4, target=0.04, budget=0.05)

@@ -179,7 +179,7 @@ def test_min_cut_keeps_groups_together_and_stays_optimal(seed):
 from deluceva.operators import DeltaTensor, Layout, get_operator  # noqa: E402
 from deluceva.operators.program import ElementwiseNode  # noqa: E402
 from operator_harness import make_spec  # noqa: E402
-from deluceva.baseline import inference_session  # noqa: E402
+from deluceva.onnxruntime_session import inference_session  # noqa: E402
 from deluceva.runtime.boundaries import Entry  # noqa: E402
 
 
@@ -234,7 +234,7 @@ def test_conv_with_silu_epilogue(kernel, stride, dilation, group, changed):
 
 def test_flop_accounting_measures_fused_nodes_by_the_group_output():
     """A fused Conv's own output never exists as a delta: its work is read off the group's exit."""
-    from deluceva.runner.loop import frame_flops
+    from deluceva.playback.loop import frame_flops
     from deluceva.session import Session
 
     session = Session(backbone(), plan="delta")

@@ -17,10 +17,10 @@ import pytest
 from deluceva.cli import main
 from deluceva.demo import build_demo_model
 from deluceva.media.video import synthesise_clip
-from deluceva.runner.loop import SessionsByPercentage, VideoRunner
+from deluceva.playback.loop import SessionsByPercentage, VideoRunner
 from deluceva.files import GrowingNpy
 from deluceva.metrics import rel_l2
-from deluceva.runner.recorder import FrameRecorder
+from deluceva.playback.recorder import FrameRecorder
 
 SUMMARY_FIELDS = {
     "frames", "threads", "ms_per_frame_median", "ms_per_frame_mean", "reference_frames", "error_mean",
@@ -92,7 +92,7 @@ def test_run_without_plan_compiles_on_the_fly_and_says_so(tiny, tmp_path, capsys
 def test_interrupted_run_keeps_finished_frames(tiny, tmp_path, monkeypatch):
     """Ctrl-C after 7 frames: OUT.npz and the summary hold exactly frames 0..6."""
     import deluceva.media.video as video_module
-    from deluceva.runner.setup import PROFILE_FRAMES
+    from deluceva.playback.setup import PROFILE_FRAMES
 
     model, clip = tiny
     real_open = video_module.open_video
@@ -432,9 +432,9 @@ def test_bench_reports_and_writes_json_and_plot(tiny, tmp_path, capsys):
 
 def test_compare_on_runs_with_known_figures():
     """compare()'s figures against numbers worked out by hand for two frames."""
-    from deluceva.baseline import OnnxruntimeRun
-    from deluceva.runner.compare import DelucevaRun, compare
-    from deluceva.runner.loop import FrameResult
+    from deluceva.bench.baseline import OnnxruntimeRun
+    from deluceva.bench.compare import DelucevaRun, compare
+    from deluceva.playback.loop import FrameResult
 
     ort_run = OnnxruntimeRun(ms=[10.0, 20.0], store={}, names=[], memory_mib=40.0, folder=None)
     results = [FrameResult(0, None, 0.004, True, None, 0.5, 1.0, 100.0),
@@ -495,7 +495,7 @@ def test_end_to_end(shared_data, tmp_path, controller, case):
 
 
 def test_change_statistics_counts_changed_tiles():
-    from deluceva.runner.loop import change_statistics
+    from deluceva.playback.loop import change_statistics
 
     rng = np.random.default_rng(0)
     before = rng.random((1, 3, 64, 80), dtype=np.float32)
@@ -513,7 +513,7 @@ def test_calibration_samples_fit_a_learned_controller(tiny, tmp_path):
     from deluceva.planner import load_model
     from deluceva.media.preprocess import Preprocessor
     from deluceva.media.video import open_video
-    from deluceva.runner.calibration import calibration_samples
+    from deluceva.playback.calibration import calibration_samples
     from deluceva.session import Session
 
     model_path, clip = tiny

@@ -17,8 +17,8 @@ from deluceva.cli import main
 from deluceva.demo import build_demo_model
 from deluceva.errors import DelucevaError
 from deluceva.media.video import synthesise_clip
-from deluceva.runner.setup import RunOptions
-from deluceva.runner.streams import Stream, StreamFiles, read_sources, run_streams
+from deluceva.playback.setup import RunOptions
+from deluceva.streams.pool import Stream, StreamFiles, read_sources, run_streams
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_ray_streams_with_more_streams_than_cpus_survive_a_killed_actor(clips, t
     running one is killed mid-stream, Ray restarts it, and the stream resumes: every stream's
     outputs equal `run`'s at p = 0."""
     ray = pytest.importorskip("ray")
-    from deluceva.runner.ray_streams import run_streams_on_ray
+    from deluceva.streams.on_ray import run_streams_on_ray
 
     model, _ = clips
     folder = tmp_path_factory.mktemp("ray")
@@ -257,7 +257,7 @@ def test_ray_streams_with_more_streams_than_cpus_survive_a_killed_actor(clips, t
 
 
 def test_late_frames_are_those_the_wall_clock_has_passed_by_more_than_allowed():
-    from deluceva.runner.job import LateFrames
+    from deluceva.playback.job import LateFrames
 
     times = iter([10.0, 10.5, 11.0, 13.0, 13.1, 13.2])
     late = LateFrames(1.0, clock=times.__next__)
@@ -273,8 +273,8 @@ def test_late_frames_are_those_the_wall_clock_has_passed_by_more_than_allowed():
 def test_a_run_that_falls_behind_drops_late_frames_and_counts_them(clips, tmp_path):
     """A 25 fps clip processed at about 12 frames/s with --drop-late 0.2: frames are skipped, the
     summary counts them, and each detection line would carry its source frame's number."""
-    from deluceva.runner.job import Outputs, run_video
-    from deluceva.runner.setup import build_plans, prepare
+    from deluceva.playback.job import Outputs, run_video
+    from deluceva.playback.setup import build_plans, prepare
 
     model, videos = clips
     setup = prepare(RunOptions(model=str(model), video=str(videos[0]), plan="delta", controller="fixed", percentage=0.0))

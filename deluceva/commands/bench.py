@@ -13,7 +13,7 @@ the same model differed by up to 10%). The first pass gives the outputs and onnx
 memory.
 
 Peak memory of each pass is measured as `deluceva.baseline.PeakMemory` says; the measurements
-themselves are `deluceva.runner.compare`'s.
+themselves are `deluceva.bench.compare`'s.
 """
 
 from __future__ import annotations
@@ -103,15 +103,15 @@ def plot(path: str, ort_run, delta_run, metric: str, budget: float | None) -> No
 
 
 def handle(args: argparse.Namespace) -> int:
-    from deluceva.baseline import plain_onnxruntime, run_onnxruntime
+    from deluceva.bench.baseline import plain_onnxruntime, run_onnxruntime
     from deluceva.commands.run import progress, run_options
     from deluceva.files import write_json
     from deluceva.controller import RUN_SETPOINT
     from deluceva.machine import machine_info
     from deluceva.files import check_output
-    from deluceva.runner.compare import compare, frame_skipping, run_deluceva
-    from deluceva.runner.loop import VideoRunner
-    from deluceva.runner.setup import build_plans, prepare, run_info
+    from deluceva.bench.compare import compare, frame_skipping, run_deluceva
+    from deluceva.playback.loop import VideoRunner
+    from deluceva.playback.setup import build_plans, prepare, run_info
 
     check_output(args.json, ".json", "--json")
     check_output(args.plot, ".png", "--plot")

@@ -2,7 +2,7 @@
 deluceva against N plain onnxruntime processes, on the same frames, preprocessing and threads.
 
 Each N runs `deluceva streams` on N copies of VIDEO (N workers), then N onnxruntime processes;
-see `deluceva.runner.streams.throughput` for what is timed.
+see `deluceva.streams.pool.throughput` for what is timed.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def add_parser(commands, percentage, positive_int) -> None:
 def handle(args: argparse.Namespace) -> int:
     from deluceva.files import check_output, write_json
     from deluceva.machine import machine_info
-    from deluceva.runner.streams import throughput
+    from deluceva.bench.streams import throughput
 
     check_output(args.json, ".json", "--json")
     options = run_options(args)

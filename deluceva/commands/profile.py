@@ -42,8 +42,8 @@ def _save_learned_controller(args, model, profile, inputs, path) -> None:
     from deluceva.metrics import get_metric
     from deluceva.presets import check_preset
     from deluceva.runtime.thresholds import CALIBRATION_FRAMES
-    from deluceva.runner.calibration import train_learned_controller
-    from deluceva.runner.loop import SessionsByPercentage
+    from deluceva.playback.calibration import train_learned_controller
+    from deluceva.playback.loop import SessionsByPercentage
     from deluceva.session import Session, calibrate_sessions
 
     check_preset(args.preset, model)

@@ -1,6 +1,6 @@
 """`deluceva run MODEL VIDEO`: the model's outputs for every frame, with adaptive filtering.
 
-The options here are shared with `bench`; the setup they describe is `deluceva.runner.setup`.
+The options here are shared with `bench`; the setup they describe is `deluceva.playback.setup`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 from deluceva.commands._types import budget, non_negative_int, seconds
 from deluceva.errors import DelucevaError
-from deluceva.runner.setup import RunOptions, Setup, build_plans, prepare
+from deluceva.playback.setup import RunOptions, Setup, build_plans, prepare
 
 __all__ = ["add_parser", "add_run_options", "run_options", "progress", "handle"]
 
@@ -102,7 +102,7 @@ def progress(total: int | None, description: str):
 def handle(args: argparse.Namespace) -> int:
     from deluceva.files import check_output
     from deluceva.presets import PRESETS
-    from deluceva.runner.job import Outputs, run_video
+    from deluceva.playback.job import Outputs, run_video
 
     check_output(args.outputs, ".npz", "--outputs")
     check_output(args.summary, ".json", "--summary")

@@ -3,7 +3,7 @@
 Sources are video files, stream URLs, or .txt files listing them one a line (`name=source` or
 just the source). Each stream writes DIR/NAME/summary.json, detections.jsonl with a detection
 preset, and outputs.npz with --outputs; DIR/summary.json holds every stream and the aggregate
-throughput. See `deluceva.runner.streams` for how faults are handled.
+throughput. See `deluceva.streams.pool` for how faults are handled.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def add_parser(commands, percentage, positive_int) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from deluceva.presets import PRESETS
-    from deluceva.runner.streams import StreamFiles, read_sources, run_streams
+    from deluceva.streams.pool import StreamFiles, read_sources, run_streams
 
     if args.retries < 0:
         raise DelucevaError(f"--retries {args.retries} must not be negative")
@@ -82,7 +82,7 @@ def handle(args: argparse.Namespace) -> int:
 
     try:
         if args.ray:
-            from deluceva.runner.ray_streams import import_ray, run_streams_on_ray
+            from deluceva.streams.on_ray import import_ray, run_streams_on_ray
 
             import_ray()  # refused in one line before any work when Ray is missing
             report = run_streams_on_ray(streams, run_options(args), out, files, retries=args.retries, on_event=show,

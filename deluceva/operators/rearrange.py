@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deluceva.operators._common import DeltaOperator, DeltaTensor, OpSpec, register
 from deluceva.operators._kernels import collect_marked, emit_rows
-from deluceva.baseline import inference_session
+from deluceva.onnxruntime_session import inference_session
 from deluceva.operators.elementwise import chunk_rows
 
 __all__ = ["DeltaRearrange", "copy_maps", "COPY_OP_TYPES", "EXACT_INDEX_LIMIT"]

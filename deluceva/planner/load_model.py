@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from deluceva.baseline import inference_session, session_options
+from deluceva.onnxruntime_session import inference_session, session_options
 from deluceva.errors import DelucevaError
 
 __all__ = ["Model", "load_model", "declared_input_shape"]

@@ -29,7 +29,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from deluceva.errors import DelucevaError, check_percentage
-from deluceva.baseline import inference_session
+from deluceva.onnxruntime_session import inference_session
 from deluceva.planner import Model, load_model
 from deluceva.planner.assign_variants import assign_variants
 from deluceva.operators import DeltaTensor

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from deluceva.errors import DelucevaError, check_percentage
 from deluceva.operators import DeltaTensor, Layout, get_operator
-from deluceva.baseline import inference_session
+from deluceva.onnxruntime_session import inference_session
 from deluceva.operators._buffers import Buffers
 from deluceva.operators.program import ElementwiseNode
 from deluceva.planner.load_model import Model

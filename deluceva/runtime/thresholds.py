@@ -20,7 +20,7 @@ import numpy as np
 
 from deluceva.errors import DelucevaError
 from deluceva.operators import Layout
-from deluceva.baseline import inference_session
+from deluceva.onnxruntime_session import inference_session
 from deluceva.runtime.boundaries import change_magnitudes
 
 __all__ = ["Thresholds", "QUANTILE_POINTS", "CALIBRATION_FRAMES", "tensor_values", "tensor_layouts"]

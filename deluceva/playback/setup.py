@@ -134,7 +134,7 @@ def preprocessor(options: RunOptions):
 
 def build_plans(setup: Setup, announce=None):
     """Sessions for `--plan`, or compiled on the fly (said on stderr through `announce`)."""
-    from deluceva.runner.loop import SessionsByPercentage
+    from deluceva.playback.loop import SessionsByPercentage
     from deluceva.session import Session, calibrate_sessions
 
     options = setup.options
@@ -163,7 +163,7 @@ def _train_controller(setup: Setup, plans, announce) -> None:
     """`--controller learned` without a file: trained on the video's first frames, through the
     run's own plans (as `deluceva profile --controller-out` would save one)."""
     from deluceva.media.video import open_video
-    from deluceva.runner.calibration import LEARNING_FRAMES, train_learned_controller
+    from deluceva.playback.calibration import LEARNING_FRAMES, train_learned_controller
 
     options = setup.options
     video = open_video(options.video, frames=LEARNING_FRAMES, start=options.first_frames_start, every=options.every)
@@ -187,7 +187,7 @@ def _start_controller(setup: Setup, plans, announce) -> None:
     """A PI controller without --percentage starts at the p the calibration frames say holds the
     budget, and stays below the first p where they are far over it (see `starting_range`)."""
     from deluceva.controller import RUN_SETPOINT, make_controller
-    from deluceva.runner.calibration import CLIFF, starting_range
+    from deluceva.playback.calibration import CLIFF, starting_range
 
     options = setup.options
     if options.controller != "pi" or options.percentage is not None:
@@ -221,7 +221,7 @@ def _plans_from_file(path: str, setup: Setup):
     """SessionsByPercentage from a plan JSON written by `deluceva compile`."""
     from deluceva.operators._buffers import Buffers
     from deluceva.planner import plan_file
-    from deluceva.runner.loop import SessionsByPercentage
+    from deluceva.playback.loop import SessionsByPercentage
     from deluceva.session import Session
 
     entries = plan_file.plans_for_run(path, setup.model)  # [(percentage, {node: variant}), ...]
@@ -248,7 +248,7 @@ def compile_plans(model, frames: list, threads: int = 1, percentages=None, progr
     from deluceva.operators._buffers import Buffers
     from deluceva.planner.plan_file import compile_plan
     from deluceva.profiles import measure_profile
-    from deluceva.runner.loop import SessionsByPercentage
+    from deluceva.playback.loop import SessionsByPercentage
     from deluceva.session import Session, calibrate_sessions
 
     planned = percentages

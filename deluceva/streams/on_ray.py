@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from deluceva.errors import DelucevaError
-from deluceva.runner.streams import Ledger, Stream, StreamFiles, StreamsReport, StreamState
+from deluceva.streams.pool import Ledger, Stream, StreamFiles, StreamsReport, StreamState
 
 __all__ = ["run_streams_on_ray", "import_ray"]
 
@@ -134,7 +134,7 @@ class _StreamActor:
         self.out, self.files, self.progress = Path(out), files, progress
 
     def run(self, stream: Stream, resume: bool, restarts: int, failed_at: float | None) -> tuple[str, object]:
-        from deluceva.runner.streams import _run_stream
+        from deluceva.streams.pool import _run_stream
 
         try:
             summary = _run_stream(stream, resume, restarts, self.options, self.out, self.files, _Progress(self.progress),

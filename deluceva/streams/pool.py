@@ -23,7 +23,6 @@ import dataclasses
 import multiprocessing
 import os
 import pickle
-import queue
 import re
 import signal
 import time
@@ -33,7 +32,7 @@ from typing import Callable, Sequence
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["Stream", "StreamFiles", "read_sources", "run_streams", "Ledger", "StreamsReport", "throughput"]
+__all__ = ["Stream", "StreamFiles", "read_sources", "run_streams", "Ledger", "StreamsReport", "wait_together"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BACKOFF = 1.0  # seconds before a failed stream's first retry; doubled for each next one
@@ -159,7 +158,7 @@ class StreamsReport:
 
 class Ledger:
     """The parent's account of every stream: status, attempts, retries with backoff, and the
-    report. Both the process pool and Ray (`deluceva.runner.ray_streams`) keep theirs here.
+    report. Both the process pool and Ray (`deluceva.streams.on_ray`) keep theirs here.
 
     `on_event(kind, state)` is called as things happen: kind is "start", "expected", "frame",
     "done", "failed", "interrupted" or "retry".
@@ -359,81 +358,6 @@ def _stop(processes) -> None:
         process.join(timeout=max(0.1, deadline - time.perf_counter()))
 
 
-# -- throughput against plain onnxruntime -----------------------------------------------------
-
-
-def throughput(count: int, options, out: str | os.PathLike) -> dict:
-    """`count` copies of `options.video` through `run_streams` (`count` workers) and through
-    `count` plain onnxruntime processes (same frames, preprocessing and threads): each side's
-    aggregate frames/s over the span from the first stream's first frame to the last one's last.
-
-    Every stream of a side starts its first frame when all of them are set up (model, plans,
-    calibration), and that first frame starts the clock (it is counted out): set-up is not frame
-    time on either side, and the streams really run side by side.
-    """
-    streams = [Stream(f"stream{i + 1}", options.video) for i in range(count)]
-    seen: dict[str, list[float]] = {}
-
-    def record(kind, state):
-        if kind == "frame":
-            seen.setdefault(state.stream.name, []).append(time.monotonic())
-
-    report = run_streams(streams, options, out, workers=count, retries=0, on_event=record, together=True)
-    if report.failed:
-        raise DelucevaError(f"{options.video}: streams failed in the throughput run: {', '.join(report.failed)}")
-    deluceva = _aggregate([(len(t) - 1, t[0], t[-1]) for t in seen.values()])
-    context = multiprocessing.get_context("spawn")
-    events, barrier = context.Queue(), context.Barrier(count)
-    processes = [context.Process(target=_onnxruntime_worker, args=(options, events, barrier), daemon=True)
-                 for _ in range(count)]
-    for process in processes:
-        process.start()
-    spans = []
-    while len(spans) < count:
-        try:
-            spans.append(events.get(timeout=1.0))
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in processes):
-                for process in processes:
-                    process.kill()
-                raise DelucevaError(f"{options.video}: a plain onnxruntime stream failed in the throughput run") from None
-    for process in processes:
-        process.join()
-    plain = _aggregate(spans)
-    errors = [row["error_mean"] for row in report.streams if row["error_mean"] is not None]
-    return {
-        "streams": count, "threads": options.threads,
-        "deluceva_frames_per_second": deluceva, "onnxruntime_frames_per_second": plain,
-        "ratio": deluceva / plain if plain else None,
-        "error_mean": sum(errors) / len(errors) if errors else None,
-    }
-
-
-def _aggregate(spans) -> float:
-    """Frames per second over (frames after the first, first frame's end, last frame's end) spans."""
-    frames = sum(n for n, _, _ in spans)
-    seconds = max(end for _, _, end in spans) - min(begin for _, begin, _ in spans)
-    return frames / seconds if seconds > 0 else float("nan")
-
-
-def _onnxruntime_worker(options, events, barrier) -> None:
-    """One plain onnxruntime stream: decode, preprocess and run each frame, as the baseline does."""
-    from deluceva.baseline import plain_onnxruntime
-    from deluceva.media.video import open_video
-    from deluceva.runner.setup import preprocessor
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    video = open_video(options.video, frames=options.frames, start=options.start, every=options.every)
-    preprocess = preprocessor(options)
-    run = plain_onnxruntime(str(options.model), options.threads)
-    _wait(barrier)
-    times = []
-    for rgb in video:
-        run(preprocess(rgb))
-        times.append(time.monotonic())
-    events.put((len(times) - 1, times[0], times[-1]))
-
-
 # -- in each worker process ------------------------------------------------------------------
 
 
@@ -468,9 +392,9 @@ def _interrupt(signum, frame):
 def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path, files: StreamFiles, events,
                 barrier=None, failed_at: float | None = None) -> dict:
     """One stream, as `deluceva run` runs it, resumed after the frames already written."""
-    from deluceva.runner.job import Outputs, run_video
-    from deluceva.runner.recorder import written_frames
-    from deluceva.runner.setup import build_plans, prepare
+    from deluceva.playback.job import Outputs, run_video
+    from deluceva.playback.recorder import written_frames
+    from deluceva.playback.setup import build_plans, prepare
 
     folder = out / stream.name
     outputs = str(folder / "outputs.npz") if files.outputs else None
@@ -498,7 +422,7 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
     events.send(("expected", stream.name, None if setup.video.expected is None else done + setup.video.expected))
     plans = build_plans(setup, announce=lambda text: None)
     if barrier is not None:
-        _wait(barrier)
+        wait_together(barrier)
 
     def report(result):
         events.send(("frame", stream.name, done + result.index + 1, result.error))
@@ -510,7 +434,7 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
     return {key: value for key, value in job.summary.items() if not key.endswith("_trace")}
 
 
-def _wait(barrier) -> None:
+def wait_together(barrier) -> None:
     import threading
 
     try:
@@ -520,7 +444,7 @@ def _wait(barrier) -> None:
 
 
 def _finish(outputs, detections, done: int, stream: Stream, restarts: int) -> dict:
-    from deluceva.runner.recorder import FrameRecorder
+    from deluceva.playback.recorder import FrameRecorder
 
     if outputs:
         FrameRecorder(outputs, resume=True, frames=done).close()

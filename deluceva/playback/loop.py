@@ -12,7 +12,7 @@ plan's error is measured on its first delta frame. A reference frame's whole cos
 frame's time.
 
 How the run starts (the controller's first p, a learned controller's training) is in
-`deluceva.runner.calibration`; writing outputs as the run goes, in `deluceva.runner.recorder`.
+`deluceva.playback.calibration`; writing outputs as the run goes, in `deluceva.playback.recorder`.
 """
 
 from __future__ import annotations

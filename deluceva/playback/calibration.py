@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from deluceva.runner.loop import Metric, SessionsByPercentage, VideoRunner
+from deluceva.playback.loop import Metric, SessionsByPercentage, VideoRunner
 
 __all__ = ["StartingRange", "starting_range", "CLIFF", "calibration_samples", "train_learned_controller", "LEARNING_FRAMES"]
 

@@ -1,10 +1,9 @@
-"""Plain onnxruntime: how deluceva configures every onnxruntime session, and the baseline every
-figure is measured against (the whole model, densely, on every frame, with the same threads).
+"""The baseline every figure is measured against: plain onnxruntime running the whole model,
+densely, on every frame, with the same threads; and the peak memory of a pass.
 
-`inference_session` builds every session deluceva uses (the dense segments, the reference and
-keyframe sessions, the profiler's, the probes'); `run_onnxruntime` times the baseline frame by
-frame and keeps its outputs on disk; `plain_onnxruntime` runs it one frame at a time beside
-deluceva (interleaved timing, see `deluceva bench`); `PeakMemory` measures a pass's memory.
+`run_onnxruntime` times the baseline frame by frame and keeps its outputs on disk;
+`plain_onnxruntime` runs it one frame at a time beside deluceva (interleaved timing, see
+`deluceva bench`); `PeakMemory` measures a pass's memory.
 
 Peak memory of each pass: the process's peak resident set (VmHWM in /proc/self/status) is reset
 before the pass (`echo 5 > /proc/self/clear_refs`, Linux 4.0+), and the pass's peak is VmHWM at
@@ -25,40 +24,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import onnxruntime as ort
 
-__all__ = ["session_options", "inference_session", "PeakMemory", "OnnxruntimeRun", "run_onnxruntime",
-           "plain_onnxruntime"]
+from deluceva.onnxruntime_session import inference_session
 
-
-def session_options(threads: int, log_level: int = 3) -> ort.SessionOptions:
-    """`threads` intra-op threads, one inter-op thread, sequential execution, quiet logging
-    (`log_level` 3: errors only; 4: nothing, for a probe whose failure deluceva reports itself)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = log_level
-    return options
-
-
-def inference_session(model, threads: int = 1, *, arena: bool = True, log_level: int = 3,
-                      options: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session on `model` (a path, serialised bytes or an onnx.ModelProto).
-
-    Args:
-        arena: keep onnxruntime's memory arena; without it a session returns its outputs'
-            memory after each run (for sessions that run rarely and output much).
-        options: session options to use as they are (instead of `session_options(threads)`).
-    """
-    if options is None:
-        options = session_options(threads, log_level)
-        options.enable_cpu_mem_arena = arena
-    if hasattr(model, "SerializeToString"):
-        model = model.SerializeToString()
-    elif isinstance(model, Path):
-        model = str(model)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+__all__ = ["PeakMemory", "OnnxruntimeRun", "run_onnxruntime", "plain_onnxruntime"]
 
 
 # -- memory ----------------------------------------------------------------------------------

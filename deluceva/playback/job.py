@@ -99,9 +99,9 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
         on_frame: called with each FrameResult (outputs still attached) after it is written.
     """
     from deluceva.presets import get_decoder
-    from deluceva.runner.loop import VideoRunner, summarise
-    from deluceva.runner.recorder import DetectionWriter, FrameRecorder
-    from deluceva.runner.setup import run_info
+    from deluceva.playback.loop import VideoRunner, summarise
+    from deluceva.playback.recorder import DetectionWriter, FrameRecorder
+    from deluceva.playback.setup import run_info
 
     options = setup.options
     runner = VideoRunner(plans, setup.controller, setup.metric, options.reference_every,

@@ -11,8 +11,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from deluceva.baseline import OnnxruntimeRun, PeakMemory
-from deluceva.runner.loop import change_statistics, percentile, summarise
+from deluceva.bench.baseline import OnnxruntimeRun, PeakMemory
+from deluceva.playback.loop import change_statistics, percentile, summarise
 
 __all__ = ["DelucevaRun", "run_deluceva", "frame_skipping", "compare", "SKIP_GRID"]
 
