@@ -177,6 +177,7 @@ def test_min_cut_keeps_groups_together_and_stays_optimal(seed):
 # -- A Conv and its epilogue on their own: each kind, against onnxruntime on the whole tensor -------
 
 from deluceva.operators import DeltaTensor, Layout, get_operator  # noqa: E402
+from deluceva.operators._kernels import FINISH_KINDS  # noqa: E402
 from deluceva.operators.program import ElementwiseNode  # noqa: E402
 from operator_harness import make_spec  # noqa: E402
 from deluceva.onnxruntime_session import inference_session  # noqa: E402
@@ -219,7 +220,8 @@ def test_conv_with_silu_epilogue(kernel, stride, dilation, group, changed):
     epilogue = [ElementwiseNode(make_spec("Sigmoid", {}, [y.shape], [y.shape]), ["c"], ["s"]),
                 ElementwiseNode(make_spec("Mul", {}, [y.shape, y.shape], [y.shape]), ["c", "s"], ["y"])]
     operator = get_operator("Conv")(spec, [source, None, None], [sink], epilogue=epilogue, head_output="c", result="y")
-    assert operator.calls[0][1][-5].tolist() == [[14, 1, 0, 0]]  # the Sigmoid and Mul run as one SiLU
+    assert operator.program.code.tolist() == [[14, 1, 0, 0]]  # the Sigmoid and Mul run as one SiLU
+    assert operator.finish == FINISH_KINDS["SiLU"]  # applied in the one pass with the bias and the filter
     entry = Entry(source)
     entry.load(x)
     sink.load(y)

@@ -5,6 +5,9 @@
 - `mark_window`, `collect_marked`: the output positions whose window reads a changed input.
 - `run_program`: the elementwise epilogue (activations, arithmetic with constants, channel
   softmax) as a short list of instructions over registers of rows; see `operators/program.py`.
+- `finish_rows`: a Conv's bias, its epilogue when that is one common activation, and the filter,
+  in one pass per row while the row is in cache (`run_program` then `emit_rows` make five
+  passes over a chunk: on a 1x1 64->64 layer with SiLU they cost as much as the product).
 
 Every kernel works on preallocated buffers: none allocates per frame.
 
@@ -21,7 +24,8 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["emit_rows", "mark_window", "collect_marked", "gather_rows", "load_rows", "run_program", "OPCODES"]
+__all__ = ["emit_rows", "mark_window", "collect_marked", "gather_rows", "load_rows", "run_program", "OPCODES",
+           "finish_rows", "FINISH_KINDS"]
 
 _F32 = np.float32
 
@@ -152,6 +156,118 @@ def load_rows(x, value, offset) -> None:
     for p in range(positions):
         for c in range(channels):
             value[p, base + np.uint64(c)] = x[c, p]
+
+
+# -- a Conv's rows finished in one pass ------------------------------------------------------
+
+# Epilogues `finish_rows` applies itself: no epilogue, or one activation of the Conv's output.
+FINISH_KINDS = {"none": 0, "SiLU": 1, "Sigmoid": 2, "Relu": 3, "LeakyRelu": 4, "Clip": 5, "HardSwish": 6, "PRelu": 7}
+_SHIFTER = _F32(12582912.0)  # 1.5 * 2^23: t + _SHIFTER rounds t to an integer held in the low bits
+_SHIFTER_BITS = np.int32(0x4B400000)
+
+
+FINISH_BLOCK = 32  # rows finished together: a block's values and scratch stay in L1 (8 KB at 64 channels)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _logistic(a, n, silu, kbits, poly) -> None:
+    """a[:n] = sigmoid(a), or a * sigmoid(a) when `silu`, in place; NaN stays NaN.
+
+    exp(-a) = 2^k exp(r) as in `_exp`, but k is rounded by adding _SHIFTER, whose low bits then
+    hold it (no floor call: every loop vectorises), and 2^k is built from those bits.
+    `kbits` and `poly`: n-value scratch. 2x faster than `_sigmoid`.
+    """
+    shifted = kbits[:n].view(np.float32)
+    for i in range(n):
+        t = min(max(-a[i], _F32(-87.0)), _F32(87.0))
+        shifted[i] = t * _LOG2E + _SHIFTER
+    for i in range(n):
+        k = shifted[i] - _SHIFTER
+        t = min(max(-a[i], _F32(-87.0)), _F32(87.0))
+        r = t - k * _LN2_HIGH - k * _LN2_LOW
+        poly[i] = _F32(1.0) + r * (_F32(1.0) + r * (_F32(0.5) + r * (_F32(1 / 6) + r * (_F32(1 / 24) + r * (
+            _F32(1 / 120) + r * (_F32(1 / 720) + r * _F32(1 / 5040)))))))
+    for i in range(n):
+        kbits[i] = (kbits[i] - _SHIFTER_BITS + 127) << 23
+    if silu:
+        for i in range(n):
+            a[i] = a[i] / (_F32(1.0) + poly[i] * shifted[i])
+    else:
+        for i in range(n):
+            v = a[i]
+            a[i] = _F32(1.0) / (_F32(1.0) + poly[i] * shifted[i]) if v == v else v
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _activate(a, n, kind, alpha, beta, slopes, m, kbits, poly) -> None:
+    """a[:n] (whole rows of m channels) = the FINISH_KINDS activation `kind` of a, in place."""
+    if kind == 1 or kind == 2:
+        _logistic(a, n, kind == 1, kbits, poly)
+    elif kind == 3:
+        for i in range(n):
+            a[i] = max(a[i], _F32(0.0)) if a[i] == a[i] else a[i]
+    elif kind == 4:
+        for i in range(n):
+            a[i] = a[i] if a[i] >= 0 else a[i] * alpha
+    elif kind == 5:
+        for i in range(n):
+            a[i] = min(max(a[i], alpha), beta) if a[i] == a[i] else a[i]
+    elif kind == 6:
+        for i in range(n):
+            v = a[i] / _F32(6.0) + _F32(0.5)
+            a[i] = a[i] * (min(max(v, _F32(0.0)), _F32(1.0)) if v == v else v)
+    elif kind == 7:
+        for j in range(n // m):
+            for c in range(m):
+                v = a[j * m + c]
+                a[j * m + c] = v if v >= 0 else v * slopes[c]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def finish_rows(z, n, bias, kind, alpha, beta, slopes, positions, start, value, offset, threshold, changed, count,
+                scratch) -> int:
+    """For each row z[j], j < n (output position positions[start + j]): add the bias, apply the
+    epilogue `kind` (FINISH_KINDS; alpha, beta: LeakyRelu's slope, Clip's bounds; slopes: PRelu's
+    per channel), and emit it as `emit_rows` does; returns the new count of `changed`.
+    `scratch`: (2 * FINISH_BLOCK + 1) * M int32.
+
+    FINISH_BLOCK rows at a time, so that the block, its scratch and the rows' seen values stay in
+    L1 from one step to the next (measured on 1024 rows of 64 channels with SiLU: 0.038 ms, where
+    the bias loop, `run_program` and `emit_rows` over the whole chunk take 0.10 ms, and one row at
+    a time 0.077 ms); the largest change is taken over bit patterns as in `emit_rows`.
+    """
+    m = z.shape[1]
+    width = np.uint64(m)
+    base = np.uint64(offset)
+    size = FINISH_BLOCK * m
+    kbits = scratch[:size]
+    poly = scratch[size: 2 * size].view(np.float32)
+    bits = scratch[2 * size: 2 * size + m]
+    changes = bits.view(np.float32)
+    limit = np.empty(1, np.float32)
+    limit[0] = threshold
+    limit_bits = limit.view(np.int32)[0]
+    for first in range(0, n, FINISH_BLOCK):
+        rows = min(FINISH_BLOCK, n - first)
+        block = z[first:first + rows]
+        for j in range(rows):
+            for c in range(m):
+                block[j, c] += bias[c]
+        if kind > 0:
+            _activate(block.reshape(rows * m), rows * m, kind, alpha, beta, slopes, m, kbits, poly)
+        for j in range(rows):
+            p = positions[start + first + j]
+            for c in range(width):
+                changes[c] = abs(block[j, c] - value[p, base + c])
+            biggest = np.int32(0)
+            for c in range(width):
+                biggest = max(biggest, bits[c])
+            if biggest > limit_bits:
+                for c in range(width):
+                    value[p, base + c] = block[j, c]
+                changed[count] = p
+                count += 1
+    return count
 
 
 # -- the elementwise program ----------------------------------------------------------------

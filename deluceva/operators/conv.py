@@ -21,7 +21,8 @@ import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401
 
 from deluceva.operators._common import DeltaOperator, DeltaTensor, OpSpec, register, resolve_pads
-from deluceva.operators._kernels import collect_marked, emit_rows, gather_rows, mark_window, run_program
+from deluceva.operators._kernels import (FINISH_BLOCK, FINISH_KINDS, OPCODES, collect_marked, emit_rows, finish_rows, gather_rows,
+                                        mark_window, run_program)
 from deluceva.operators.elementwise import chunk_rows
 from deluceva.operators.program import ElementwiseNode, compile_program
 
@@ -138,10 +139,13 @@ def _depthwise(x, offset, in_height, in_width, positions, start, n, out_width, g
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def conv_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value, out_offset, out_width, out_changed,
               out_count, threshold, geometry, kind, weights, bias, mark, found, rows, cols, partial, registers, bits,
-              code, params, constants, constant_rows, result) -> None:
+              code, params, constants, constant_rows, result, finish, finish_params) -> None:
     """Recompute the output where its window read a change, run the epilogue, emit.
 
     weights: (groups, K, M / groups) for the product, or (1, kh * kw, C) taps when depthwise.
+    finish: the epilogue's FINISH_KINDS number when `finish_rows` applies it with the bias and the
+    filter in one pass (finish_params: its alpha and beta, then PRelu's slope per channel), or -1 to
+    run the program `code`.
     """
     n_in = in_count[0]
     if kind == 0:
@@ -173,6 +177,10 @@ def conv_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value,
                 else:
                     np.dot(cols[:size], weights[g], partial[:size])
                     z[:size, g * group_out:(g + 1) * group_out] = partial[:size]
+        if finish >= 0:
+            emitted = finish_rows(z, size, bias, finish, finish_params[0], finish_params[1], finish_params[2:],
+                                  positions, start, out_value, out_offset, threshold[0], out_changed, emitted, bits)
+            continue
         for j in range(size):
             for c in range(z.shape[1]):
                 z[j, c] += bias[c]
@@ -180,6 +188,32 @@ def conv_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value,
         emitted = emit_rows(registers[result], positions, start, size, out_value, out_offset, threshold[0],
                             out_changed, emitted, bits)
     out_count[0] = emitted
+
+
+_FINISHED_OPCODES = {OPCODES[name]: kind for name, kind in FINISH_KINDS.items() if name != "none"}
+
+
+def finish_kind(program, channels: int) -> tuple[int, np.ndarray]:
+    """(FINISH_KINDS number, [alpha, beta, slope per channel]) when the epilogue is nothing or one
+    activation of the Conv's output (PRelu with a slope uniform over space), which `finish_rows`
+    applies in its one pass; else (-1, ...)."""
+    params = np.zeros(2 + channels, np.float32)
+    if len(program.code) == 0 and program.result == 0:
+        return FINISH_KINDS["none"], params
+    if len(program.code) == 1:
+        op, dst, a, b = (int(v) for v in program.code[0])
+        if a != 0 or dst != program.result:
+            return -1, params
+        if op == OPCODES["PRelu"]:
+            row, spatial = program.constant_rows[-1 - b]
+            if spatial:
+                return -1, params
+            params[2:] = program.constants[row]
+            return FINISH_KINDS["PRelu"], params
+        if op in _FINISHED_OPCODES:
+            params[:2] = program.params[0]
+            return _FINISHED_OPCODES[op], params
+    return -1, params
 
 
 def _kernel_weights(weight: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
@@ -225,6 +259,8 @@ class DeltaConv(DeltaOperator):
         rows = chunk_rows(4 * max(window, m * program.registers))
         positions = out.layout.positions
         self.geometry = geometry
+        self.program = program
+        self.finish, finish_params = finish_kind(program, m)
         self.calls = [(conv_step, (
             x.storage, x.offset, x.layout.height, x.layout.width, x.changed, x.count,
             out.storage, out.offset, out.layout.width, out.changed, out.count, out.threshold,
@@ -233,6 +269,7 @@ class DeltaConv(DeltaOperator):
             self.buffers.scratch("taps", (kh * kw,), np.int64),
             self.buffers.scratch("cols", (rows, window), np.float32), self.buffers.scratch("partial", (rows, m // g), np.float32),
             self.buffers.scratch("registers", (program.registers, rows, m), np.float32),
-            self.buffers.scratch("bits", (2 * rows * m,), np.int32),
+            self.buffers.scratch("bits", (max(2 * rows, 2 * FINISH_BLOCK + 1) * m,), np.int32),
             program.code, program.params, program.constants, program.constant_rows, program.result,
+            self.finish, finish_params,
         ))]
