@@ -29,6 +29,8 @@ class Session:
             sessions of one model; a session runs at p > 0 only once it has them.
         buffers: working buffers and tensors' state (`deluceva.operators._buffers.Buffers`),
             shareable between sessions that never run at the same time (one run's plans).
+        dense_forms: "auto" (a delta step computes every position with onnxruntime on frames
+            where much of its input changed), "never" or "always" (to measure or test one form).
 
     Example:
         >>> session = Session("model.onnx", plan="delta", input_shape=(1, 3, 224, 224))  # doctest: +SKIP
@@ -46,13 +48,15 @@ class Session:
         profile: bool = False,
         thresholds: Thresholds | None = None,
         buffers=None,
+        dense_forms: str = "auto",
     ):
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise DelucevaError(f"threads must be a positive whole number, got {threads!r}")
         self.model = model if isinstance(model, Model) else load_model(model, input_shape)
         self.graph = build_dag(self.model)
         self.plan = build_plan(self.graph, plan)
-        self.executor = Executor(self.model, self.graph, self.plan, threads=threads, profile=profile, buffers=buffers)
+        self.executor = Executor(self.model, self.graph, self.plan, threads=threads, profile=profile, buffers=buffers,
+                                 dense_forms=dense_forms)
         if thresholds is not None:
             self.executor.use_thresholds(thresholds)
 

@@ -144,3 +144,21 @@ def test_explain_graph_without_matplotlib_is_one_line(workspace, capsys, tmp_pat
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, _, err = run_cli(["explain", workspace["plan"], "--graph", tmp_path / "g.png"], capsys)
     assert_refused(code, err, "--graph needs matplotlib")
+
+
+def test_explain_shows_each_steps_forms_from_a_run_summary(workspace, capsys, tmp_path):
+    summary = tmp_path / "summary.json"
+    code, _, err = run_cli(["run", workspace["model"], workspace["video"], "--plan", "delta", "--summary", summary,
+                            "--frames", "8"], capsys)
+    assert code == 0, err
+    forms = json.loads(summary.read_text())["step_forms"]
+    assert forms and all(set(v) == {"delta", "dense"} for v in forms.values())
+    assert sum(v["delta"] + v["dense"] for v in forms.values()) > 0
+    code, out, err = run_cli(["explain", workspace["plan"], "--summary", summary], capsys)
+    assert code == 0, err
+    assert "frames delta/dense form" in out.splitlines()[0]
+    step, counts = next(iter(forms.items()))
+    row = next(line.split() for line in out.splitlines()[1:] if line.split() and line.split()[0] == step[6:-1])
+    assert f"{counts['delta']}/{counts['dense']}" in row
+    code, _, err = run_cli(["explain", workspace["plan"], "--summary", workspace["profile"]], capsys)
+    assert_refused(code, err, "profile.json", "not a run summary")

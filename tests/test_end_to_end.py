@@ -70,9 +70,9 @@ class Differential:
         ]
         self.report: dict[str, dict[str, tuple[float, float]]] = {}
 
-    def check(self, plan, label: str) -> Session:
+    def check(self, plan, label: str, dense_forms: str = "auto") -> Session:
         """Run every frame under `plan`; assert every output of every frame is within bounds."""
-        session = Session(self.model, plan=plan)
+        session = Session(self.model, plan=plan, dense_forms=dense_forms)
         worst: dict[str, tuple[float, float]] = {}
         failures = []
         for index, (frame, want, own) in enumerate(zip(self.frames, self.want, self.own)):

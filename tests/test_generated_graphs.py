@@ -227,6 +227,10 @@ def test_generated_dag_matches_onnxruntime(data):
     differential = Differential(model, sparse_frames(shape, 4, seed=data.draw(st.integers(0, 999), label="frames")),
                                 measured_bound=False)
     differential.check("delta", "generated all-delta")
+    # Each step's two forms on their own: the delta kernels however much changed, and the
+    # dense forms (onnxruntime on the channels-last state) on frames that changed little.
+    differential.check("delta", "generated all-delta, delta kernels only", dense_forms="never")
+    differential.check("delta", "generated all-delta, dense forms only", dense_forms="always")
     differential.check(random_plan(differential.model, seed=data.draw(st.integers(0, 999), label="plan")),
                        "generated mixed")
 

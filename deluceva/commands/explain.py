@@ -3,7 +3,8 @@
 Per node: its variant; the cost model's predicted ms for it and what the profile measured for
 it (dense: the node alone in its own onnxruntime session; delta: its step's mean over the
 profile's frames at that percentage; a fused group's delta time is its head's); the predicted
-dense and delta ms the choice was made from; the expected input density; the reason.
+dense and delta ms the choice was made from; the expected input density; the reason. Given a
+run's `--summary`, also the frames each delta step ran in its delta form and in its dense form.
 """
 
 from __future__ import annotations
@@ -20,18 +21,25 @@ def _ms(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def explain_table(plan, percentage: float) -> str:
-    """EXPLAIN: one row per node, then totals against all-dense and all-delta."""
+def explain_table(plan, percentage: float, forms: dict | None = None) -> str:
+    """EXPLAIN: one row per node, then totals against all-dense and all-delta.
+
+    `forms`: a run summary's `step_forms` (frames per delta step in each form), shown per node.
+    """
     i = plan.nearest_index(percentage)
     header = ["node", "op", "output shape", "variant", "predicted ms", "measured ms", "dense ms", "delta ms",
-              "density", "reason"]
+              "density", *(["frames delta/dense form"] if forms is not None else []), "reason"]
     rows = []
     for node in plan.data["nodes"]:
         shape = "x".join(str(d) for d in node["output_shape"]) if node["output_shape"] else "-"
         density = node["density"][i]
+        ran = []
+        if forms is not None:
+            counts = forms.get(f"delta[{node['name']}]")
+            ran = [f"{counts['delta']}/{counts['dense']}" if counts else "-"]
         rows.append([node["name"], node["op_type"], shape, node["variant"][i], _ms(node["predicted_ms"][i]),
                      _ms(node["measured_ms"][i]), _ms(node["dense_ms"]), _ms(node["delta_ms"][i]),
-                     "-" if density is None else f"{density:.2f}", node["reason"][i]])
+                     "-" if density is None else f"{density:.2f}", *ran, node["reason"][i]])
     widths = [max(len(r[k]) for r in rows + [header]) for k in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in [header] + rows]
     totals = plan.data["totals"]
@@ -91,6 +99,8 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--percentage", type=percentage, default=None, metavar="P",
                         help="which of the plan's percentages to show (nearest; default: the lowest)")
     parser.add_argument("--graph", metavar="FILE.png|.svg", help="also draw the DAG coloured by variant")
+    parser.add_argument("--summary", metavar="SUMMARY.json",
+                        help="a run's --summary: also show the frames each delta step ran in its delta and dense form")
     parser.set_defaults(handler=run)
 
 
@@ -99,9 +109,29 @@ def run(args) -> int:
 
     plan = load_plan(args.plan)
     p = plan.percentages[0] if args.percentage is None else args.percentage
+    forms = None
+    if args.summary:
+        forms = _read_step_forms(args.summary)
     if args.graph:
         draw_plan(plan, p, args.graph)
-    print(explain_table(plan, p))
+    print(explain_table(plan, p, forms))
     if args.graph:
         print(f"graph: {args.graph}")
     return 0
+
+
+def _read_step_forms(path: str) -> dict:
+    """The `step_forms` of a run summary, or a one-line error naming the file."""
+    import json
+
+    from deluceva.errors import DelucevaError
+
+    try:
+        with open(path) as handle:
+            summary = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise DelucevaError(f"{path}: cannot read the run summary: {error}") from None
+    forms = summary.get("step_forms") if isinstance(summary, dict) else None
+    if not isinstance(forms, dict):
+        raise DelucevaError(f"{path}: not a run summary with step_forms (written by `deluceva run --summary`)")
+    return forms

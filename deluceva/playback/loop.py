@@ -126,6 +126,17 @@ class SessionsByPercentage:
     def variant_counts(self) -> list[dict[str, int]]:
         return [s.plan.counts() for s in self.sessions]
 
+    def step_forms(self) -> dict[str, dict[str, int]]:
+        """Per delta step with a dense form, the frames it ran as delta and as dense, all plans
+        together (`deluceva.runtime.dense_form`)."""
+        total: dict[str, dict[str, int]] = {}
+        for session in self.sessions:
+            for step, counts in session.executor.forms.as_dict().items():
+                row = total.setdefault(step, {"delta": 0, "dense": 0})
+                row["delta"] += counts["delta"]
+                row["dense"] += counts["dense"]
+        return total
+
 
 # -- the loop -------------------------------------------------------------------------------
 
@@ -343,4 +354,6 @@ def summarise(results: Sequence[FrameResult], plans: SessionsByPercentage) -> di
         "plan_variants": dict(counts[used]),
         "plan_variants_per_plan": counts,
         "plan_percentages": plans.percentages,
+        # Frames each delta step ran in its delta and in its dense form (warm-up frames included).
+        "step_forms": plans.step_forms(),
     }

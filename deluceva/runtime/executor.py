@@ -31,6 +31,7 @@ from deluceva.planner.load_model import Model
 from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
 from deluceva.runtime.boundaries import Entry, exceeds, mirror_step, same_values
 from deluceva.runtime.copy_tail import TAIL_OP_TYPES, CopyTail, scatter_step
+from deluceva.runtime.dense_form import DENSE_FORM_OP_TYPES, DenseForm, FormCounts, dense_form_session, either_form
 from deluceva.runtime.thresholds import Thresholds
 
 __all__ = ["Executor", "StepError"]
@@ -77,10 +78,16 @@ class Executor:
         profile: record the time of every step (see `step_times`).
         buffers: working buffers and tensors' state, shareable with executors that never run at
             the same time (`deluceva.operators._buffers`; default: this executor's own).
+        dense_forms: "auto": a delta step runs its dense form on frames where much of its input
+            changed (`deluceva.runtime.dense_form`); "never": always its delta kernels (to
+            measure or test them); "always": its dense form whenever any input changed.
     """
 
     def __init__(self, model: Model, graph, plan: PhysicalPlan, threads: int = 1, profile: bool = False,
-                 buffers: Buffers | None = None):
+                 buffers: Buffers | None = None, dense_forms: str = "auto"):
+        if dense_forms not in ("auto", "never", "always"):
+            raise DelucevaError(f"dense_forms must be 'auto', 'never' or 'always', got {dense_forms!r}")
+        self.dense_forms = dense_forms
         # The delta Conv's BLAS products get the same thread count as onnxruntime: the
         # comparison with plain onnxruntime is at equal threads.
         threadpool_limits(limits=threads, user_api="blas")
@@ -94,6 +101,7 @@ class Executor:
         self.buffers = buffers if buffers is not None else Buffers()
         self.thresholds: Thresholds | None = None
         self._percentage: float | None = None
+        self.forms = FormCounts()
 
         read_by_delta, written_by_delta, read_dense = set(), set(), set(model.output_names)
         for step in plan.steps:
@@ -159,8 +167,17 @@ class Executor:
             else:
                 operator = self._delta_operator(step)
                 self._operators[step.node] = operator
-                for kernel, arguments in operator.calls:
-                    self._calls.append((kernel, arguments))
+                form = self._dense_form(step) if dense_forms != "never" else None
+                if form is None:
+                    for kernel, arguments in operator.calls:
+                        self._calls.append((kernel, arguments))
+                        self._names.append(step.name)
+                else:
+                    spec = graph.nodes[step.node]["spec"]
+                    counts = [self.tensors[step.inputs[i]].count for i in spec.varying]
+                    positions = self.tensors[step.inputs[spec.varying[0]]].layout.positions
+                    self._calls.append((either_form(step.name, form, operator.calls, counts, positions, self.forms,
+                                                    always=dense_forms == "always"), ()))
                     self._names.append(step.name)
                 for tensor in step.outputs:
                     if tensor in self.mirrors:
@@ -233,6 +250,31 @@ class Executor:
         return get_operator(spec.op_type)(spec, inputs, outputs, epilogue=epilogue,
                                           head_output=data["outputs"][0], result=step.outputs[0],
                                           buffers=self.buffers)
+
+    def _dense_form(self, step: DeltaStep) -> DenseForm | None:
+        """The step's dense form, or None where it has none (copies, Concat, several outputs)."""
+        spec = self.graph.nodes[step.node]["spec"]
+        if spec.op_type not in DENSE_FORM_OP_TYPES or len(step.outputs) != 1:
+            return None
+        names = [step.inputs[i] for i in spec.varying]
+        inputs = [self.tensors[t] for t in names]
+        out = self.tensors[step.outputs[0]]
+        # Where the executor keeps a (C, H*W) copy of an input up to date (an entry's, a
+        # mirror), the dense form reads that: no transpose.
+        planar = [self.entries[t].planar if t in self.entries else self.mirrors.get(t) for t in names]
+        placement = tuple((t.offset, t.storage.shape[1], p is not None) for t, p in zip(inputs, planar))
+        key = ("dense form", tuple(step.nodes), tuple(names), step.outputs[0], placement)
+
+        def make():
+            segment = _subgraph(self.model, step.nodes, names, [step.outputs[0]])
+            described = [(n, t, p is not None) for n, t, p in zip(names, inputs, planar)]
+            return dense_form_session(segment, described, step.outputs[0], out.layout, self.threads)
+
+        session = self.buffers.shared(key, make)
+        size = out.layout.positions * out.layout.channels
+        return DenseForm(session, list(zip(inputs, planar)), out,
+                         self.buffers.scratch("dense form rows", (size,), np.float32),
+                         self.buffers.scratch("bits", (2 * size,), np.int32))
 
     def _add_to_delta(self, tensor: str) -> None:
         entry = self.entries[tensor] = Entry(self.tensors[tensor], self.buffers, tensor)

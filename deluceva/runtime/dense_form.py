@@ -1,0 +1,287 @@
+"""A delta step's dense form: the step's own nodes run by onnxruntime on every position, reading
+and writing the delta tensors' channels-last state in place.
+
+A delta step recomputes only the positions whose inputs changed, but each recomputed position
+costs it 1.5-5x what onnxruntime pays for one (gathering windows, marking, the filter's
+bookkeeping). Past a share of changed positions, computing every position is cheaper: the
+executor then runs the step's dense form instead (`choose_form`), so no frame, however much
+changed, costs much more than onnxruntime.
+
+The dense form is the step's nodes (a Conv and its fused epilogue, an elementwise node, a pool)
+cut out of the model, wrapped in Transpose nodes so that it reads (1, H, W, C) and writes
+(1, H', W', M): onnxruntime folds that layout change into the reorders its kernels make anyway
+(0.97-1.08x the plain node on 1x1, depthwise and 3x3 layers; `../shared/probes/ort_nhwc.py`).
+Inputs and output are bound to the state's own memory (`io_binding`), so nothing is converted
+or copied on the way in. On the way out:
+- at p = 0 (threshold 0), onnxruntime writes the output's seen value directly (or through one
+  copy when the output lives inside a Concat's wider storage) and every position is listed as
+  changed: a superset of the exact change, so what follows stays exact;
+- at p > 0, the new rows go to scratch and the filter emits those that changed enough, as the
+  delta kernels do, so held-back changes keep accumulating.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import onnxruntime as ort
+
+from deluceva.onnxruntime_session import inference_session, session_options
+from deluceva.operators import DeltaTensor
+from deluceva.operators._kernels import emit_rows
+
+__all__ = ["DenseForm", "dense_form_model", "dense_form_session", "either_form", "FormCounts", "DENSE_FORM_OP_TYPES"]
+
+# Steps that have a dense form: Conv. Elementwise nodes, Add and the copies cost the delta
+# kernels less than onnxruntime even with every position changed (a fused Relu + Add: 0.78x);
+# pools' onnxruntime kernels work on NCHW (not blocked) data, so the transposes around them are
+# real passes (MaxPool 10 ch at 718x1278: 10.9 ms through Transposes, 2.7 ms plain, 7 ms as delta
+# at full density).
+DENSE_FORM_OP_TYPES = frozenset({"Conv"})
+# Until a step's delta kernels have been timed, it runs its dense form from this share of an
+# input's positions changed on.
+FIRST_SHARE = 0.5
+# The delta kernels' cost per changed position is learnt from frames with at least this many
+# changed positions (on fewer, the call's fixed cost dominates), as a moving average.
+RATE_MIN_POSITIONS = 64
+RATE_WEIGHT = 0.3
+# The first runs of a step's kernels load their compiled code: not counted.
+WARM_UP_RUNS = 2
+# A step that chose its dense form on a frame where less than FIRST_SHARE of its input changed
+# runs its kernels instead once in this many such frames, so that a rate measured too high (a
+# busy machine) is measured again.
+RECHECK_EVERY = 32
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _copy_all(rows, value, offset, changed, count) -> None:
+    """value[p, offset:offset + M] = rows[p] for every position p, each listed as changed."""
+    positions, channels = rows.shape
+    base = np.uint64(offset)
+    for p in range(positions):
+        for c in range(np.uint64(channels)):
+            value[p, base + c] = rows[p, c]
+        changed[p] = p
+    count[0] = positions
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _list_all(changed, count, positions) -> None:
+    for p in range(positions):
+        changed[p] = p
+    count[0] = positions
+
+
+_SHARED_ARENA = []
+
+
+def _shared_arena_options(threads: int):
+    """Session options that take memory from one arena for the whole process.
+
+    A step's intermediates (its NCHW input and output, onnxruntime's blocked copies) are
+    megabytes on high-resolution layers. With an arena per session they would stay allocated
+    for every step of the model (gigabytes on a 1280x736 detector); without one, each call
+    maps and faults in fresh pages (P-Net at 1280x720 ran 1.5x slower). One arena shared by
+    every dense form holds what the largest step needs, once.
+    """
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _SHARED_ARENA.append(info)
+    options = session_options(threads)
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    return options
+
+
+def dense_form_session(segment: onnx.ModelProto, inputs: list[tuple[str, DeltaTensor, bool]], output: str,
+                       out_layout, threads: int):
+    """onnxruntime's session on `dense_form_model(...)`, its memory from the shared arena."""
+    return inference_session(dense_form_model(segment, inputs, output, out_layout), threads,
+                             options=_shared_arena_options(threads))
+
+
+def dense_form_model(segment: onnx.ModelProto, inputs: list[tuple[str, DeltaTensor, bool]], output: str,
+                     out_layout) -> onnx.ModelProto:
+    """`segment` (reading the NCHW `inputs`, writing the NCHW `output`) rewritten to write
+    (1, H', W', M) and to read each input as its storage's (1, H, W, width) rows, or as it is
+    where its third element says the executor keeps a (C, H*W) copy of it (the frame, a tensor
+    entering from dense, a mirror), which spares a transpose.
+
+    An input that lives in columns [offset, offset + C) of a wider storage (a Concat's part) is
+    sliced inside the graph, so it can still be bound to the storage as it is.
+    """
+    graph = segment.graph
+    nodes, inits, graph_inputs = [], [], []
+    for name, tensor, planar in inputs:
+        g = tensor.layout
+        if planar:
+            graph_inputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, g.channels, g.height, g.width]))
+            continue
+        width = tensor.storage.shape[1]
+        rows = f"{name}__rows"
+        graph_inputs.append(helper.make_tensor_value_info(rows, onnx.TensorProto.FLOAT, [1, g.height, g.width, width]))
+        source = rows
+        if tensor.offset != 0 or g.channels != width:
+            bounds = [f"{name}__{part}" for part in ("starts", "ends", "axes")]
+            for part, value in zip(bounds, ([tensor.offset], [tensor.offset + g.channels], [3])):
+                inits.append(numpy_helper.from_array(np.asarray(value, np.int64), part))
+            source = f"{name}__sliced"
+            nodes.append(helper.make_node("Slice", [rows, *bounds], [source]))
+        nodes.append(helper.make_node("Transpose", [source], [name], perm=[0, 3, 1, 2]))
+    nodes.extend(graph.node)
+    result = f"{output}__rows"
+    nodes.append(helper.make_node("Transpose", [output], [result], perm=[0, 2, 3, 1]))
+    g = out_layout
+    outputs = [helper.make_tensor_value_info(result, onnx.TensorProto.FLOAT, [1, g.height, g.width, g.channels])]
+    wrapped = helper.make_graph(nodes, "dense_form", graph_inputs, outputs, [*graph.initializer, *inits])
+    model = helper.make_model(wrapped, opset_imports=list(segment.opset_import))
+    model.ir_version = segment.ir_version
+    return model
+
+
+class DenseForm:
+    """One delta step's dense form, bound to its tensors' state (see the module docstring).
+
+    Args:
+        session: onnxruntime's session on `dense_form_model(...)` of the step (sessions can be
+            shared between the executors of a run's plans; bindings cannot).
+        inputs: (DeltaTensor, its (C, H*W) copy or None) for each varying input, in the
+            session's input order: the copy, where there is one, is what the session reads.
+        out: the step's output DeltaTensor.
+        scratch: (P' * M) float32 working rows, for the filter at p > 0 or a Concat's part.
+        bits: int32 scratch of at least P' * M, for the filter.
+    """
+
+    def __init__(self, session, inputs: list[tuple[DeltaTensor, np.ndarray | None]], out: DeltaTensor,
+                 scratch: np.ndarray, bits: np.ndarray):
+        self.session = session
+        self.out = out
+        positions, channels = out.layout.positions, out.layout.channels
+        self.rows = scratch[: positions * channels].reshape(positions, channels)
+        self.bits = bits
+        self.direct = out.offset == 0 and out.storage.shape[1] == channels
+        self.binding = session.io_binding()
+        for (tensor, planar), bound in zip(inputs, session.get_inputs()):
+            g = tensor.layout
+            # Bound by address: onnxruntime reads the state itself each time, no copy.
+            if planar is not None:
+                self.binding.bind_input(bound.name, "cpu", 0, np.float32, [1, g.channels, g.height, g.width],
+                                        planar.ctypes.data)
+            else:
+                self.binding.bind_input(bound.name, "cpu", 0, np.float32, [1, g.height, g.width, tensor.storage.shape[1]],
+                                        tensor.storage.ctypes.data)
+        self._result = session.get_outputs()[0].name
+        g = out.layout
+        self._shape = [1, g.height, g.width, channels]
+        self._exact_target = out.storage if self.direct else self.rows
+        self._all = np.arange(positions, dtype=np.int64)
+        self.seconds = self._time()
+        self._bind_output(self._exact_target)
+        self._bound = self._exact_target
+
+    def _time(self, repeats: int = 3) -> float:
+        """Seconds one run takes, measured into scratch rows (inputs are only read, so this is
+        safe while other plans' state is live); the first run, which sets onnxruntime up, is not
+        counted."""
+        self._bind_output(self.rows)
+        self.session.run_with_iobinding(self.binding)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.session.run_with_iobinding(self.binding)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def _bind_output(self, target: np.ndarray) -> None:
+        self.binding.bind_output(self._result, "cpu", 0, np.float32, self._shape, target.ctypes.data)
+
+    def run(self) -> None:
+        """Every position of the output from the inputs' seen values, then emitted."""
+        out = self.out
+        threshold = out.threshold[0]
+        exact = threshold == 0
+        target = self._exact_target if exact else self.rows
+        if target is not self._bound:
+            self._bind_output(target)
+            self._bound = target
+        self.session.run_with_iobinding(self.binding)
+        positions = out.layout.positions
+        if exact:
+            if self.direct:
+                _list_all(out.changed, out.count, positions)
+            else:
+                _copy_all(self.rows, out.storage, out.offset, out.changed, out.count)
+        else:
+            out.count[0] = emit_rows(self.rows, self._all, 0, positions, out.storage, out.offset, threshold,
+                                     out.changed, 0, self.bits)
+
+
+def either_form(name: str, form: DenseForm, calls: list, counts: list[np.ndarray], positions: int,
+                forms: "FormCounts", always: bool = False):
+    """One step's call for the frame loop: its dense form or its delta kernels, whichever is
+    cheaper for this frame's change.
+
+    The delta kernels' cost grows with the changed positions; the dense form's does not. The
+    dense form's time is measured when it is built (`DenseForm.seconds`), the kernels' cost per
+    changed input position as they run (a moving average over frames with at least
+    RATE_MIN_POSITIONS changed), and a frame runs the dense form when the kernels would cost
+    more. A fixed break-even share would be wrong by 10x somewhere: a 3->16 stride-2 stem on
+    1280x736 breaks even near 10% of its input changed, a 1x1 64->64 layer near 70%.
+
+    Args:
+        name: the step's name, for `forms`.
+        calls: the delta kernels' (kernel, arguments) pairs.
+        counts: each varying input's count of changed positions (a (1,) array).
+        positions: the inputs' positions.
+        forms: where the frames run in each form are counted.
+        always: run the dense form whenever any input changed (for tests).
+    """
+    dense_seconds = form.seconds
+    first_limit = max(1, int(FIRST_SHARE * positions))
+    # seconds per changed input position (0 until measured), kernel runs so far, and dense
+    # choices below the first share since the kernels last ran
+    state = [0.0, 0, 0]
+    dense_frames, delta_frames = forms.dense, forms.delta
+    dense_frames[name] = delta_frames[name] = 0
+    run_dense = form.run
+    clock = time.perf_counter
+
+    def run_step() -> None:
+        changed = 0
+        for count in counts:
+            changed = max(changed, count[0])
+        rate = state[0]
+        if changed and (always or (changed * rate > dense_seconds if rate else changed >= first_limit)):
+            if always or changed >= first_limit or state[2] < RECHECK_EVERY:
+                state[2] += changed < first_limit
+                dense_frames[name] += 1
+                run_dense()
+                return
+        state[2] = 0
+        delta_frames[name] += 1
+        start = clock()
+        for kernel, arguments in calls:
+            kernel(*arguments)
+        state[1] += 1
+        if changed >= RATE_MIN_POSITIONS and state[1] > WARM_UP_RUNS:
+            measured = (clock() - start) / changed
+            state[0] = measured if not rate else (1 - RATE_WEIGHT) * rate + RATE_WEIGHT * measured
+
+    return run_step
+
+
+class FormCounts:
+    """How many frames each step ran in its delta form and in its dense form."""
+
+    def __init__(self):
+        self.delta: dict[str, int] = {}
+        self.dense: dict[str, int] = {}
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        names = sorted(set(self.delta) | set(self.dense))
+        return {name: {"delta": self.delta.get(name, 0), "dense": self.dense.get(name, 0)} for name in names}
