@@ -35,7 +35,8 @@ from deluceva.onnxruntime_session import inference_session, session_options
 from deluceva.operators import DeltaTensor
 from deluceva.operators._kernels import emit_rows
 
-__all__ = ["DenseForm", "dense_form_model", "dense_form_session", "either_form", "FormCounts", "DENSE_FORM_OP_TYPES"]
+__all__ = ["DenseForm", "dense_form_model", "dense_form_session", "either_form", "FormCounts", "DENSE_FORM_OP_TYPES",
+           "shared_arena_options"]
 
 # Steps that have a dense form: Conv. Elementwise nodes, Add and the copies cost the delta
 # kernels less than onnxruntime even with every position changed (a fused Relu + Add: 0.78x);
@@ -46,15 +47,15 @@ DENSE_FORM_OP_TYPES = frozenset({"Conv"})
 # Until a step's delta kernels have been timed, it runs its dense form from this share of an
 # input's positions changed on.
 FIRST_SHARE = 0.5
-# The delta kernels' cost per changed position is learnt from frames with at least this many
-# changed positions (on fewer, the call's fixed cost dominates), as a moving average.
+# The kernels' cost per changed position is learnt from frames with at least this many changed
+# positions (on fewer, the call's fixed cost dominates); both forms' costs as moving averages.
 RATE_MIN_POSITIONS = 64
-RATE_WEIGHT = 0.3
+WEIGHT = 0.3
 # The first runs of a step's kernels load their compiled code: not counted.
 WARM_UP_RUNS = 2
-# A step that chose its dense form on a frame where less than FIRST_SHARE of its input changed
-# runs its kernels instead once in this many such frames, so that a rate measured too high (a
-# busy machine) is measured again.
+# Once in this many frames with at least RATE_MIN_POSITIONS changed, a step runs the form it did
+# not choose, so that a cost measured on a busy moment, or before the caches were cold, is
+# measured again.
 RECHECK_EVERY = 32
 
 
@@ -80,8 +81,9 @@ def _list_all(changed, count, positions) -> None:
 _SHARED_ARENA = []
 
 
-def _shared_arena_options(threads: int):
-    """Session options that take memory from one arena for the whole process.
+def shared_arena_options(threads: int):
+    """Session options that take memory from one arena for the whole process (the dense forms'
+    and the keyframe session's).
 
     A step's intermediates (its NCHW input and output, onnxruntime's blocked copies) are
     megabytes on high-resolution layers. With an arena per session they would stay allocated
@@ -91,7 +93,9 @@ def _shared_arena_options(threads: int):
     """
     if not _SHARED_ARENA:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        # Grown by what is asked, not by powers of two (which left half of a 1280x736 model's
+        # largest block unused).
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
         _SHARED_ARENA.append(info)
     options = session_options(threads)
     options.add_session_config_entry("session.use_env_allocators", "1")
@@ -102,7 +106,7 @@ def dense_form_session(segment: onnx.ModelProto, inputs: list[tuple[str, DeltaTe
                        out_layout, threads: int):
     """onnxruntime's session on `dense_form_model(...)`, its memory from the shared arena."""
     return inference_session(dense_form_model(segment, inputs, output, out_layout), threads,
-                             options=_shared_arena_options(threads))
+                             options=shared_arena_options(threads))
 
 
 def dense_form_model(segment: onnx.ModelProto, inputs: list[tuple[str, DeltaTensor, bool]], output: str,
@@ -226,12 +230,15 @@ def either_form(name: str, form: DenseForm, calls: list, counts: list[np.ndarray
     """One step's call for the frame loop: its dense form or its delta kernels, whichever is
     cheaper for this frame's change.
 
-    The delta kernels' cost grows with the changed positions; the dense form's does not. The
-    dense form's time is measured when it is built (`DenseForm.seconds`), the kernels' cost per
-    changed input position as they run (a moving average over frames with at least
-    RATE_MIN_POSITIONS changed), and a frame runs the dense form when the kernels would cost
-    more. A fixed break-even share would be wrong by 10x somewhere: a 3->16 stride-2 stem on
-    1280x736 breaks even near 10% of its input changed, a 1x1 64->64 layer near 70%.
+    The delta kernels' cost grows with the changed positions; the dense form's does not. Both are
+    measured as the video plays, in the frame loop's own conditions (a form timed alone, with warm
+    caches, looked 1.3x cheaper than it was on P-Net at 1280x720): the dense form's time as a
+    moving average (starting from `DenseForm.seconds`), the kernels' cost per changed input
+    position likewise, over frames with at least RATE_MIN_POSITIONS changed. A frame runs the
+    dense form when the kernels would cost more; until they have been timed, when FIRST_SHARE of
+    an input changed. A fixed break-even share would be wrong by 10x somewhere: YuNet's 3->16
+    stride-2 stem at 1280x736 breaks even near 10% of its input changed, a 1x1 64->64 layer near
+    70%.
 
     Args:
         name: the step's name, for `forms`.
@@ -241,11 +248,10 @@ def either_form(name: str, form: DenseForm, calls: list, counts: list[np.ndarray
         forms: where the frames run in each form are counted.
         always: run the dense form whenever any input changed (for tests).
     """
-    dense_seconds = form.seconds
     first_limit = max(1, int(FIRST_SHARE * positions))
-    # seconds per changed input position (0 until measured), kernel runs so far, and dense
-    # choices below the first share since the kernels last ran
-    state = [0.0, 0, 0]
+    # dense seconds, kernels' seconds per changed position (0 until measured), kernel runs,
+    # frames since the other form was last tried
+    state = [form.seconds, 0.0, 0, 0]
     dense_frames, delta_frames = forms.dense, forms.delta
     dense_frames[name] = delta_frames[name] = 0
     run_dense = form.run
@@ -255,22 +261,30 @@ def either_form(name: str, form: DenseForm, calls: list, counts: list[np.ndarray
         changed = 0
         for count in counts:
             changed = max(changed, count[0])
-        rate = state[0]
-        if changed and (always or (changed * rate > dense_seconds if rate else changed >= first_limit)):
-            if always or changed >= first_limit or state[2] < RECHECK_EVERY:
-                state[2] += changed < first_limit
-                dense_frames[name] += 1
-                run_dense()
-                return
-        state[2] = 0
-        delta_frames[name] += 1
+        if always:
+            dense = changed > 0
+        else:
+            rate = state[1]
+            dense = changed * rate > state[0] if rate else changed >= first_limit
+            if changed >= RATE_MIN_POSITIONS:
+                state[3] += 1
+                if state[3] >= RECHECK_EVERY:
+                    state[3] = 0
+                    dense = not dense
         start = clock()
+        if dense:
+            dense_frames[name] += 1
+            run_dense()
+            seconds = clock() - start
+            state[0] = (1 - WEIGHT) * state[0] + WEIGHT * seconds
+            return
+        delta_frames[name] += 1
         for kernel, arguments in calls:
             kernel(*arguments)
-        state[1] += 1
-        if changed >= RATE_MIN_POSITIONS and state[1] > WARM_UP_RUNS:
+        state[2] += 1
+        if changed >= RATE_MIN_POSITIONS and state[2] > WARM_UP_RUNS:
             measured = (clock() - start) / changed
-            state[0] = measured if not rate else (1 - RATE_WEIGHT) * rate + RATE_WEIGHT * measured
+            state[1] = measured if not state[1] else (1 - WEIGHT) * state[1] + WEIGHT * measured
 
     return run_step
 

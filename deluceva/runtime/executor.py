@@ -31,10 +31,16 @@ from deluceva.planner.load_model import Model
 from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
 from deluceva.runtime.boundaries import Entry, exceeds, mirror_step, same_values
 from deluceva.runtime.copy_tail import TAIL_OP_TYPES, CopyTail, scatter_step
-from deluceva.runtime.dense_form import DENSE_FORM_OP_TYPES, DenseForm, FormCounts, dense_form_session, either_form
+from deluceva.runtime.dense_form import (DENSE_FORM_OP_TYPES, DenseForm, FormCounts, dense_form_session, either_form,
+                                         shared_arena_options)
 from deluceva.runtime.thresholds import Thresholds
 
 __all__ = ["Executor", "StepError"]
+
+
+def _spans(state: DeltaTensor) -> bool:
+    """Whether a delta tensor is its whole storage (not a part of a Concat's)."""
+    return state.offset == 0 and state.storage.shape[1] == state.layout.channels
 
 
 class StepError(RuntimeError):
@@ -188,10 +194,12 @@ class Executor:
                                         for t in s.outputs})
         # One keyframe session for every executor sharing `buffers`, exposing what all of them
         # load; made at the first keyframe, when they all have said what they need.
-        self._keyframes = self.buffers.shared("keyframe", lambda: {"tensors": set(), "session": None})
-        self._keyframes["tensors"] |= (set(self.tensors) | set(self._segment_outputs)
+        self._keyframes = self.buffers.shared("keyframe", lambda: {"tensors": set(), "rows": set(), "session": None})
+        self._keyframes["tensors"] |= (set(self.entries) | set(self.mirrors) | set(self._segment_outputs)
                                        | {t for tail in self._tails.values() for t in tail.outputs})
+        self._keyframes["rows"] |= {t for t, state in self.tensors.items() if t != model.input_name and _spans(state)}
         self._keyframes["session"] = None
+        self._keyframe_binding = None
 
     # -- construction --------------------------------------------------------------------
 
@@ -399,7 +407,10 @@ class Executor:
     def reference(self, frame: np.ndarray) -> list[np.ndarray]:
         """Exact outputs from plain onnxruntime on the whole model; caches untouched."""
         frame = self._check_frame(frame)
-        plain = self.buffers.shared("plain", lambda: _session(self.model.onnx, self.threads))
+        # Its intermediates in the arena the keyframe session and the dense forms share: a run
+        # keeps one model's worth of them, not one per session (100 MiB on YuNet at 1280x736).
+        plain = self.buffers.shared("plain", lambda: inference_session(
+            self.model.onnx, self.threads, options=shared_arena_options(self.threads)))
         return plain.run(self.model.output_names, {self.model.input_name: frame})
 
     @property
@@ -435,36 +446,95 @@ class Executor:
     _last_was_keyframe = True
     _skipped = False
 
-    def _run_keyframe(self, frame: np.ndarray) -> list[np.ndarray]:
-        start = time.perf_counter()
+    def _keyframe_session(self):
+        """The keyframe session: the whole model, also writing every delta tensor, as rows
+        (`{tensor}__rows`, for the states) and as it is (for the (C, H*W) copies); one for all the
+        executors that share `buffers`, made when the first of them runs a keyframe."""
         keyframes = self._keyframes
         if keyframes["session"] is None:
             exposing = self.model.exposing(sorted(keyframes["tensors"]))
-            keyframes["names"] = [o.name for o in exposing.graph.output]
-            keyframes["session"] = _session(exposing, self.threads, arena=False)
-        values = dict(zip(keyframes["names"], keyframes["session"].run(None, {self.model.input_name: frame})))
-        values[self.model.input_name] = frame
+            for tensor in sorted(keyframes["rows"]):
+                channels, height, width = self.model.shapes[tensor][1:]
+                exposing.graph.node.append(helper.make_node("Transpose", [tensor], [f"{tensor}__rows"], perm=[0, 2, 3, 1]))
+                exposing.graph.output.append(helper.make_tensor_value_info(
+                    f"{tensor}__rows", onnx.TensorProto.FLOAT, [1, height, width, channels]))
+            # Only what is written into deluceva's memory is an output: the other tensors stay
+            # onnxruntime's own, in the arena the dense forms share (exposing every tensor, as
+            # outputs onnxruntime allocates, made a keyframe of YuNet at 1280x736 cost 4.3x a
+            # dense run).
+            keyframes["session"] = inference_session(exposing, self.threads, options=shared_arena_options(self.threads))
+        return keyframes["session"]
+
+    def _bind_keyframe(self, session):
+        """This executor's binding of the keyframe session's outputs to the memory they refresh.
+
+        Every state whose tensor spans its storage (a Concat's parts live in the Concat's, and
+        are written with it) is written by onnxruntime as rows, in place; entries' and mirrors'
+        (C, H*W) copies and copy tails' outputs likewise. Only dense segments' and the model's
+        outputs that none of those hold are allocated. Before, the session returned every tensor
+        as a new array and each was then copied into its state: on a 1280x736 detector that
+        doubled the states' 453 MiB at every keyframe, and cost a pass over them.
+        """
+        if self._keyframe_binding is not None and self._keyframe_binding[0] is session:
+            return self._keyframe_binding[1:]
+        binding = session.io_binding()
+        held: dict[str, np.ndarray] = {}  # output -> the array onnxruntime writes it into
+
+        def bind(name: str, array: np.ndarray, shape) -> None:
+            binding.bind_output(name, "cpu", 0, np.float32, list(shape), array.ctypes.data)
+            held[name] = array
+
         for tensor, state in self.tensors.items():
-            if tensor in self.entries:
-                self.entries[tensor].load(values[tensor])
-            else:
-                state.load(values[tensor])
-        for tensor, mirror in self.mirrors.items():
-            np.copyto(mirror, values[tensor].reshape(mirror.shape))
+            if tensor == self.model.input_name:
+                continue
+            g = state.layout
+            if _spans(state):
+                bind(f"{tensor}__rows", state.storage, (1, g.height, g.width, g.channels))
+            planar = self.entries[tensor].planar if tensor in self.entries else self.mirrors.get(tensor)
+            if planar is not None:
+                bind(tensor, planar, (1, g.channels, g.height, g.width))
         for tail in self._tails.values():
             for name in tail.outputs:
-                np.copyto(self._dense[name], values[name])
+                if name not in held:
+                    bind(name, self._dense[name], self._dense[name].shape)
+        allocated = []
+        for name in dict.fromkeys([*self._segment_outputs, *self.model.output_names]):
+            if name not in held:
+                binding.bind_output(name, "cpu")
+                allocated.append(name)
+        self._keyframe_binding = (session, binding, held, allocated)
+        return binding, held, allocated
+
+    def _run_keyframe(self, frame: np.ndarray) -> list[np.ndarray]:
+        start = time.perf_counter()
+        session = self._keyframe_session()
+        binding, held, allocated = self._bind_keyframe(session)
+        binding.bind_input(self.model.input_name, "cpu", 0, np.float32, list(frame.shape), frame.ctypes.data)
+        session.run_with_iobinding(binding)
+        values = dict(zip(allocated, (value.numpy() for value in binding.get_outputs()[-len(allocated):]))) if allocated else {}
+        for name, array in held.items():
+            if not name.endswith("__rows"):
+                values.setdefault(name, array.reshape(self.model.shapes[name]))
+        for state in self.tensors.values():
+            state.count[0] = 0
+        self.entries[self.model.input_name].load(frame)
+        for tail in self._tails.values():
+            for name in tail.outputs:  # written into an entry's copy instead, when it is one
+                if held.get(name) is not self._dense[name]:
+                    np.copyto(self._dense[name], values[name])
         for name in self._segment_outputs:  # a segment skipped next frame leaves these as they are
-            self._dense[name] = values[name]
+            self._dense[name] = values[name] if name in allocated else np.array(values[name])
         np.copyto(self._last_frame, frame)
-        self._last_outputs = [values[name] for name in self.model.output_names]
+        # Outputs held in state arrays are updated in place by later frames: returned as copies.
+        outputs = [values[name] if name in allocated else np.array(values[name]) for name in self.model.output_names]
+        self._last_outputs = outputs
         # After a frame with a NaN or an infinity, the caches hold it: the next frame is a
         # keyframe too, until the video is finite again.
         self.keyframe_pending = not bool(np.isfinite(frame).all())
         self._last_was_keyframe = True
         if self.profile:
             self.step_times["keyframe"].append(time.perf_counter() - start)
-        return [values[name] for name in self.model.output_names]
+        return [np.array(output) for output in outputs]
 
     def _run_delta(self, frame: np.ndarray) -> list[np.ndarray]:
         dense = self._dense
