@@ -225,4 +225,41 @@ def test_the_dense_form_runs_on_frames_that_changed_much():
     for index in range(4):
         session.run(rng.standard_normal(first.shape).astype(np.float32))  # every position changes
     counts = session.executor.forms.as_dict()["delta[conv]"]
-    assert counts["dense"] == 4
+    assert counts == {"delta": 6, "dense": 4}
+
+
+@pytest.mark.parametrize("weight, attrs, share", [
+    ((64, 64, 1, 1), {}, 0.7),                               # pointwise
+    ((64, 1, 3, 3), {"group": 64}, 0.4),                      # depthwise, many channels
+    ((16, 1, 3, 3), {"group": 16}, 0.25),                     # depthwise, few
+    ((64, 32, 3, 3), {}, 0.35),
+    ((16, 3, 3, 3), {"strides": [2, 2]}, 0.08),               # a stem reading the image
+])
+def test_break_even_share_by_kind_of_layer(weight, attrs, share):
+    from deluceva.operators._common import OpSpec
+    from deluceva.runtime.dense_form import break_even_share
+
+    spec = OpSpec("conv", "Conv", attrs, [(1, weight[1] * attrs.get("group", 1), 8, 8), weight], [(1, weight[0], 8, 8)],
+                  constants={1: np.zeros(weight, np.float32)})
+    assert break_even_share(spec) == share
+
+
+def test_runs_of_one_video_are_identical():
+    """The form a step runs is decided by its change alone, not by timing: two sessions on the
+    same frames give the same bits."""
+    model = _chain_model((40, 36))
+    rng = np.random.default_rng(4)
+    frames = [rng.standard_normal((1, 3, 40, 36)).astype(np.float32)]
+    for index in range(8):
+        frame = frames[-1].copy()
+        share = (0.05, 0.9)[index % 2]
+        frame[:, :, : int(40 * share)] += 1
+        frames.append(frame)
+    outputs = []
+    for _ in range(2):
+        session = Session(model, plan="delta")
+        outputs.append([session.run(frame)[0] for frame in frames])
+        forms = session.executor.forms.as_dict()
+        assert all(v["dense"] and v["delta"] for v in forms.values()), forms  # both forms ran
+    for a, b in zip(*outputs):
+        assert np.array_equal(a, b)

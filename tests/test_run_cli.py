@@ -25,7 +25,7 @@ from deluceva.playback.recorder import FrameRecorder
 SUMMARY_FIELDS = {
     "frames", "threads", "ms_per_frame_median", "ms_per_frame_mean", "reference_frames", "error_mean",
     "error_p95", "error_max", "percentage_trace", "density_trace", "plan_variants", "model", "video",
-    "metric", "budget", "controller",
+    "metric", "budget", "controller", "seconds_to_first_output", "step_forms",
 }
 
 
@@ -75,6 +75,8 @@ def test_run_writes_outputs_and_summary(tiny, tmp_path):
     assert summary["error_max"] < 1e-3
     assert len(summary["percentage_trace"]) == len(summary["density_trace"]) == 12
     assert summary["plan_variants"]["delta"] > 0
+    # Set-up counts: at least the first frame's own time.
+    assert summary["seconds_to_first_output"] * 1000 >= summary["ms_trace"][0] > 0
     assert not (tmp_path / "out.npz.parts").exists()
 
 

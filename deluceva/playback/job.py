@@ -117,6 +117,7 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
     results = []
     interrupted = False
     late = LateFrames(files.drop_late) if files.drop_late is not None else None
+    first_output = None
     position = files.first_frame - 1  # the source frame's number: with dropped frames, not the result's index
     try:
         for rgb in setup.video:
@@ -125,6 +126,8 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
                 continue
             tensor = setup.preprocess(rgb)
             result = runner.step(tensor)
+            if not results:
+                first_output = time.perf_counter() - setup.started
             results.append(result)
             if recorder is not None:
                 arrays = dict(zip(names, result.outputs))
@@ -149,7 +152,8 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
             except DelucevaError as error:
                 failures.append(error)
         summary = {**run_info(setup, plans), **summarise(results, plans), **files.extra_summary,
-                   "frames_written": files.first_frame + len(results), "interrupted": interrupted}
+                   "frames_written": files.first_frame + len(results), "interrupted": interrupted,
+                   "seconds_to_first_output": first_output}
         if late is not None:
             summary["dropped_frames"] = late.dropped
         if files.summary and results:

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 
 from deluceva.errors import DelucevaError, check_percentage
@@ -89,6 +90,9 @@ class Setup:
     notes: list[str] = field(default_factory=list)
     start_percentage: float = 0.0
     calibration_frames: list = field(default_factory=list)  # the first frames, once read
+    # When `prepare` began: the summary's seconds to the first output count from here (loading,
+    # calibration, profiling and compiling, the sessions and their kernels).
+    started: float = field(default_factory=time.perf_counter)
 
 
 def prepare(options: RunOptions) -> Setup:

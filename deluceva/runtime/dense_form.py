@@ -3,12 +3,11 @@ and writing the delta tensors' channels-last state in place.
 
 A delta step recomputes only the positions whose inputs changed, but each recomputed position
 costs it 1.5-5x what onnxruntime pays for one (gathering windows, marking, the filter's
-bookkeeping). Past a share of changed positions, computing every position is cheaper: the
-executor then runs the step's dense form instead (`choose_form`), so no frame, however much
-changed, costs much more than onnxruntime.
+bookkeeping). Past a share of changed positions (`break_even_share`), computing every position
+is cheaper: the executor then runs the step's dense form instead (`either_form`), so a frame in
+which most of a layer changed costs about what onnxruntime's node costs.
 
-The dense form is the step's nodes (a Conv and its fused epilogue, an elementwise node, a pool)
-cut out of the model, wrapped in Transpose nodes so that it reads (1, H, W, C) and writes
+The dense form is the step's nodes (a Conv and its fused epilogue) cut out of the model, wrapped in Transpose nodes so that it reads (1, H, W, C) and writes
 (1, H', W', M): onnxruntime folds that layout change into the reorders its kernels make anyway
 (0.97-1.08x the plain node on 1x1, depthwise and 3x3 layers; `../shared/probes/ort_nhwc.py`).
 Inputs and output are bound to the state's own memory (`io_binding`), so nothing is converted
@@ -22,20 +21,17 @@ or copied on the way in. On the way out:
 
 from __future__ import annotations
 
-import time
-
 import numba
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
-
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 
 from deluceva.onnxruntime_session import inference_session, session_options
 from deluceva.operators import DeltaTensor
 from deluceva.operators._kernels import emit_rows
 
-__all__ = ["DenseForm", "dense_form_model", "dense_form_session", "either_form", "FormCounts", "DENSE_FORM_OP_TYPES",
+__all__ = ["DenseForm", "dense_form_model", "dense_form_session", "either_form", "break_even_share", "FormCounts", "DENSE_FORM_OP_TYPES",
            "shared_arena_options"]
 
 # Steps that have a dense form: Conv. Elementwise nodes, Add and the copies cost the delta
@@ -44,19 +40,28 @@ __all__ = ["DenseForm", "dense_form_model", "dense_form_session", "either_form",
 # real passes (MaxPool 10 ch at 718x1278: 10.9 ms through Transposes, 2.7 ms plain, 7 ms as delta
 # at full density).
 DENSE_FORM_OP_TYPES = frozenset({"Conv"})
-# Until a step's delta kernels have been timed, it runs its dense form from this share of an
-# input's positions changed on.
-FIRST_SHARE = 0.5
-# The kernels' cost per changed position is learnt from frames with at least this many changed
-# positions (on fewer, the call's fixed cost dominates); both forms' costs as moving averages.
-RATE_MIN_POSITIONS = 64
-WEIGHT = 0.3
-# The first runs of a step's kernels load their compiled code: not counted.
-WARM_UP_RUNS = 2
-# Once in this many frames with at least RATE_MIN_POSITIONS changed, a step runs the form it did
-# not choose, so that a cost measured on a busy moment, or before the caches were cold, is
-# measured again.
-RECHECK_EVERY = 32
+def break_even_share(spec) -> float:
+    """The share of a Conv's input positions changed from which its dense form is cheaper than
+    its delta kernels.
+
+    From the kernels' cost per recomputed position against onnxruntime's (`scripts/step_costs.py`,
+    every position changed, 1 thread): about 1.2-1.4x on pointwise layers, 2x on depthwise ones
+    with 64 channels and 4x with 16, 2-3.5x on 3x3 layers with 12-32 input channels a group and
+    5x on a stride-2 stem reading 3; a window also recomputes the positions around a change.
+    Fixed per layer, not measured while the video plays: timing-based choices would make two
+    runs of one video differ in the last float bits.
+    """
+    weight = spec.constants[1]
+    out_channels, group_channels, kh, kw = weight.shape
+    groups = int(spec.attrs.get("group", 1))
+    strides = tuple(int(v) for v in spec.attrs.get("strides", [1, 1]))
+    if (kh, kw) == (1, 1) and groups == 1 and strides == (1, 1):
+        return 0.7
+    if group_channels == 1 and groups == out_channels:  # depthwise
+        return 0.4 if out_channels >= 32 else 0.25
+    if group_channels >= 16:
+        return 0.35
+    return 0.15 if group_channels >= 8 else 0.08
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -184,22 +189,8 @@ class DenseForm:
         self._shape = [1, g.height, g.width, channels]
         self._exact_target = out.storage if self.direct else self.rows
         self._all = np.arange(positions, dtype=np.int64)
-        self.seconds = self._time()
         self._bind_output(self._exact_target)
         self._bound = self._exact_target
-
-    def _time(self, repeats: int = 3) -> float:
-        """Seconds one run takes, measured into scratch rows (inputs are only read, so this is
-        safe while other plans' state is live); the first run, which sets onnxruntime up, is not
-        counted."""
-        self._bind_output(self.rows)
-        self.session.run_with_iobinding(self.binding)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.session.run_with_iobinding(self.binding)
-            best = min(best, time.perf_counter() - start)
-        return best
 
     def _bind_output(self, target: np.ndarray) -> None:
         self.binding.bind_output(self._result, "cpu", 0, np.float32, self._shape, target.ctypes.data)
@@ -225,66 +216,24 @@ class DenseForm:
                                      out.changed, 0, self.bits)
 
 
-def either_form(name: str, form: DenseForm, calls: list, counts: list[np.ndarray], positions: int,
-                forms: "FormCounts", always: bool = False):
-    """One step's call for the frame loop: its dense form or its delta kernels, whichever is
-    cheaper for this frame's change.
-
-    The delta kernels' cost grows with the changed positions; the dense form's does not. Both are
-    measured as the video plays, in the frame loop's own conditions (a form timed alone, with warm
-    caches, looked 1.3x cheaper than it was on P-Net at 1280x720): the dense form's time as a
-    moving average (starting from `DenseForm.seconds`), the kernels' cost per changed input
-    position likewise, over frames with at least RATE_MIN_POSITIONS changed. A frame runs the
-    dense form when the kernels would cost more; until they have been timed, when FIRST_SHARE of
-    an input changed. A fixed break-even share would be wrong by 10x somewhere: YuNet's 3->16
-    stride-2 stem at 1280x736 breaks even near 10% of its input changed, a 1x1 64->64 layer near
-    70%.
-
-    Args:
-        name: the step's name, for `forms`.
-        calls: the delta kernels' (kernel, arguments) pairs.
-        counts: each varying input's count of changed positions (a (1,) array).
-        positions: the inputs' positions.
-        forms: where the frames run in each form are counted.
-        always: run the dense form whenever any input changed (for tests).
-    """
-    first_limit = max(1, int(FIRST_SHARE * positions))
-    # dense seconds, kernels' seconds per changed position (0 until measured), kernel runs,
-    # frames since the other form was last tried
-    state = [form.seconds, 0.0, 0, 0]
+def either_form(name: str, form: DenseForm, calls: list, counts: list[np.ndarray], limit: int,
+                forms: "FormCounts"):
+    """One step's call for the frame loop: its dense form on frames where an input has at least
+    `limit` changed positions (`break_even_share` of them; 1: whenever anything changed), else
+    its delta kernels; the frames run in each form are counted in `forms`."""
     dense_frames, delta_frames = forms.dense, forms.delta
     dense_frames[name] = delta_frames[name] = 0
     run_dense = form.run
-    clock = time.perf_counter
 
     def run_step() -> None:
-        changed = 0
         for count in counts:
-            changed = max(changed, count[0])
-        if always:
-            dense = changed > 0
-        else:
-            rate = state[1]
-            dense = changed * rate > state[0] if rate else changed >= first_limit
-            if changed >= RATE_MIN_POSITIONS:
-                state[3] += 1
-                if state[3] >= RECHECK_EVERY:
-                    state[3] = 0
-                    dense = not dense
-        start = clock()
-        if dense:
-            dense_frames[name] += 1
-            run_dense()
-            seconds = clock() - start
-            state[0] = (1 - WEIGHT) * state[0] + WEIGHT * seconds
-            return
+            if count[0] >= limit:
+                dense_frames[name] += 1
+                run_dense()
+                return
         delta_frames[name] += 1
         for kernel, arguments in calls:
             kernel(*arguments)
-        state[2] += 1
-        if changed >= RATE_MIN_POSITIONS and state[2] > WARM_UP_RUNS:
-            measured = (clock() - start) / changed
-            state[1] = measured if not state[1] else (1 - WEIGHT) * state[1] + WEIGHT * measured
 
     return run_step
 

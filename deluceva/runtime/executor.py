@@ -31,8 +31,8 @@ from deluceva.planner.load_model import Model
 from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
 from deluceva.runtime.boundaries import Entry, exceeds, mirror_step, same_values
 from deluceva.runtime.copy_tail import TAIL_OP_TYPES, CopyTail, scatter_step
-from deluceva.runtime.dense_form import (DENSE_FORM_OP_TYPES, DenseForm, FormCounts, dense_form_session, either_form,
-                                         shared_arena_options)
+from deluceva.runtime.dense_form import (DENSE_FORM_OP_TYPES, DenseForm, FormCounts, break_even_share,
+                                         dense_form_session, either_form, shared_arena_options)
 from deluceva.runtime.thresholds import Thresholds
 
 __all__ = ["Executor", "StepError"]
@@ -84,9 +84,10 @@ class Executor:
         profile: record the time of every step (see `step_times`).
         buffers: working buffers and tensors' state, shareable with executors that never run at
             the same time (`deluceva.operators._buffers`; default: this executor's own).
-        dense_forms: "auto": a delta step runs its dense form on frames where much of its input
-            changed (`deluceva.runtime.dense_form`); "never": always its delta kernels (to
-            measure or test them); "always": its dense form whenever any input changed.
+        dense_forms: "auto": a Conv step runs its dense form on frames where more than its
+            break-even share of its input changed (`deluceva.runtime.dense_form`); "never":
+            always its delta kernels (to measure or test them); "always": its dense form
+            whenever any input changed.
     """
 
     def __init__(self, model: Model, graph, plan: PhysicalPlan, threads: int = 1, profile: bool = False,
@@ -182,8 +183,9 @@ class Executor:
                     spec = graph.nodes[step.node]["spec"]
                     counts = [self.tensors[step.inputs[i]].count for i in spec.varying]
                     positions = self.tensors[step.inputs[spec.varying[0]]].layout.positions
-                    self._calls.append((either_form(step.name, form, operator.calls, counts, positions, self.forms,
-                                                    always=dense_forms == "always"), ()))
+                    share = 0.0 if dense_forms == "always" else break_even_share(spec)
+                    limit = max(1, int(np.ceil(share * positions)))
+                    self._calls.append((either_form(step.name, form, operator.calls, counts, limit, self.forms), ()))
                     self._names.append(step.name)
                 for tensor in step.outputs:
                     if tensor in self.mirrors:
