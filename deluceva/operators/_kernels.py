@@ -120,20 +120,31 @@ def mark_window(changed, n, in_width, geometry, out_height, out_width, mark, fou
 def collect_marked(mark, found, n) -> None:
     """Sort found[:n] (the marked positions) ascending and clear their marks.
 
-    Many marks are read off the mark array in order instead of sorted: one pass over it.
+    Past a few marks per thousand positions, the marks are read off the mark array in order
+    instead of sorted, eight at a time: a word of eight unmarked positions is one compare (a
+    pass over 940k positions with 1% marked: 0.8 ms a byte at a time, 1 ms sorting the list).
     """
     total = mark.shape[0]
-    if n * 16 > total:
-        k = 0
-        for q in range(total):
-            if mark[q]:
-                mark[q] = 0
-                found[k] = q
-                k += 1
-    else:
+    if n * 256 <= total:
         found[:n].sort()
         for j in range(n):
             mark[found[j]] = 0
+        return
+    words = total // 8
+    packed = mark[: words * 8].view(np.uint64)
+    k = 0
+    for w in range(words):
+        if packed[w]:
+            for q in range(8 * w, 8 * w + 8):
+                if mark[q]:
+                    found[k] = q
+                    k += 1
+            packed[w] = 0
+    for q in range(words * 8, total):
+        if mark[q]:
+            mark[q] = 0
+            found[k] = q
+            k += 1
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

@@ -136,16 +136,75 @@ def _depthwise(x, offset, in_height, in_width, positions, start, n, out_width, g
             out[j, c] = acc[c]
 
 
+RUN = 32  # output positions a depthwise run covers at most: the run's sums stay in L1
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _depthwise_runs(x, in_height, in_width, positions, start, n, out_width, geometry, taps, tiled, rows, out) -> None:
+    """out[j] = the depthwise convolution (no bias) at output positions[start + j], for a
+    stride-1, undilated kernel on an input that fills its storage.
+
+    Changed positions come in runs along a row (video changes in patches). Where a run's windows
+    lie inside the input, tap t reads one contiguous block of the run's length times C values,
+    so its products are one flat multiply-add over the block with the taps tiled to its length
+    (`tiled`: (kh * kw, RUN * C)): no index arithmetic per position, and full vectors even with
+    few channels (16 channels at 104x104 cost 3.7x onnxruntime per position one at a time).
+    Positions near the border go one at a time, as in `_depthwise`.
+    """
+    channels = out.shape[1]
+    kh, kw, top, left = geometry[0], geometry[1], geometry[6], geometry[7]
+    flat = x.reshape(x.shape[0] * channels)
+    sums = out.reshape(out.shape[0] * channels)
+    # A local array for the sums (an argument the compiler cannot tell apart from `x`) and
+    # unsigned indices keep the multiply-adds vectorised (scalar otherwise: 2x slower).
+    local = np.empty(RUN * channels, np.float32)
+    j = 0
+    while j < n:
+        q = positions[start + j]
+        oy = q // out_width
+        ox = q - oy * out_width
+        iy, ix = oy - top, ox - left
+        length = 1
+        if 0 <= iy and iy + kh <= in_height and 0 <= ix:
+            while (j + length < n and length < RUN and positions[start + j + length] == q + length
+                   and ox + length < out_width):
+                length += 1
+            while length > 0 and ix + length - 1 + kw > in_width:
+                length -= 1
+        else:
+            length = 0
+        if length == 0:  # at the border: one position, padding read from the zero row
+            _depthwise(x, 0, in_height, in_width, positions, start + j, 1, out_width, geometry, taps, rows, out[j:j + 1])
+            j += 1
+            continue
+        size = np.uint64(length * channels)
+        for i in range(size):
+            local[i] = 0.0
+        t = 0
+        for ky in range(kh):
+            for kx in range(kw):
+                first = np.uint64(((iy + ky) * in_width + ix + kx) * channels)
+                tap = tiled[t]
+                for i in range(size):
+                    local[i] += flat[first + i] * tap[i]
+                t += 1
+        begin = np.uint64(j * channels)
+        for i in range(size):
+            sums[begin + i] = local[i]
+        j += length
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def conv_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value, out_offset, out_width, out_changed,
               out_count, threshold, geometry, kind, weights, bias, mark, found, rows, cols, partial, registers, bits,
-              code, params, constants, constant_rows, result, finish, finish_params) -> None:
+              code, params, constants, constant_rows, result, finish, finish_params, tiled) -> None:
     """Recompute the output where its window read a change, run the epilogue, emit.
 
     weights: (groups, K, M / groups) for the product, or (1, kh * kw, C) taps when depthwise.
     finish: the epilogue's FINISH_KINDS number when `finish_rows` applies it with the bias and the
     filter in one pass (finish_params: its alpha and beta, then PRelu's slope per channel), or -1 to
     run the program `code`.
+    tiled: the depthwise taps tiled for `_depthwise_runs`, or (0, 0) where it does not apply.
     """
     n_in = in_count[0]
     if kind == 0:
@@ -167,7 +226,11 @@ def conv_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value,
             gather_rows(x, x_offset, positions, start, size, cols)
             np.dot(cols[:size], weights[0], z[:size])
         elif kind == 1:
-            _depthwise(x, x_offset, in_height, in_width, positions, start, size, out_width, geometry, weights[0], rows, z)
+            if tiled.shape[1]:
+                _depthwise_runs(x, in_height, in_width, positions, start, size, out_width, geometry, weights[0], tiled,
+                                rows, z)
+            else:
+                _depthwise(x, x_offset, in_height, in_width, positions, start, size, out_width, geometry, weights[0], rows, z)
         else:
             for g in range(groups):
                 _windows(x, x_offset, in_height, in_width, positions, start, size, out_width, geometry, g * group_in,
@@ -256,6 +319,11 @@ class DeltaConv(DeltaOperator):
             bias[:] = np.asarray(spec.constants[2], np.float32).reshape(-1)
         program = compile_program(list(epilogue), [head_output], result or head_output, out.layout)
         window = weights.shape[1] if geometry.kind != 1 else 1
+        tiled = np.zeros((0, 0), np.float32)
+        runs = (geometry.kind == DEPTHWISE and geometry.strides == (1, 1) and geometry.dilations == (1, 1)
+                and x.offset == 0 and x.storage.shape[1] == x.layout.channels)
+        if runs:  # the taps repeated for a run of RUN positions
+            tiled = np.ascontiguousarray(np.tile(weights[0], (1, RUN)))
         rows = chunk_rows(4 * max(window, m * program.registers))
         positions = out.layout.positions
         self.geometry = geometry
@@ -271,5 +339,5 @@ class DeltaConv(DeltaOperator):
             self.buffers.scratch("registers", (program.registers, rows, m), np.float32),
             self.buffers.scratch("bits", (max(2 * rows, 2 * FINISH_BLOCK + 1) * m,), np.int32),
             program.code, program.params, program.constants, program.constant_rows, program.result,
-            self.finish, finish_params,
+            self.finish, finish_params, tiled,
         ))]
