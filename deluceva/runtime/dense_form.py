@@ -3,9 +3,9 @@ and writing the delta tensors' channels-last state in place.
 
 A delta step recomputes only the positions whose inputs changed, but each recomputed position
 costs it 1.5-5x what onnxruntime pays for one (gathering windows, marking, the filter's
-bookkeeping). Past a share of changed positions (`break_even_share`), computing every position
-is cheaper: the executor then runs the step's dense form instead (`either_form`), so a frame in
-which most of a layer changed costs about what onnxruntime's node costs.
+bookkeeping). On the layers where that cost is highest (few channels: image stems, narrow
+depthwise layers), past a share of changed positions (`break_even_share`) computing every
+position is cheaper: the executor then runs the step's dense form instead (`either_form`).
 
 The dense form is the step's nodes (a Conv and its fused epilogue) cut out of the model, wrapped in Transpose nodes so that it reads (1, H, W, C) and writes
 (1, H', W', M): onnxruntime folds that layout change into the reorders its kernels make anyway
@@ -40,28 +40,29 @@ __all__ = ["DenseForm", "dense_form_model", "dense_form_session", "either_form",
 # real passes (MaxPool 10 ch at 718x1278: 10.9 ms through Transposes, 2.7 ms plain, 7 ms as delta
 # at full density).
 DENSE_FORM_OP_TYPES = frozenset({"Conv"})
-def break_even_share(spec) -> float:
+def break_even_share(spec) -> float | None:
     """The share of a Conv's input positions changed from which its dense form is cheaper than
-    its delta kernels.
+    its delta kernels, or None where it never is.
 
-    From the kernels' cost per recomputed position against onnxruntime's (`scripts/step_costs.py`,
-    every position changed, 1 thread): about 1.2-1.4x on pointwise layers, 2x on depthwise ones
-    with 64 channels and 4x with 16, 2-3.5x on 3x3 layers with 12-32 input channels a group and
-    5x on a stride-2 stem reading 3; a window also recomputes the positions around a change.
-    Fixed per layer, not measured while the video plays: timing-based choices would make two
-    runs of one video differ in the last float bits.
+    Measured in whole models at full density, one thread, the kernels and the dense forms side by
+    side on the same frames: a dense form costs 1.3-2x onnxruntime's node there (each is one
+    call that converts to and from onnxruntime's blocked layout, which the whole model does once),
+    while the kernels cost 1.1-1.5x on most layers (YOLOX-nano all delta: 2.0x onnxruntime with
+    the kernels, 2.5x with every Conv's dense form; P-Net 1280x720: 1.3x against 1.5x). They
+    lose clearly only on few channels: a stride-2 stem reading the image (3->16 at 1280x736:
+    6.9x onnxruntime's node with every position changed) and depthwise layers under 32 channels
+    (2.6x at 16 channels). Fixed per layer, not timed while the video plays: timing-based choices
+    would make two runs of one video differ in the last float bits.
     """
     weight = spec.constants[1]
     out_channels, group_channels, kh, kw = weight.shape
     groups = int(spec.attrs.get("group", 1))
     strides = tuple(int(v) for v in spec.attrs.get("strides", [1, 1]))
-    if (kh, kw) == (1, 1) and groups == 1 and strides == (1, 1):
-        return 0.7
-    if group_channels == 1 and groups == out_channels:  # depthwise
-        return 0.4 if out_channels >= 32 else 0.25
-    if group_channels >= 16:
-        return 0.35
-    return 0.15 if group_channels >= 8 else 0.08
+    if group_channels == 1 and groups == out_channels > 1:  # depthwise
+        return 0.6 if out_channels < 32 else None
+    if group_channels <= 4 and max(strides) >= 2 and (kh, kw) != (1, 1):
+        return 0.15
+    return None
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

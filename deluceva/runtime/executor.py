@@ -84,10 +84,10 @@ class Executor:
         profile: record the time of every step (see `step_times`).
         buffers: working buffers and tensors' state, shareable with executors that never run at
             the same time (`deluceva.operators._buffers`; default: this executor's own).
-        dense_forms: "auto": a Conv step runs its dense form on frames where more than its
-            break-even share of its input changed (`deluceva.runtime.dense_form`); "never":
-            always its delta kernels (to measure or test them); "always": its dense form
-            whenever any input changed.
+        dense_forms: "auto": a Conv step that has a break-even share runs its dense form on
+            frames where more than that share of its input changed (`deluceva.runtime.dense_form`);
+            "never": always the delta kernels (to measure or test them); "always": every Conv
+            step its dense form whenever any input changed.
     """
 
     def __init__(self, model: Model, graph, plan: PhysicalPlan, threads: int = 1, profile: bool = False,
@@ -174,16 +174,18 @@ class Executor:
             else:
                 operator = self._delta_operator(step)
                 self._operators[step.node] = operator
-                form = self._dense_form(step) if dense_forms != "never" else None
+                spec = graph.nodes[step.node]["spec"]
+                share = None
+                if spec.op_type in DENSE_FORM_OP_TYPES and dense_forms != "never":
+                    share = 0.0 if dense_forms == "always" else break_even_share(spec)
+                form = self._dense_form(step) if share is not None else None
                 if form is None:
                     for kernel, arguments in operator.calls:
                         self._calls.append((kernel, arguments))
                         self._names.append(step.name)
                 else:
-                    spec = graph.nodes[step.node]["spec"]
                     counts = [self.tensors[step.inputs[i]].count for i in spec.varying]
                     positions = self.tensors[step.inputs[spec.varying[0]]].layout.positions
-                    share = 0.0 if dense_forms == "always" else break_even_share(spec)
                     limit = max(1, int(np.ceil(share * positions)))
                     self._calls.append((either_form(step.name, form, operator.calls, counts, limit, self.forms), ()))
                     self._names.append(step.name)
