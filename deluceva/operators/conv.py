@@ -253,9 +253,6 @@ def conv_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value,
     out_count[0] = emitted
 
 
-_FINISHED_OPCODES = {OPCODES[name]: kind for name, kind in FINISH_KINDS.items() if name != "none"}
-
-
 def finish_kind(program, channels: int) -> tuple[int, np.ndarray]:
     """(FINISH_KINDS number, [alpha, beta, slope per channel]) when the epilogue is nothing or one
     activation of the Conv's output (PRelu with a slope uniform over space), which `finish_rows`
@@ -273,9 +270,9 @@ def finish_kind(program, channels: int) -> tuple[int, np.ndarray]:
                 return -1, params
             params[2:] = program.constants[row]
             return FINISH_KINDS["PRelu"], params
-        if op in _FINISHED_OPCODES:
+        if op in FINISH_KINDS.values():
             params[:2] = program.params[0]
-            return _FINISHED_OPCODES[op], params
+            return op, params
     return -1, params
 
 
