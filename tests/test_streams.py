@@ -108,7 +108,9 @@ def test_killed_worker_resumes_after_its_last_written_frame(clips, tmp_path):
     assert row["restarts"] == 1 and "died" in row["problems"][0] and row["frames"] == 40
     summary = json.loads((tmp_path / "out" / "cam" / "summary.json").read_text())
     assert summary["first_frame"] >= 12  # resumed, not run again from the start
-    assert summary["frames_written"] == 40 and summary["frames"] == 40 - summary["first_frame"]
+    # The summary covers every frame, those before the resume included (from frames.jsonl).
+    assert summary["frames_written"] == summary["frames"] == 40 and len(summary["ms_trace"]) == 40
+    assert len((tmp_path / "out" / "cam" / "frames.jsonl").read_text().splitlines()) == 40
     # Every frame exactly once, each equal to onnxruntime on the same input.
     run_out = tmp_path / "run.npz"
     assert main(["run", str(model), str(video), "--plan", "dense", "--outputs", str(run_out), "--save-inputs"]) == 0
@@ -154,6 +156,166 @@ def test_streams_refuses_bad_options(clips, tmp_path, capsys):
     assert "no such model file" in capsys.readouterr().err
     assert main(["streams", str(videos[0]), "--out", str(tmp_path / "o"), "--retries", "-1", *_exact_options(model)]) == 2
     assert "must not be negative" in capsys.readouterr().err
+
+
+def _streams_command(model, videos, out, *more):
+    import sys
+
+    return [sys.executable, "-m", "deluceva.cli", "streams", *map(str, videos), "--out", str(out), "--workers", "2",
+            "--outputs", *_exact_options(model), *more]
+
+
+def _check_every_file_at_one_frame(folder):
+    """outputs.npz (every array), frames.jsonl and summary.json agree on the frames written."""
+    arrays = {key: len(value) for key, value in _load(folder / "outputs.npz").items()}
+    log = len((folder / "frames.jsonl").read_text().splitlines())
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(arrays.values()) == {log} == {summary["frames_written"]} == {summary["frames"]}, (folder, arrays, log)
+    return log
+
+
+@pytest.fixture(scope="module")
+def long_clips(clips, tmp_path_factory):
+    """The demo CNN and three 500-frame clips: long enough for a signal to land mid-stream."""
+    folder = tmp_path_factory.mktemp("long")
+    return clips[0], [synthesise_clip(folder / f"long{i}.mp4", width=96, height=64, frames=500, seed=20 + i)
+                      for i in range(3)]
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_a_signal_to_the_process_group_then_resume_writes_every_frame_once(long_clips, tmp_path, seed):
+    """`deluceva streams` stopped by SIGINT or SIGTERM sent to its whole process group at a
+    random moment: each stream's files end at the same frame, the run's summary counts what they
+    hold and marks them interrupted (not failed), the table prints; the same command is then
+    refused, and with --resume each stream goes on where its files end, so every frame is
+    written once and equals a clean run's."""
+    import random
+    import subprocess
+
+    model, videos = long_clips
+    rng = random.Random(seed)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    process = subprocess.Popen(_streams_command(model, videos, out), env=env, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*/frames.jsonl")) and time.monotonic() < deadline:  # a stream is under way
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 0.5))
+    os.killpg(process.pid, rng.choice([signal.SIGINT, signal.SIGTERM]))
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, err
+    assert "frames/s" in err and "with --resume" in err and "Traceback" not in err
+    report = json.loads((out / "summary.json").read_text())
+    assert report["interrupted"] and report["failed"] == []
+    written = {}
+    for row in report["streams"]:
+        if (out / row["name"] / "summary.json").exists():
+            written[row["name"]] = _check_every_file_at_one_frame(out / row["name"])
+        assert row["frames"] == written.get(row["name"], 0), (row, written)
+        assert row["status"] in ("interrupted", "not started", "done")
+    assert report["frames"] == sum(written.values())
+    again = subprocess.run(_streams_command(model, videos, out), env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--resume" in again.stderr
+    resumed = subprocess.run(_streams_command(model, videos, out, "--resume"), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    for name, count in written.items():
+        if 0 < count < 500:
+            assert f"{name}: resuming after frame {count - 1}" in resumed.stderr
+    clean = tmp_path / "clean"
+    assert main(["streams", *map(str, videos), "--out", str(clean), "--workers", "2", "--outputs",
+                 *_exact_options(model)]) == 0
+    assert any(0 < count < 500 for count in written.values())  # the signal landed mid-stream
+    for video in videos:
+        assert _check_every_file_at_one_frame(out / video.stem) == 500
+        got, want = _load(out / video.stem / "outputs.npz"), _load(clean / video.stem / "outputs.npz")
+        for key in want:  # a resumed stream's first frame is a keyframe: exact to float rounding
+            assert got[key].shape == want[key].shape
+            errors = [np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got[key], want[key])]
+            assert max(errors) < 1e-5, (video.stem, key, int(np.argmax(errors)), max(errors))
+
+
+def test_overwrite_starts_again_and_resume_of_a_finished_run_runs_nothing(clips, tmp_path, capsys):
+    model, videos = clips
+    out = tmp_path / "out"
+    common = ["streams", str(videos[0]), "--out", str(out), "--outputs", *_exact_options(model)]
+    assert main([*common, "--frames", "10"]) == 0
+    assert main(common) == 2
+    assert "holds an earlier run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # one or the other
+        main([*common, "--resume", "--overwrite"])
+    assert refused.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    assert main([*common, "--overwrite"]) == 0
+    assert _check_every_file_at_one_frame(out / videos[0].stem) == 40
+    assert "resuming" not in capsys.readouterr().err
+    assert main([*common, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming after frame 39" in err
+    summary = json.loads((out / videos[0].stem / "summary.json").read_text())
+    assert summary["frames"] == 40 and summary["first_frame"] == 0  # the finished run's summary, kept
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file/sub", "cannot make the --out folder"),
+    ("/proc/deluceva-nowhere", "cannot make the --out folder"),
+    ("in-the-way", "cannot make stream"),
+])
+def test_an_out_that_cannot_be_made_is_refused_in_one_line(clips, tmp_path, capsys, where, message):
+    model, videos = clips
+    (tmp_path / "file").write_text("")
+    (tmp_path / "in-the-way").mkdir()
+    (tmp_path / "in-the-way" / videos[0].stem).write_text("")  # a file where the stream's folder goes
+    out = where if where.startswith("/") else str(tmp_path / where)
+    assert main(["streams", str(videos[0]), "--out", out, *_exact_options(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_a_stream_cannot_take_the_runs_summary_name(clips, tmp_path, capsys):
+    model, videos = clips
+    listing = tmp_path / "cams.txt"
+    listing.write_text(f"summary.json={videos[0]}\n")
+    assert main(["streams", str(listing), "--out", str(tmp_path / "out"), *_exact_options(model)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the run's own summary.json" in err
+    copy = tmp_path / "summary.json.mp4"  # a name made from the file: renamed
+    copy.write_bytes(videos[0].read_bytes())
+    assert read_sources([str(copy)]) == [Stream("summary.json_2", str(copy))]
+
+
+def test_a_dead_worker_does_not_spend_the_sources_retries(clips, tmp_path):
+    """--retries 0: the source gets no second try, but a killed worker's stream still resumes."""
+    model, videos = clips
+    killed = []
+
+    def kill_once(kind, state):
+        if kind == "frame" and not killed and state.frames >= 8:
+            killed.append(state.frames)
+            os.kill(state.worker, signal.SIGKILL)
+
+    options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+    report = run_streams([Stream("cam", str(videos[0]))], options, tmp_path / "out", StreamFiles(outputs=True),
+                         workers=1, retries=0, on_event=kill_once)
+    assert killed and report.failed == [] and report.streams[0]["frames"] == 40
+    assert report.streams[0]["restarts"] == 1 and "died" in report.streams[0]["problems"][0]
+    assert _check_every_file_at_one_frame(tmp_path / "out" / "cam") == 40
+
+
+def test_a_stream_reports_its_pace_with_and_without_setup_and_saves_inputs(clips, tmp_path, capsys):
+    model, videos = clips
+    out = tmp_path / "out"
+    assert main(["streams", str(videos[0]), "--out", str(out), "--outputs", "--save-inputs",
+                 *_exact_options(model)]) == 0
+    err = capsys.readouterr().err
+    assert "frames/s" in err and "with set-up" in err
+    row = json.loads((out / "summary.json").read_text())["streams"][0]
+    summary = json.loads((out / videos[0].stem / "summary.json").read_text())
+    assert row["frames_per_second"] == pytest.approx(1000 / summary["ms_per_frame_mean"])
+    assert row["frames_per_second_with_setup"] < row["frames_per_second"]  # set-up counts in the second only
+    assert _load(out / videos[0].stem / "outputs.npz")["input:image"].shape[0] == 40
+    assert main(["streams", str(videos[0]), "--out", str(tmp_path / "o2"), "--save-inputs",
+                 *_exact_options(model)]) == 2
+    assert "add --outputs" in capsys.readouterr().err
 
 
 # -- real detector (slow) --------------------------------------------------------------------
@@ -320,5 +482,6 @@ def test_a_live_source_resumes_at_its_current_frame_and_counts_what_it_missed(cl
     assert killed and report.failed == [] and row["restarts"] == 1
     assert row["frames_missed"] >= 25  # down for at least the 1 s backoff, at 25 frames/s
     summary = json.loads((tmp_path / "out" / "cam" / "summary.json").read_text())
-    assert summary["first_frame"] >= 20 and summary["frames"] == 120  # not sought: the source from where it is
+    # not sought: the whole source again from where it is, after the frames written before
+    assert summary["first_frame"] >= 20 and summary["frames"] == summary["first_frame"] + 120
     assert _load(tmp_path / "out" / "cam" / "outputs.npz")["heads"].shape[0] == summary["first_frame"] + 120
