@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -385,6 +386,7 @@ def test_ray_streams_with_more_streams_than_cpus_survive_a_killed_actor(clips, t
     lengths = (600, 150, 150)
     videos = [synthesise_clip(folder / f"long{i}.mp4", width=96, height=64, frames=n, seed=10 + i)
               for i, n in enumerate(lengths)]
+    before = _actor_folders()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         killed = []
@@ -401,6 +403,7 @@ def test_ray_streams_with_more_streams_than_cpus_survive_a_killed_actor(clips, t
     finally:
         ray.shutdown()
     assert killed and report.failed == [] and report.workers == 2
+    assert _actor_folders() <= before  # every actor's copy of the model removed, the killed one's included
     rows = {row["name"]: row for row in report.streams}
     assert rows["long0"]["restarts"] == 1 and "actor died" in rows["long0"]["problems"][0]
     assert json.loads((tmp_path / "out" / "long0" / "summary.json").read_text())["first_frame"] >= 30
@@ -410,6 +413,115 @@ def test_ray_streams_with_more_streams_than_cpus_survive_a_killed_actor(clips, t
                      "--outputs", str(run_out)]) == 0
         got, want = _load(tmp_path / "out" / video.stem / "outputs.npz"), _load(run_out)
         for key in want:  # a resumed stream's first frame is a keyframe: exact to float rounding
+            assert got[key].shape == want[key].shape == (length, *want[key].shape[1:])
+            errors = [np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got[key], want[key])]
+            assert max(errors) < 1e-5, (video.stem, key, int(np.argmax(errors)), max(errors))
+
+
+def _actor_folders():
+    import tempfile
+
+    from deluceva.streams.on_ray import ACTOR_FOLDER_PREFIX
+
+    return set(Path(tempfile.gettempdir()).glob(f"{ACTOR_FOLDER_PREFIX}*"))
+
+
+@pytest.mark.slow
+def test_ray_interrupt_writes_what_was_finished_quietly_and_resume_completes(long_clips, tmp_path):
+    """Ctrl-C (SIGINT to the process group) of `streams --ray`: each stream's outputs.npz is
+    packed (no .parts left), its summary written, the run's summary counts every written frame;
+    only deluceva's lines are printed; no actor folder is left; --resume finishes every frame once."""
+    pytest.importorskip("ray")
+    import subprocess
+
+    model, videos = long_clips
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    before = _actor_folders()
+    command = _streams_command(model, videos, out, "--ray")
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if sum(len(p.read_text().splitlines()) for p in out.glob("*/frames.jsonl")) >= 50:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert all(line.startswith(("deluceva", "stream ")) or line.split()[0] in {v.stem for v in videos}
+               or "frames in" in line for line in lines), err  # no Ray start-up, no core_worker lines
+    report = json.loads((out / "summary.json").read_text())
+    assert report["interrupted"] and report["failed"] == []
+    written = 0
+    for row in report["streams"]:
+        folder = out / row["name"]
+        assert not (folder / "outputs.npz.parts").exists()
+        count = _check_every_file_at_one_frame(folder) if (folder / "summary.json").exists() else 0
+        assert row["frames"] == count
+        written += count
+    assert 50 <= written < 1500 and report["frames"] == written
+    assert _actor_folders() <= before
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after frame" in resumed.stderr
+    for video in videos:
+        assert _check_every_file_at_one_frame(out / video.stem) == 500
+    assert _actor_folders() <= before
+
+
+@pytest.mark.slow
+def test_ray_two_node_cluster_loses_a_node_and_its_streams_resume_on_the_other(clips, tmp_path_factory, tmp_path):
+    """A head and a second node on this host (two raylets, one CPU each, as Ray's own tests make
+    them); four streams spread over both; the second node is removed mid-run (its raylet ended).
+    The lost node's stream resumes on the head, every frame is written once, and every stream's
+    outputs equal `run`'s at p = 0."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from deluceva.streams.on_ray import run_streams_on_ray
+
+    model, _ = clips
+    folder = tmp_path_factory.mktemp("cluster")
+    lengths = (1500, 1500, 300, 300)
+    videos = [synthesise_clip(folder / f"c{i}.mp4", width=96, height=64, frames=n, seed=30 + i)
+              for i, n in enumerate(lengths)]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1)
+    removed = []
+    try:
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        cluster.wait_for_nodes()
+        assert ray.cluster_resources()["CPU"] == 2
+
+        def remove_second_node(kind, state):
+            running = [s for s in seen.values() if s.status == "running" and s.frames >= 30]
+            seen[state.stream.name] = state
+            if kind == "frame" and not removed and len(running) >= 2:
+                removed.append({s.stream.name: s.frames for s in running})
+                cluster.remove_node(second, allow_graceful=False)
+
+        seen = {}
+        options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+        streams = [Stream(v.stem, str(v)) for v in videos]
+        report = run_streams_on_ray(streams, options, tmp_path / "out", StreamFiles(outputs=True), retries=0,
+                                    on_event=remove_second_node)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed and report.failed == [] and report.workers == 2, report.to_dict()
+    rows = {row["name"]: row for row in report.streams}
+    lost = [name for name, row in rows.items() if row["restarts"]]
+    assert len(lost) == 1 and "its node was lost" in rows[lost[0]]["problems"][0], rows
+    summary = json.loads((tmp_path / "out" / lost[0] / "summary.json").read_text())
+    assert summary["first_frame"] >= 30 and summary["frames"] == summary["frames_written"]
+    for video, length in zip(videos, lengths):
+        assert _check_every_file_at_one_frame(tmp_path / "out" / video.stem) == length
+        run_out = tmp_path / f"{video.stem}.npz"
+        assert main(["run", str(model), str(video), "--plan", "delta", "--controller", "fixed", "--percentage", "0",
+                     "--outputs", str(run_out)]) == 0
+        got, want = _load(tmp_path / "out" / video.stem / "outputs.npz"), _load(run_out)
+        for key in want:
             assert got[key].shape == want[key].shape == (length, *want[key].shape[1:])
             errors = [np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got[key], want[key])]
             assert max(errors) < 1e-5, (video.stem, key, int(np.argmax(errors)), max(errors))
