@@ -157,6 +157,9 @@ def test_streams_refuses_bad_options(clips, tmp_path, capsys):
     assert "no such model file" in capsys.readouterr().err
     assert main(["streams", str(videos[0]), "--out", str(tmp_path / "o"), "--retries", "-1", *_exact_options(model)]) == 2
     assert "must not be negative" in capsys.readouterr().err
+    assert main(["streams", str(videos[0]), "--out", str(tmp_path / "o"), "--model", str(model),
+                 "--plan", str(tmp_path / "none.plan.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith("none.plan.json: no such --plan file")
 
 
 def _streams_command(model, videos, out, *more):
@@ -339,17 +342,40 @@ def test_streams_detections_equal_run_detections(shared_data, tmp_path):
         assert sum(len(line["boxes"]) for line in got) > 0
 
 
-def test_bench_streams_reports_both_sides(clips, tmp_path):
+def test_bench_streams_reports_both_sides(clips, tmp_path, capsys):
     model, videos = clips
     out = tmp_path / "bench.json"
     assert main(["bench-streams", str(model), str(videos[0]), "--plan", "delta", "--controller", "fixed",
                  "--percentage", "0", "--streams", "1,2", "--json", str(out)]) == 0
+    assert "rel-l2 error" in capsys.readouterr().err.splitlines()[0]  # the error column names its metric
     report = json.loads(out.read_text())
     assert [row["streams"] for row in report["rows"]] == [1, 2] and report["machine"]["cores"] >= 1
     for row in report["rows"]:
         assert row["deluceva_frames_per_second"] > 0 and row["onnxruntime_frames_per_second"] > 0
         assert row["ratio"] == pytest.approx(row["deluceva_frames_per_second"] / row["onnxruntime_frames_per_second"])
         assert row["error_mean"] < 1e-5  # p = 0: the streams' reference frames measure no error
+
+
+def test_bench_streams_help_describes_it_in_whole_sentences(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench-streams", "--help"])
+    description = capsys.readouterr().out.split("\n\n")[1]
+    assert description.rstrip().endswith("processes.") and "aggregate" in description
+
+
+@pytest.mark.slow
+def test_bench_streams_measures_the_ray_actors_too(clips, tmp_path):
+    ray = pytest.importorskip("ray")
+    model, videos = clips
+    out = tmp_path / "bench.json"
+    try:
+        assert main(["bench-streams", str(model), str(videos[0]), "--plan", "delta", "--controller", "fixed",
+                     "--percentage", "0", "--streams", "1", "--ray", "--json", str(out)]) == 0
+    finally:
+        ray.shutdown()
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["ray_frames_per_second"] > 0
+    assert row["ray_ratio"] == pytest.approx(row["ray_frames_per_second"] / row["onnxruntime_frames_per_second"])
 
 
 def test_streams_that_start_together_need_a_worker_each(clips, tmp_path):
