@@ -64,3 +64,17 @@ def test_the_format_docstrings_give_the_schema_version_the_code_writes(module):
     said = {int(v) for v in re.findall(r"schema version (\d+)", module.__doc__)}
     example = {int(v) for v in re.findall(r'"schema_version": (\d+)', module.__doc__)}
     assert said == example == {module.SCHEMA_VERSION}
+
+
+def test_one_session_per_distinct_plan_sharing_buffers():
+    """The loop every caller (run's plan file, on-the-fly compile, profile --controller-out) uses."""
+    from deluceva.demo import build_demo_model
+    from deluceva.planner import load_model
+    from deluceva.playback.loop import SessionsByPercentage
+
+    model = load_model(build_demo_model(32, 48))
+    dense = "dense"
+    plans = SessionsByPercentage.from_variants(model, [(0.0, dense), (0.3, dense), (0.5, "delta"), (0.7, "delta"),
+                                                       (0.9, dense)], threads=1, description="d")
+    assert plans.percentages == [0.0, 0.5, 0.9] and plans.description == "d"
+    assert len({id(s.executor.buffers) for s in plans.sessions}) == 1

@@ -209,7 +209,7 @@ def test_a_signal_to_the_process_group_then_resume_writes_every_frame_once(long_
     os.killpg(process.pid, rng.choice([signal.SIGINT, signal.SIGTERM]))
     err = process.communicate(timeout=60)[1]
     assert process.returncode == 130, err
-    assert "frames/s" in err and "with --resume" in err and "Traceback" not in err
+    assert "frames/s" in err and "with --resume" in err and "Traceback" not in err, err
     report = json.loads((out / "summary.json").read_text())
     assert report["interrupted"] and report["failed"] == []
     written = {}
@@ -320,6 +320,52 @@ def test_a_stream_reports_its_pace_with_and_without_setup_and_saves_inputs(clips
     assert main(["streams", str(videos[0]), "--out", str(tmp_path / "o2"), "--save-inputs",
                  *_exact_options(model)]) == 2
     assert "add --outputs" in capsys.readouterr().err
+
+
+class _Events:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+
+def test_a_workers_next_stream_reuses_its_model_and_plans(clips, tmp_path, monkeypatch):
+    """Two streams through one worker's `_run_stream`: the model is loaded and the sessions
+    (graph, kernels, onnxruntime sessions) built for the first only; the second still gets its
+    own calibration and a keyframe first, so its outputs equal a fresh `run`'s exactly."""
+    import deluceva.planner
+    import deluceva.session
+    from deluceva.streams import pool
+
+    model, videos = clips
+    monkeypatch.setattr(pool, "_MODELS", {})
+    monkeypatch.setattr(pool, "_PLANS", {})
+    loads, sessions = [], []
+    real_load, real_init = deluceva.planner.load_model, deluceva.session.Session.__init__
+    monkeypatch.setattr(deluceva.planner, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+
+    def init(self, *args, **kwargs):
+        sessions.append(args)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(deluceva.session.Session, "__init__", init)
+    options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+    out = tmp_path / "out"
+    summaries = []
+    for video in videos[:2]:
+        (out / video.stem).mkdir(parents=True)
+        summaries.append(pool._run_stream(Stream(video.stem, str(video)), False, 0, options, out,
+                                          StreamFiles(outputs=True), _Events()))
+    assert len(loads) == 1 and len(sessions) == 1
+    assert [s["plans_reused"] for s in summaries] == [False, True]
+    run_out = tmp_path / "run.npz"
+    monkeypatch.undo()
+    assert main(["run", str(model), str(videos[1]), "--plan", "delta", "--controller", "fixed", "--percentage", "0",
+                 "--outputs", str(run_out)]) == 0
+    got, want = _load(out / videos[1].stem / "outputs.npz"), _load(run_out)
+    for key in want:
+        assert np.array_equal(got[key], want[key]), key
 
 
 # -- real detector (slow) --------------------------------------------------------------------

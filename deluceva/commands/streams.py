@@ -58,6 +58,9 @@ def handle(args: argparse.Namespace) -> int:
         raise DelucevaError(f"--retries {args.retries} must not be negative")
     if not os.path.isfile(args.model):
         raise DelucevaError(f"{args.model}: no such model file")
+    for option, path in (("--plan", args.plan), ("--learned-model", args.learned_model)):
+        if path not in (None, "dense", "delta") and not os.path.isfile(path):  # (not each stream, retried)
+            raise DelucevaError(f"{path}: no such {option} file")
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise DelucevaError(f"{out}: --out must be a folder, and this is a file")

@@ -41,6 +41,7 @@ __all__ = ["Stream", "StreamFiles", "read_sources", "run_streams", "Ledger", "St
            "prepare_out", "wait_together", "STREAM_FILES"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_STOPS = {signal.SIGINT, signal.SIGTERM}
 BACKOFF = 1.0  # seconds before a failed stream's first retry; doubled for each next one
 RUN_FILES = ("summary.json",)  # what DIR itself holds besides the streams' folders: no stream may be named so
 STREAM_FILES = ("summary.json", "frames.jsonl", "detections.jsonl", "outputs.npz", "outputs.npz.parts",
@@ -366,7 +367,13 @@ def run_streams(streams: Sequence[Stream], options, out: str | os.PathLike, file
         event_reader, event_writer = context.Pipe(duplex=False)
         process = context.Process(target=_worker, args=(task_reader, event_writer, options, str(out), files, barrier),
                                   daemon=True)
-        process.start()
+        # The worker inherits these signals blocked, and unblocks them once its own handlers are
+        # in: a Ctrl-C while it starts up would otherwise print a KeyboardInterrupt traceback.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         task_reader.close()
         event_writer.close()
         pool.append(_Worker(process, task_writer, event_reader))
@@ -459,6 +466,10 @@ def _worker(tasks, events, options, out: str, files: StreamFiles, barrier=None) 
     """Take streams from the `tasks` pipe until None; report on the `events` pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # (blocked by the parent until now)
+    except KeyboardInterrupt:  # stopped while starting up: nothing to write
+        return
     while True:
         try:
             task = tasks.recv()
@@ -483,9 +494,17 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+# What a worker (or Ray actor) keeps from one stream to the next: the model loaded, and the plans'
+# sessions (model graph, compiled kernels, onnxruntime sessions), which one stream uses at a time;
+# each stream resets them and calibrates them on its own first frames.
+_MODELS: dict = {}  # (path, input shape) -> Model
+_PLANS: dict = {}  # (path, input shape, plan, threads) -> SessionsByPercentage
+
+
 def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path, files: StreamFiles, events,
                 barrier=None, failed_at: float | None = None) -> dict:
-    """One stream, as `deluceva run` runs it, resumed after the frames already written."""
+    """One stream, as `deluceva run` runs it, resumed after the frames already written. The
+    model and plans of this worker's earlier streams are reused (see _PLANS)."""
     from deluceva.playback.job import Interrupted, Outputs, run_video
     from deluceva.playback.recorder import written_frames
     from deluceva.playback.setup import build_plans, prepare
@@ -510,19 +529,22 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
     start = options.start if stream.live else options.start + done * options.every
     run = dataclasses.replace(options, video=stream.source, start=start, frames=remaining,
                               calibration_start=None if stream.live else options.start)
-    setup = prepare(run)
+    setup = prepare(run, models=_MODELS)
     if stream.live and failed_at is not None and setup.video.fps:
         # A live source goes on while it is down: the frames that passed are lost, and counted.
         events.send(("missed", stream.name, max(0, round((time.time() - failed_at) * setup.video.fps))))
     events.send(("expected", stream.name, None if setup.video.expected is None else done + setup.video.expected))
-    plans = build_plans(setup, announce=lambda text: None)
+    key = (str(options.model), setup.input_shape, options.plan, options.threads)
+    reused = _PLANS.pop(key, None)  # (taken while in use: a stream that fails half-way leaves none behind)
+    plans = build_plans(setup, announce=lambda text: None, plans=reused)
     if barrier is not None:
         wait_together(barrier)
 
     def report(result):
         events.send(("frame", stream.name, done + result.index + 1, result.error))
 
-    extra = {"stream": stream.name, "source": stream.source, "first_frame": done, "restarts": restarts}
+    extra = {"stream": stream.name, "source": stream.source, "first_frame": done, "restarts": restarts,
+             "plans_reused": reused is not None}
     try:
         job = run_video(setup, plans, Outputs(outputs=outputs, summary=str(folder / "summary.json"),
                                               detections=detections, frame_log=frame_log, resume=done > 0,
@@ -532,6 +554,7 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
     except Interrupted as stop:
         stop.summary = _brief(stop.job.summary)  # the worker sends it on: the report counts every written frame
         raise
+    _PLANS[key] = plans  # (only after a whole stream: an error may have left them mid-frame)
     return _brief(job.summary)
 
 
