@@ -17,7 +17,7 @@ from deluceva.demo import build_demo_model
 from deluceva.files import GrowingNpy
 from deluceva.media.video import synthesise_clip
 from deluceva.playback import job as job_module
-from deluceva.playback.job import HeldSignals, Interrupted, Outputs, run_video
+from deluceva.playback.job import HeldSignals, Interrupted, RunFiles, run_video
 from deluceva.playback.recorder import JsonLines, written_frames
 from deluceva.playback.setup import RunOptions, build_plans, prepare
 from deluceva.presets.detections import Detections
@@ -49,7 +49,7 @@ def _setup(model, video, **more):
 
 
 def _files(folder, **more):
-    return Outputs(outputs=str(folder / "o.npz"), detections=str(folder / "d.jsonl"), summary=str(folder / "s.json"),
+    return RunFiles(outputs=str(folder / "o.npz"), detections=str(folder / "d.jsonl"), summary=str(folder / "s.json"),
                    frame_log=str(folder / "f.jsonl"), **more)
 
 

@@ -619,19 +619,19 @@ def test_late_frames_are_those_the_wall_clock_has_passed_by_more_than_allowed():
 def test_a_run_that_falls_behind_drops_late_frames_and_counts_them(clips, tmp_path):
     """A 25 fps clip processed at about 12 frames/s with --drop-late 0.2: frames are skipped, the
     summary counts them, and each detection line would carry its source frame's number."""
-    from deluceva.playback.job import Outputs, run_video
+    from deluceva.playback.job import RunFiles, run_video
     from deluceva.playback.setup import build_plans, prepare
 
     model, videos = clips
     setup = prepare(RunOptions(model=str(model), video=str(videos[0]), plan="delta", controller="fixed", percentage=0.0))
     plans = build_plans(setup, announce=lambda text: None)
-    job = run_video(setup, plans, Outputs(outputs=str(tmp_path / "o.npz"), drop_late=0.2),
+    job = run_video(setup, plans, RunFiles(outputs=str(tmp_path / "o.npz"), drop_late=0.2),
                     on_frame=lambda result: time.sleep(0.08))
     dropped = job.summary["dropped_frames"]
     assert 5 < dropped < 40 and job.summary["frames"] + dropped == 40
     assert _load(tmp_path / "o.npz")["heads"].shape[0] == job.summary["frames"]
     setup = prepare(RunOptions(model=str(model), video=str(videos[0]), plan="delta", controller="fixed", percentage=0.0))
-    assert "dropped_frames" not in run_video(setup, plans, Outputs()).summary  # off by default: every frame runs
+    assert "dropped_frames" not in run_video(setup, plans, RunFiles()).summary  # off by default: every frame runs
 
 
 def test_a_live_source_resumes_at_its_current_frame_and_counts_what_it_missed(clips, tmp_path_factory, tmp_path):

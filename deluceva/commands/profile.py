@@ -7,7 +7,7 @@ from pathlib import Path
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["add_parser", "default_profile_path", "calibration_inputs"]
+__all__ = ["add_parser", "handle", "default_profile_path", "calibration_inputs"]
 
 
 def default_profile_path(model: str) -> Path:
@@ -73,10 +73,10 @@ def add_parser(commands, percentage, positive_int) -> None:
                         help="the error the learned controller predicts (default: rel-l2)")
     parser.add_argument("--error-budget", type=float, default=None,
                         help="the learned controller's budget (default: the metric's; `run` can override it)")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=handle)
 
 
-def run(args) -> int:
+def handle(args) -> int:
     from deluceva.profiles import DEFAULT_PERCENTAGES, measure_profile
 
     from deluceva.files import check_output

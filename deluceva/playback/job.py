@@ -3,7 +3,7 @@ what each stream of `deluceva streams` does in its worker.
 
 Example:
     >>> setup = prepare(RunOptions("yolox.onnx", "street.mp4", preset="yolox"))  # doctest: +SKIP
-    >>> job = run_video(setup, build_plans(setup), Outputs(summary="summary.json"))  # doctest: +SKIP
+    >>> job = run_video(setup, build_plans(setup), RunFiles(summary="summary.json"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Callable
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["Outputs", "Job", "Interrupted", "LateFrames", "HeldSignals", "run_video", "read_frame_log"]
+__all__ = ["RunFiles", "Job", "Interrupted", "LateFrames", "HeldSignals", "run_video", "read_frame_log"]
 
 
 @dataclass
-class Outputs:
+class RunFiles:
     """Where a run writes, each optional.
 
     Attributes:
@@ -185,7 +185,7 @@ class Job:
     interrupted: bool = False
 
 
-def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) -> Job:
+def run_video(setup, plans, files: RunFiles, on_frame: Callable | None = None) -> Job:
     """Run every frame of `setup.video` through `plans`, writing `files` as the run goes.
 
     A frame's writes (outputs, detection line, frame log) are one step: SIGINT and SIGTERM are

@@ -30,7 +30,7 @@ from deluceva.errors import DelucevaError
 
 __all__ = ["FrameResult", "SessionsByPercentage", "VideoRunner", "frame_flops", "summarise", "change_statistics"]
 
-Metric = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
+ErrorFunction = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
 
 
 @dataclass
@@ -214,7 +214,7 @@ class VideoRunner:
         self,
         plans: SessionsByPercentage,
         controller,
-        metric: Metric,
+        metric: ErrorFunction,
         reference_every: int = 30,
         percentage: float = 0.0,
         observation: Callable | None = None,

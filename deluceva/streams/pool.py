@@ -505,7 +505,7 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
                 barrier=None, failed_at: float | None = None) -> dict:
     """One stream, as `deluceva run` runs it, resumed after the frames already written. The
     model and plans of this worker's earlier streams are reused (see _PLANS)."""
-    from deluceva.playback.job import Interrupted, Outputs, run_video
+    from deluceva.playback.job import Interrupted, RunFiles, run_video
     from deluceva.playback.recorder import written_frames
     from deluceva.playback.setup import build_plans, prepare
 
@@ -546,7 +546,7 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
     extra = {"stream": stream.name, "source": stream.source, "first_frame": done, "restarts": restarts,
              "plans_reused": reused is not None}
     try:
-        job = run_video(setup, plans, Outputs(outputs=outputs, summary=str(folder / "summary.json"),
+        job = run_video(setup, plans, RunFiles(outputs=outputs, summary=str(folder / "summary.json"),
                                               detections=detections, frame_log=frame_log, resume=done > 0,
                                               save_inputs=files.save_inputs,
                                               first_frame=done, extra_summary=extra,
