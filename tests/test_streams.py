@@ -368,6 +368,33 @@ def test_a_workers_next_stream_reuses_its_model_and_plans(clips, tmp_path, monke
         assert np.array_equal(got[key], want[key]), key
 
 
+@pytest.mark.slow
+def test_a_killed_worker_leaves_no_leaked_semaphore_warning(long_clips, tmp_path):
+    """Plans compiled on the fly (the profiler shows a bar in the worker), the worker killed:
+    stderr holds deluceva's lines only, no resource tracker warning."""
+    import subprocess
+    import sys
+
+    model, videos = long_clips
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "deluceva.cli", "streams", str(videos[0]), "--model", str(model), "--controller",
+               "fixed", "--percentage", "0", "--out", str(out)]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": os.getcwd()}, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = list(out.glob("*/frames.jsonl"))
+        if logs and len(logs[0].read_text().splitlines()) >= 20:
+            break
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    worker = next(pid for pid in workers if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text())
+    os.kill(int(worker), signal.SIGKILL)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 0 and "died" in err, err
+    assert "leaked" not in err and "Warning" not in err, err
+
+
 # -- real detector (slow) --------------------------------------------------------------------
 
 

@@ -466,6 +466,7 @@ def _worker(tasks, events, options, out: str, files: StreamFiles, barrier=None) 
     """Take streams from the `tasks` pipe until None; report on the `events` pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)
+    _thread_lock_for_progress_bars()
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # (blocked by the parent until now)
     except KeyboardInterrupt:  # stopped while starting up: nothing to write
@@ -488,6 +489,17 @@ def _worker(tasks, events, options, out: str, files: StreamFiles, barrier=None) 
             events.send(("failed", stream.name, str(error)))
         except Exception as error:  # a stream's bug must not take the pool down: reported, retried
             events.send(("failed", stream.name, f"{type(error).__name__}: {error}"))
+
+
+def _thread_lock_for_progress_bars() -> None:
+    """tqdm (the profiler's bar, when plans are compiled on the fly) otherwise makes a
+    multiprocessing lock, a semaphore that a killed worker never releases: the parent's resource
+    tracker then warns of a leaked semaphore at exit. A worker's bars need no lock across processes."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def _interrupt(signum, frame):
