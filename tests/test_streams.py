@@ -359,6 +359,8 @@ def test_a_workers_next_stream_reuses_its_model_and_plans(clips, tmp_path, monke
                                           StreamFiles(outputs=True), _Events()))
     assert len(loads) == 1 and len(sessions) == 1
     assert [s["plans_reused"] for s in summaries] == [False, True]
+    forms = summaries[1]["step_forms"]  # the second stream counts its own frames only
+    assert forms and all(c["delta"] + c["dense"] <= 40 for c in forms.values()), forms
     run_out = tmp_path / "run.npz"
     monkeypatch.undo()
     assert main(["run", str(model), str(videos[1]), "--plan", "delta", "--controller", "fixed", "--percentage", "0",

@@ -173,9 +173,11 @@ def build_plans(setup: Setup, announce=None, plans=None):
         plans = compile_plans(setup.model, frames, options.threads)
     if options.plan and not reused:  # compile_plans calibrated its own
         calibrate_sessions(plans.sessions, frames)
-    if reused:  # (warm already) the next frame is an exact keyframe
+    if reused:  # (warm already) the next frame is an exact keyframe, and its counts start again
         for session in plans.sessions:
             session.reset()
+            for counts in (session.executor.forms.delta, session.executor.forms.dense):
+                counts.update(dict.fromkeys(counts, 0))  # in place: the steps' calls hold these dicts
     else:
         _warm_up(plans, frames)
     _start_controller(setup, plans, announce)
