@@ -186,7 +186,8 @@ def long_clips(clips, tmp_path_factory):
                       for i in range(3)]
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(3))
 def test_a_signal_to_the_process_group_then_resume_writes_every_frame_once(long_clips, tmp_path, seed):
     """`deluceva streams` stopped by SIGINT or SIGTERM sent to its whole process group at a
     random moment: each stream's files end at the same frame, the run's summary counts what they
