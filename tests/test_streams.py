@@ -360,8 +360,6 @@ def test_a_workers_next_stream_reuses_its_model_and_plans(clips, tmp_path, monke
                                           StreamFiles(outputs=True), _Events()))
     assert len(loads) == 1 and len(sessions) == 1
     assert [s["plans_reused"] for s in summaries] == [False, True]
-    forms = summaries[1]["step_forms"]  # the second stream counts its own frames only
-    assert forms and all(c["delta"] + c["dense"] <= 40 for c in forms.values()), forms
     run_out = tmp_path / "run.npz"
     monkeypatch.undo()
     assert main(["run", str(model), str(videos[1]), "--plan", "delta", "--controller", "fixed", "--percentage", "0",
@@ -396,6 +394,26 @@ def test_a_killed_worker_leaves_no_leaked_semaphore_warning(long_clips, tmp_path
     err = process.communicate(timeout=120)[1]
     assert process.returncode == 0 and "died" in err, err
     assert "leaked" not in err and "Warning" not in err, err
+
+
+def test_reused_plans_count_their_forms_from_zero(clips):
+    """build_plans(plans=...) resets each session and zeroes its dense/delta form counts, so a
+    worker's next stream's summary counts its own frames only."""
+    from deluceva.playback.loop import SessionsByPercentage
+    from deluceva.playback.setup import build_plans, prepare
+    from deluceva.session import Session
+
+    model, videos = clips
+    options = RunOptions(model=str(model), video=str(videos[0]), plan="delta", controller="fixed", percentage=0.0)
+    setup = prepare(options)
+    plans = SessionsByPercentage([Session(setup.model, plan="delta", dense_forms="always")], [0.0])
+    build_plans(setup, announce=lambda text: None, plans=plans)
+    session = plans.sessions[0]
+    for frame in setup.calibration_frames:
+        session.run(frame)
+    assert sum(c["delta"] + c["dense"] for c in plans.step_forms().values()) > 0
+    build_plans(prepare(options), announce=lambda text: None, plans=plans)
+    assert plans.step_forms() and all(c == {"delta": 0, "dense": 0} for c in plans.step_forms().values())
 
 
 # -- real detector (slow) --------------------------------------------------------------------
