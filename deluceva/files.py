@@ -189,6 +189,13 @@ class GrowingNpy:
         self.count += 1
         self._write_header()
 
+    def truncate(self, frames: int) -> None:
+        """Keep only the first `frames` frames."""
+        if frames < self.count:
+            self.count = int(frames)
+            self.file.truncate(_HEADER_BYTES + self.count * self.frame_bytes)
+            self._write_header()
+
     def read(self, index: int) -> np.ndarray:
         """Frame `index`, read with a plain file read (no memory map, so it adds nothing to RSS)."""
         self.file.seek(_HEADER_BYTES + index * self.frame_bytes)

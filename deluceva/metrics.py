@@ -15,14 +15,14 @@ import numpy as np
 
 from deluceva.errors import DelucevaError
 from deluceva.presets import get_decoder
-from deluceva.presets.detections import Outputs, match_f1
+from deluceva.presets.detections import ModelOutputs, match_f1
 
 __all__ = ["DEFAULT_BUDGETS", "rel_l2", "detection_error", "get_metric", "Metric"]
 
 DEFAULT_BUDGETS = {"rel-l2": 0.05, "det": 0.02}
 
 
-def rel_l2(outputs: Outputs, reference: Outputs) -> float:
+def rel_l2(outputs: ModelOutputs, reference: ModelOutputs) -> float:
     """Relative L2 error ||out - ref|| / ||ref|| per output; the maximum over outputs.
 
     A reference whose norm is (near) zero is compared against an RMS floor of 1e-6 instead, so
@@ -45,7 +45,7 @@ def rel_l2(outputs: Outputs, reference: Outputs) -> float:
     return worst
 
 
-def _pairs(outputs: Outputs, reference: Outputs) -> list[tuple[np.ndarray, np.ndarray]]:
+def _pairs(outputs: ModelOutputs, reference: ModelOutputs) -> list[tuple[np.ndarray, np.ndarray]]:
     if isinstance(reference, Mapping):
         if not isinstance(outputs, Mapping) or set(outputs) != set(reference):
             raise DelucevaError("outputs and reference name different tensors")
@@ -55,7 +55,7 @@ def _pairs(outputs: Outputs, reference: Outputs) -> list[tuple[np.ndarray, np.nd
     return list(zip(outputs, reference))
 
 
-def detection_error(outputs: Outputs, reference_outputs: Outputs, decoder, iou_threshold: float = 0.5) -> float:
+def detection_error(outputs: ModelOutputs, reference_outputs: ModelOutputs, decoder, iou_threshold: float = 0.5) -> float:
     """1 - F1 of the detections decoded from `outputs` against those from `reference_outputs`."""
     return 1.0 - match_f1(decoder(outputs), decoder(reference_outputs), iou_threshold)
 
@@ -68,7 +68,7 @@ class Metric:
     budget: float
     decoder: object | None = None
 
-    def __call__(self, outputs: Outputs, reference: Outputs) -> float:
+    def __call__(self, outputs: ModelOutputs, reference: ModelOutputs) -> float:
         if self.decoder is None:
             return rel_l2(outputs, reference)
         return detection_error(outputs, reference, self.decoder)

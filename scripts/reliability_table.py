@@ -92,6 +92,13 @@ def make_files(folder: Path) -> dict[str, Path]:
     files["folder"].mkdir()
     files["folder.json"] = folder / "a_folder.json"
     files["folder.json"].mkdir()
+    files["blocked"] = folder / "blocked"  # a file where the stream clip's folder would go
+    files["blocked"].mkdir()
+    (files["blocked"] / "clip").write_text("")
+    files["earlier"] = folder / "earlier"  # a finished run's --out
+    files["earlier"].mkdir()
+    (files["earlier"] / "summary.json").write_text("{}")
+    save("named.txt", f"summary.json={files['clip.mp4']}\n".encode())
     model = load_model(good)
     save("garbage.json", b"\x00\x01{not json")
     profile = {"format": "deluceva-profile", "schema_version": 2,
@@ -191,6 +198,22 @@ CLI_CASES = [
      "test_streams::test_read_sources_refuses"),
     ("streams: one good source, one nobody listens to", "streams {clip.mp4} rtsp://127.0.0.1:9/x --model {good.onnx} "
      "--plan dense --retries 0 --out {folder}/s", "test_streams::test_a_bad_source_fails_alone_and_quickly"),
+    ("streams --out inside a file", "streams {clip.mp4} --model {good.onnx} --plan dense --out {notes.onnx}/sub",
+     "test_streams::test_an_out_that_cannot_be_made_is_refused_in_one_line"),
+    ("streams --out where nothing can be made", "streams {clip.mp4} --model {good.onnx} --plan dense --out /proc/x",
+     "test_streams::test_an_out_that_cannot_be_made_is_refused_in_one_line"),
+    ("streams --out with a file where a stream's folder goes", "streams {clip.mp4} --model {good.onnx} --plan dense "
+     "--out {blocked}", "test_streams::test_an_out_that_cannot_be_made_is_refused_in_one_line"),
+    ("streams: a stream named summary.json", "streams {named.txt} --model {good.onnx} --plan dense --out {folder}/n",
+     "test_streams::test_a_stream_cannot_take_the_runs_summary_name"),
+    ("streams into an --out that holds a run", "streams {clip.mp4} --model {good.onnx} --plan dense --out {earlier}",
+     "test_streams::test_overwrite_starts_again_and_resume_of_a_finished_run_runs_nothing"),
+    ("streams --resume and --overwrite", "streams {clip.mp4} --model {good.onnx} --out {earlier} --resume --overwrite",
+     "test_streams::test_overwrite_starts_again_and_resume_of_a_finished_run_runs_nothing"),
+    ("streams --plan missing", "streams {clip.mp4} --model {good.onnx} --plan {missing.onnx}.plan.json --out {folder}/s",
+     "test_streams::test_streams_refuses_bad_options"),
+    ("streams --save-inputs without --outputs", "streams {clip.mp4} --model {good.onnx} --plan dense --save-inputs "
+     "--out {folder}/s", "test_streams::test_a_stream_reports_its_pace_with_and_without_setup_and_saves_inputs"),
 ]
 
 

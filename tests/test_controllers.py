@@ -307,3 +307,25 @@ def test_starting_range_stops_below_a_cliff(errors, start, ceiling, cliff):
     found = starting_range(plans, plans.metric, [np.zeros(1)] * 4, target=0.04, budget=0.05)
     assert (found.start, found.ceiling) == (start, ceiling)
     assert found.cliff == (pytest.approx(cliff) if cliff else None)
+
+
+def test_pi_integral_stays_within_its_range_and_the_output_within_the_actuators():
+    """The invariant pi.py's docstring states: whatever the errors (0, many budgets, NaN), the
+    integral stays within [u_min - debt, u_max] and p within [p_min, p_max]; and it does use the
+    debt below u_min after errors far over budget (what keeps the mean error at the budget)."""
+    import random
+
+    from deluceva.controller.base import Observation
+    from deluceva.controller.pi import PIController, to_u
+
+    rng = random.Random(4)
+    pi = PIController(budget=0.02, p_min=0.1, p_max=0.95, p_start=0.5)
+    u_min, u_max = to_u(0.1), to_u(0.95)
+    lowest = u_max
+    for frame in range(3000):
+        error = rng.choice([0.0, 0.0, 0.01, 0.5, float("nan"), rng.uniform(0, 0.1)])
+        p = pi.update(Observation(frame=frame, error=error, percentage=pi.state.percentage))
+        assert u_min - pi.debt - 1e-12 <= pi.state.integral <= u_max + 1e-12
+        assert 0.1 <= p <= 0.95
+        lowest = min(lowest, pi.state.integral)
+    assert lowest < u_min  # the debt is used, not clamped away

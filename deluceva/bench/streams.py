@@ -1,5 +1,6 @@
-"""Many streams' aggregate throughput: `deluceva streams` against as many plain onnxruntime
-processes on the same frames (`deluceva bench-streams`)."""
+"""Many streams' aggregate throughput: `deluceva streams` (its process pool, and with `ray` its
+Ray actors) against as many plain onnxruntime processes on the same frames (`deluceva
+bench-streams`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import queue
 import signal
 import time
+from pathlib import Path
 
 from deluceva.errors import DelucevaError
 from deluceva.streams.pool import Stream, run_streams, wait_together
@@ -15,7 +17,7 @@ from deluceva.streams.pool import Stream, run_streams, wait_together
 __all__ = ["throughput"]
 
 
-def throughput(count: int, options, out: str | os.PathLike) -> dict:
+def throughput(count: int, options, out: str | os.PathLike, ray: str | None = None) -> dict:
     """`count` copies of `options.video` through `run_streams` (`count` workers) and through
     `count` plain onnxruntime processes (same frames, preprocessing and threads): each side's
     aggregate frames/s over the span from the first stream's first frame to the last one's last.
@@ -23,6 +25,12 @@ def throughput(count: int, options, out: str | os.PathLike) -> dict:
     Every stream of a side starts its first frame when all of them are set up (model, plans,
     calibration), and that first frame starts the clock (it is counted out): set-up is not frame
     time on either side, and the streams really run side by side.
+
+    With `ray` ("local", or a cluster's address), the same streams also run as `count` Ray
+    actors (`deluceva streams --ray`): actors cannot wait for each other, so there the clock
+    runs from the first progress message any stream sent (after its first frame) to the last
+    one's last, counting the frames between; the figure thus carries Ray's own costs
+    (scheduling, the progress queue, streams not starting together) beside the pool's.
     """
     streams = [Stream(f"stream{i + 1}", options.video) for i in range(count)]
     seen: dict[str, list[float]] = {}
@@ -31,7 +39,8 @@ def throughput(count: int, options, out: str | os.PathLike) -> dict:
         if kind == "frame":
             seen.setdefault(state.stream.name, []).append(time.monotonic())
 
-    report = run_streams(streams, options, out, workers=count, retries=0, on_event=record, together=True)
+    report = run_streams(streams, options, Path(out) / "pool", workers=count, retries=0, on_event=record,
+                         together=True)
     if report.failed:
         raise DelucevaError(f"{options.video}: streams failed in the throughput run: {', '.join(report.failed)}")
     deluceva = _aggregate([(len(t) - 1, t[0], t[-1]) for t in seen.values()])
@@ -54,12 +63,36 @@ def throughput(count: int, options, out: str | os.PathLike) -> dict:
         process.join()
     plain = _aggregate(spans)
     errors = [row["error_mean"] for row in report.streams if row["error_mean"] is not None]
-    return {
+    row = {
         "streams": count, "threads": options.threads,
         "deluceva_frames_per_second": deluceva, "onnxruntime_frames_per_second": plain,
         "ratio": deluceva / plain if plain else None,
         "error_mean": sum(errors) / len(errors) if errors else None,
     }
+    if ray is not None:
+        row["ray_frames_per_second"] = _on_ray(streams, options, Path(out) / "ray", ray)
+        row["ray_ratio"] = row["ray_frames_per_second"] / plain if plain else None
+    return row
+
+
+def _on_ray(streams, options, out: Path, address: str) -> float:
+    """The streams' aggregate frames/s as Ray actors, one per stream (see `throughput`)."""
+    from deluceva.streams.on_ray import run_streams_on_ray
+
+    first: dict[str, tuple[float, int]] = {}
+    last: dict[str, tuple[float, int]] = {}
+
+    def record(kind, state):  # progress comes every PROGRESS_EVERY s: frames counted between the first and last
+        if kind == "frame":
+            now = time.monotonic()
+            first.setdefault(state.stream.name, (now, state.frames))
+            last[state.stream.name] = (now, state.frames)
+
+    report = run_streams_on_ray(streams, options, out, retries=0, on_event=record, actors=len(streams),
+                                address=None if address == "local" else address)
+    if report.failed or len(first) < len(streams):
+        raise DelucevaError(f"{options.video}: streams failed in the Ray throughput run: {', '.join(report.failed)}")
+    return _aggregate([(last[name][1] - first[name][1], first[name][0], last[name][0]) for name in first])
 
 
 def _aggregate(spans) -> float:

@@ -7,7 +7,7 @@ import warnings
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "handle"]
 
 
 def add_parser(commands, percentage, positive_int) -> None:
@@ -19,10 +19,10 @@ def add_parser(commands, percentage, positive_int) -> None:
                         help="filtering percentage(s) to plan for (default: every one the profile measured, and 0.6, 0.65, 0.7, 0.75, 0.85 between them)")
     parser.add_argument("--force", action="store_true", help="use a profile measured on another machine (warns)")
     parser.add_argument("-o", "--output", required=True, metavar="PLAN.json", help="where to write the plan")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=handle)
 
 
-def run(args) -> int:
+def handle(args) -> int:
     from deluceva.planner import load_model
     from deluceva.planner.load_model import declared_input_shape
     from deluceva.planner.plan_file import compile_plan

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-__all__ = ["add_parser", "explain_table", "draw_plan"]
+__all__ = ["add_parser", "handle", "explain_table", "draw_plan"]
 
 COLOURS = {"dense": "#4c78a8", "delta": "#f58518"}
 
@@ -101,10 +101,10 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--graph", metavar="FILE.png|.svg", help="also draw the DAG coloured by variant")
     parser.add_argument("--summary", metavar="SUMMARY.json",
                         help="a run's --summary: also show the frames each delta step ran in its delta and dense form")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=handle)
 
 
-def run(args) -> int:
+def handle(args) -> int:
     from deluceva.planner.plan_file import load_plan
 
     plan = load_plan(args.plan)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["add_parser", "default_profile_path", "calibration_inputs"]
+__all__ = ["add_parser", "handle", "default_profile_path", "calibration_inputs"]
 
 
 def default_profile_path(model: str) -> Path:
@@ -18,16 +18,12 @@ def default_profile_path(model: str) -> Path:
 
 def calibration_inputs(model_path: str, video: str, frames: int, preset: str | None, start: int = 0):
     """(model, list of model inputs) for the first `frames` frames of `video`, preprocessed."""
-    from deluceva.planner import load_model
-    from deluceva.media.preprocess import Preprocessor
-    from deluceva.presets import preprocessing
     from deluceva.media.video import open_video
+    from deluceva.planner import load_model
+    from deluceva.playback.setup import RunOptions, preprocessor
 
-    from deluceva.planner.load_model import declared_input_shape
-
-    declared = declared_input_shape(model_path)
     reader = open_video(video, frames=frames, start=start)
-    preprocess = Preprocessor.for_model(tuple(declared), preset=preprocessing(preset), model_name=str(model_path))
+    preprocess = preprocessor(RunOptions(model=model_path, video=video, preset=preset))  # as `run` fits it
     input_shape = tuple(int(d) for d in preprocess.input_shape((reader.height, reader.width)))
     model = load_model(model_path, input_shape)
     inputs = [preprocess(frame) for frame in reader]
@@ -37,27 +33,19 @@ def calibration_inputs(model_path: str, video: str, frames: int, preset: str | N
 def _save_learned_controller(args, model, profile, inputs, path) -> None:
     """Train a learned controller on the profiled frames, through the plans this profile compiles
     to (calibrated on the first frames, as `run` calibrates), and save it as JSON."""
-    from deluceva.operators._buffers import Buffers
     from deluceva.planner.plan_file import compile_plan
     from deluceva.metrics import get_metric
     from deluceva.presets import check_preset
     from deluceva.runtime.thresholds import CALIBRATION_FRAMES
     from deluceva.playback.calibration import train_learned_controller
     from deluceva.playback.loop import SessionsByPercentage
-    from deluceva.session import Session, calibrate_sessions
+    from deluceva.session import calibrate_sessions
 
     check_preset(args.preset, model)
     metric = get_metric(args.metric, args.preset, input_shape=model.input_shape, output_names=model.output_names)
     budget = args.error_budget if args.error_budget is not None else metric.budget
     plan = compile_plan(model, profile)
-    sessions, percentages, previous, buffers = [], [], None, Buffers()
-    for percentage in plan.percentages:
-        variants = plan.variants_for(percentage)
-        if variants != previous:
-            sessions.append(Session(model, plan=variants, threads=args.threads, buffers=buffers))
-            percentages.append(percentage)
-            previous = variants
-    plans = SessionsByPercentage(sessions, percentages)
+    plans = SessionsByPercentage.from_variants(model, [(p, plan.variants_for(p)) for p in plan.percentages], args.threads)
     calibrate_sessions(plans.sessions, inputs[:CALIBRATION_FRAMES])
     controller = train_learned_controller(plans, metric, inputs, budget)
     controller.to_json(path)
@@ -85,10 +73,10 @@ def add_parser(commands, percentage, positive_int) -> None:
                         help="the error the learned controller predicts (default: rel-l2)")
     parser.add_argument("--error-budget", type=float, default=None,
                         help="the learned controller's budget (default: the metric's; `run` can override it)")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=handle)
 
 
-def run(args) -> int:
+def handle(args) -> int:
     from deluceva.profiles import DEFAULT_PERCENTAGES, measure_profile
 
     from deluceva.files import check_output

@@ -102,7 +102,7 @@ def progress(total: int | None, description: str):
 def handle(args: argparse.Namespace) -> int:
     from deluceva.files import check_output
     from deluceva.presets import PRESETS
-    from deluceva.playback.job import Outputs, run_video
+    from deluceva.playback.job import RunFiles, run_video
 
     check_output(args.outputs, ".npz", "--outputs")
     check_output(args.summary, ".json", "--summary")
@@ -119,7 +119,7 @@ def handle(args: argparse.Namespace) -> int:
         if result.error is not None:
             bar.set_postfix(p=f"{result.percentage:.2f}", err=f"{result.error:.4f}")
 
-    files = Outputs(outputs=args.outputs, summary=args.summary, detections=args.detections, save_inputs=args.save_inputs,
+    files = RunFiles(outputs=args.outputs, summary=args.summary, detections=args.detections, save_inputs=args.save_inputs,
                     drop_late=args.drop_late)
     try:
         job = run_video(setup, plans, files, on_frame=show)

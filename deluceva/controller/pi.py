@@ -8,9 +8,11 @@ a log error would hold the geometric mean instead and let the mean run over). r 
 -`overshoot_clip`, so one wild reference frame cannot throw u across the whole range.
 
 Law (positional form): I += ki * r; u = clamp(kp * r + I), I starting at u(p_start). Anti-windup by conditional
-integration: the integral moves only up to where the output just saturates, never further in
-the direction r pushes it, and it never leaves the actuator range, so after a long time at p_max (a static
-scene) the controller reacts on the first reference frame with too much error.
+integration: upwards the integral moves only up to where the output just saturates and never
+above u_max, so after a long time at p_max (a static scene) the controller reacts on the first
+reference frame with too much error. Downwards it may fall below u_min by at most `debt`
+(in u), on purpose: see `update` for the measured reason. The output always stays within
+[p_min, p_max]; the integral within [u_min - debt, u_max].
 
 Gains (kp = 0.1, ki = 0.2, per reference frame) were tuned by grid search
 (`deluceva.controller.simulate.tune_pi`, 2.7 s) on simulated plants error = budget *
@@ -49,7 +51,7 @@ def to_p(u: float) -> float:
 class PIState:
     """What the PI controller remembers between frames."""
 
-    integral: float = 0.0  # in u units, within [u_min, u_max]
+    integral: float = 0.0  # in u units, within [u_min - debt, u_max]
     percentage: float = 0.0
     updates: int = 0  # error measurements seen
     last_error: float | None = None

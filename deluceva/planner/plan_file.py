@@ -3,7 +3,7 @@
 Format (schema version 2), lists per node aligned with "percentages":
 
     {
-      "format": "deluceva-plan", "schema_version": 1,
+      "format": "deluceva-plan", "schema_version": 2,
       "model": {"path": str, "sha256": str, "input_shape": [1, C, H, W]},
       "profile": {"path": str, "machine": {...}, "created": str},
       "threads": int, "percentages": [..],
@@ -236,19 +236,25 @@ def load_plan(path: str | os.PathLike) -> PlanFile:
     try:
         percentages = data["percentages"]
         n = len(percentages)
-        assert n and all(isinstance(p, (int, float)) and 0 <= p < 1 for p in percentages)
-        assert isinstance(data["model"]["sha256"], str) and len(data["model"]["input_shape"]) == 4
+        _require(n and all(isinstance(p, (int, float)) and 0 <= p < 1 for p in percentages))
+        _require(isinstance(data["model"]["sha256"], str) and len(data["model"]["input_shape"]) == 4)
         int(data["threads"])
         for node in data["nodes"]:
-            assert isinstance(node["name"], str) and isinstance(node["op_type"], str)
-            assert all(len(node[k]) == n for k in ("variant", "delta_ms", "density", "predicted_ms", "reason"))
-            assert len(node.setdefault("measured_ms", [None] * n)) == n
-            assert all(v in ("dense", "delta") for v in node["variant"])
-        assert all(len(e) == 2 for e in data["edges"])
-        assert all(len(data["totals"][k]) == n for k in ("plan_ms", "all_dense_ms", "all_delta_ms"))
-    except (AssertionError, KeyError, TypeError, ValueError):
+            _require(isinstance(node["name"], str) and isinstance(node["op_type"], str))
+            _require(all(len(node[k]) == n for k in ("variant", "delta_ms", "density", "predicted_ms", "reason")))
+            _require(len(node.setdefault("measured_ms", [None] * n)) == n)
+            _require(all(v in ("dense", "delta") for v in node["variant"]))
+        _require(all(len(e) == 2 for e in data["edges"]))
+        _require(all(len(data["totals"][k]) == n for k in ("plan_ms", "all_dense_ms", "all_delta_ms")))
+    except (KeyError, TypeError, ValueError):
         raise DelucevaError(f"{label}: corrupt plan (missing or malformed fields)") from None
     return PlanFile(data, label)
+
+
+def _require(condition) -> None:
+    """A check of a user's plan file that `python -O` keeps (an `assert` would be stripped)."""
+    if not condition:
+        raise ValueError("malformed plan field")
 
 
 def plans_for_run(path: str | os.PathLike, model: Model) -> list[tuple[float, dict[str, str]]]:

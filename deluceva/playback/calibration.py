@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from deluceva.playback.loop import Metric, SessionsByPercentage, VideoRunner
+from deluceva.playback.loop import ErrorFunction, SessionsByPercentage, VideoRunner
 
 __all__ = ["StartingRange", "starting_range", "CLIFF", "calibration_samples", "train_learned_controller", "LEARNING_FRAMES"]
 
@@ -33,7 +33,7 @@ class StartingRange:
     cliff: tuple[float, float] | None = None
 
 
-def starting_range(plans: SessionsByPercentage, metric: Metric, frames: Sequence[np.ndarray], target: float,
+def starting_range(plans: SessionsByPercentage, metric: ErrorFunction, frames: Sequence[np.ndarray], target: float,
                    budget: float, p_max: float = 0.99,
                    grid: Sequence[float] = (0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)) -> StartingRange:
     """The PI controller's start and ceiling, from each grid p's mean error on `frames` (the
@@ -75,7 +75,7 @@ def starting_range(plans: SessionsByPercentage, metric: Metric, frames: Sequence
     return StartingRange(start, ceiling, cliff)
 
 
-def calibration_samples(plans: SessionsByPercentage, metric: Metric, frames: Sequence[np.ndarray],
+def calibration_samples(plans: SessionsByPercentage, metric: ErrorFunction, frames: Sequence[np.ndarray],
                         percentages: Sequence[float] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95),
                         reference_every: int = 4) -> list:
     """Observations with measured errors, for fitting a learned controller: `frames` run once
@@ -115,7 +115,7 @@ def calibration_samples(plans: SessionsByPercentage, metric: Metric, frames: Seq
 LEARNING_FRAMES = 30  # a video's first frames a learned controller is trained on, without a file
 
 
-def train_learned_controller(plans: SessionsByPercentage, metric: Metric, frames: Sequence[np.ndarray], budget: float):
+def train_learned_controller(plans: SessionsByPercentage, metric: ErrorFunction, frames: Sequence[np.ndarray], budget: float):
     """A learned controller fitted on `frames` run through `plans` (the run's own plans, already
     calibrated) at several fixed percentages: what `run --controller learned` does without a
     file, and `profile --controller-out` saves."""

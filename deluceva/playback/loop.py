@@ -30,7 +30,7 @@ from deluceva.errors import DelucevaError
 
 __all__ = ["FrameResult", "SessionsByPercentage", "VideoRunner", "frame_flops", "summarise", "change_statistics"]
 
-Metric = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
+ErrorFunction = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
 
 
 @dataclass
@@ -118,6 +118,28 @@ class SessionsByPercentage:
         self.description = description
         self.flops = [FlopCounts(s) for s in self.sessions]
 
+    @classmethod
+    def from_variants(cls, model, entries, threads: int = 1, description: str = "") -> SessionsByPercentage:
+        """One Session per distinct plan in `entries`, [(percentage, {node: variant}), ...] in
+        ascending percentage: a plan equal to the one below it is not built again (that session
+        serves its range too). The sessions share working buffers and tensors' state, since one
+        plan runs at a time.
+
+        Example:
+            >>> plans = SessionsByPercentage.from_variants(model, [(0.0, dense), (0.5, mixed)])  # doctest: +SKIP
+        """
+        from deluceva.operators._buffers import Buffers
+        from deluceva.session import Session
+
+        sessions, percentages, previous, buffers = [], [], None, Buffers()
+        for percentage, variants in entries:
+            if variants == previous:
+                continue
+            previous = variants
+            sessions.append(Session(model, plan=variants, threads=threads, buffers=buffers))
+            percentages.append(percentage)
+        return cls(sessions, percentages, description)
+
     def index_below(self, percentage: float) -> int:
         """The plan compiled for the largest percentage not above `percentage` (the first plan
         below them all): its filters hold back at least what it was planned for."""
@@ -192,7 +214,7 @@ class VideoRunner:
         self,
         plans: SessionsByPercentage,
         controller,
-        metric: Metric,
+        metric: ErrorFunction,
         reference_every: int = 30,
         percentage: float = 0.0,
         observation: Callable | None = None,

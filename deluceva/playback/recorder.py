@@ -16,7 +16,7 @@ import numpy as np
 from deluceva.errors import DelucevaError
 from deluceva.files import GrowingNpy
 
-__all__ = ["FrameRecorder", "DetectionWriter", "written_frames"]
+__all__ = ["FrameRecorder", "JsonLines", "DetectionWriter", "written_frames", "whole_lines"]
 
 class FrameRecorder:
     """Writes named arrays frame by frame into OUT.npz, keyed by name, stacked over frames.
@@ -40,6 +40,8 @@ class FrameRecorder:
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.arrays: dict[str, GrowingNpy] = {}
         self.frames = 0
+        if resume and frames and not (self.parts / "names.json").is_file() and self.path.is_file():
+            self._unpack(frames)  # a run stopped cleanly packed its parts: grow on from OUT.npz
         if resume and frames:
             names = json.loads((self.parts / "names.json").read_text())
             self.arrays = {key: GrowingNpy.reopen(self.parts / file, frames) for file, key in names.items()}
@@ -48,6 +50,28 @@ class FrameRecorder:
         if self.parts.exists():
             shutil.rmtree(self.parts)
         self.parts.mkdir()
+
+    def _unpack(self, frames: int) -> None:
+        """Parts again from OUT.npz's first `frames` frames, read a frame at a time (an output
+        over a long video need not fit in memory)."""
+        if self.parts.exists():
+            shutil.rmtree(self.parts)
+        self.parts.mkdir()
+        names = {}
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                for index, member in enumerate(archive.namelist()):
+                    with archive.open(member) as stream:
+                        shape, dtype = _npy_header(stream)
+                        part = GrowingNpy(self.parts / f"{index:03d}.npy", shape[1:], dtype)
+                        size = part.frame_bytes
+                        for _ in range(min(frames, shape[0])):
+                            part.append(np.frombuffer(stream.read(size), dtype).reshape(shape[1:]))
+                        part.close()
+                    names[part.path.name] = member.removesuffix(".npy")
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            raise DelucevaError(f"{self.path}: cannot resume it ({error})") from None
+        (self.parts / "names.json").write_text(json.dumps(names, indent=1))
 
     def add(self, arrays: Mapping[str, np.ndarray]) -> None:
         for name, value in arrays.items():
@@ -62,6 +86,13 @@ class FrameRecorder:
                 (self.parts / "names.json").write_text(json.dumps(names, indent=1))
             self.arrays[name].append(value)
         self.frames += 1
+
+    def keep(self, frames: int) -> None:
+        """Drop every frame after the first `frames` (those of a frame whose other files were not
+        all written), so that every array ends at the same frame."""
+        for part in self.arrays.values():
+            part.truncate(min(part.count, frames))
+        self.frames = min(self.frames, frames)
 
     def close(self) -> None:
         """Pack the parts into OUT.npz. Where that fails (the folder's permissions changed, the
@@ -104,7 +135,52 @@ class FrameRecorder:
         self.parts = None
 
 
-class DetectionWriter:
+class JsonLines:
+    """A file of JSON lines, one per frame, flushed as each is written, so a stopped run keeps
+    every finished frame's line.
+
+    With `resume`, the first `frames` whole lines a killed run left are kept (the file is cut
+    after them in place, never rewritten) and it grows from there; otherwise it starts empty.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume: bool = False, frames: int = 0):
+        self.path = Path(path)
+        self.ends: list[int] = []  # the byte offset after each line, for `keep`
+        if resume:
+            offset = 0
+            for line in whole_lines(self.path)[:frames]:
+                offset += len(line.encode())
+                self.ends.append(offset)
+            if len(self.ends) < frames:
+                raise DelucevaError(f"{self.path}: holds {len(self.ends)} frames, fewer than the {frames} to resume after")
+            self.file = open(self.path, "r+" if self.path.exists() else "w")
+            self.file.seek(offset)
+            self.file.truncate()
+        else:
+            self.file = open(self.path, "w")
+        self.file.flush()
+
+    @property
+    def frames(self) -> int:
+        return len(self.ends)
+
+    def add(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.ends.append(self.file.tell())
+
+    def keep(self, frames: int) -> None:
+        """Drop every line after the first `frames`."""
+        if frames < len(self.ends):
+            del self.ends[frames:]
+            self.file.truncate(self.ends[-1] if self.ends else 0)
+            self.file.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class DetectionWriter(JsonLines):
     """Writes each frame's detections as one JSON line, in the source video's pixels:
     {"frame", "pts", "time", "boxes": [[x1, y1, x2, y2], ...], "scores", "classes"}.
 
@@ -121,15 +197,8 @@ class DetectionWriter:
                  resume: bool = False, frames: int = 0):
         """With `resume`, the first `frames` lines a killed run left are kept and the file grows
         from there; otherwise it starts empty."""
-        self.path = Path(path)
         self.decoder, self.preprocess, self.frame_hw = decoder, preprocess, tuple(frame_hw)
-        kept = _whole_lines(self.path)[:frames] if resume else []
-        if len(kept) < (frames if resume else 0):
-            raise DelucevaError(f"{self.path}: holds {len(kept)} frames, fewer than the {frames} to resume after")
-        self.file = open(self.path, "w")
-        self.file.writelines(kept)
-        self.file.flush()
-        self.frames = len(kept)
+        super().__init__(path, resume, frames)
 
     def detections(self, outputs) -> dict:
         """The fields of one line for `outputs` (boxes in the source frame's pixels)."""
@@ -142,15 +211,10 @@ class DetectionWriter:
     def add(self, frame: int, outputs, pts=None, time=None) -> None:
         line = {"frame": int(frame), "pts": None if pts is None else int(pts),
                 "time": None if time is None else round(float(time), 6), **self.detections(outputs)}
-        self.file.write(json.dumps(line) + "\n")
-        self.file.flush()
-        self.frames += 1
-
-    def close(self) -> None:
-        self.file.close()
+        super().add(line)
 
 
-def _whole_lines(path: Path) -> list[str]:
+def whole_lines(path: Path) -> list[str]:
     """The lines of `path` that end in a newline (a killed writer may leave half a line)."""
     try:
         with open(path) as f:
@@ -159,17 +223,39 @@ def _whole_lines(path: Path) -> list[str]:
         return []
 
 
-def written_frames(outputs: str | os.PathLike | None, detections: str | os.PathLike | None) -> int:
+def _npy_header(stream) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(stream)
+    if fortran or not shape:
+        raise ValueError("not a stack of frames")
+    return shape, dtype
+
+
+def _frames_in_npz(path: Path) -> int:
+    """The frames every array of a packed OUT.npz holds (0 when it cannot be read)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            counts = []
+            for member in archive.namelist():
+                with archive.open(member) as stream:
+                    counts.append(_npy_header(stream)[0][0])
+            return min(counts) if counts else 0
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return 0
+
+
+def written_frames(outputs: str | os.PathLike | None, *lines: str | os.PathLike | None) -> int:
     """How many frames a killed run wrote whole into every one of its files: OUT.npz's parts
-    (each output's GrowingNpy) and the detections' lines. A resumed run starts at that frame."""
+    (each output's GrowingNpy) and the JSON-lines files (detections, frame log) given. A resumed
+    run starts at that frame: the smaller count is trusted and the others cut to it."""
     counts = []
     if outputs:
         parts = Path(str(outputs) + ".parts")
         names = parts / "names.json"
         if names.is_file():
             counts += [GrowingNpy.frames_in(parts / file) for file in json.loads(names.read_text())]
-        else:
-            counts.append(0)
-    if detections:
-        counts.append(len(_whole_lines(Path(detections))))
+        else:  # packed by a run that stopped cleanly, or nothing yet
+            counts.append(_frames_in_npz(Path(outputs)))
+    counts += [len(whole_lines(Path(path))) for path in lines if path]
     return min(counts) if counts else 0

@@ -95,8 +95,12 @@ class Setup:
     started: float = field(default_factory=time.perf_counter)
 
 
-def prepare(options: RunOptions) -> Setup:
-    """Check options, open the video, fit the preprocessing to the model, make metric and controller."""
+def prepare(options: RunOptions, models: dict | None = None) -> Setup:
+    """Check options, open the video, fit the preprocessing to the model, make metric and controller.
+
+    `models`: models this process loaded before, by (path, input shape), reused and added to (a
+    streams worker's: its next stream does not load and normalise the model again).
+    """
     from deluceva.controller import make_controller
     from deluceva.planner import load_model
     from deluceva.metrics import get_metric
@@ -110,7 +114,12 @@ def prepare(options: RunOptions) -> Setup:
     video = open_video(options.video, frames=options.frames, start=options.start, every=options.every)
     preprocess = preprocessor(options)
     input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
-    model = load_model(options.model, input_shape)
+    key = (str(options.model), input_shape)
+    model = models.get(key) if models is not None else None
+    if model is None:
+        model = load_model(options.model, input_shape)
+        if models is not None:
+            models[key] = model
     check_preset(options.preset, model)
     metric = get_metric(options.metric, options.preset, input_shape=input_shape, output_names=model.output_names)
     budget = options.error_budget if options.error_budget is not None else metric.budget
@@ -136,15 +145,23 @@ def preprocessor(options: RunOptions):
                                   model_name=str(options.model), **options.preprocessing)
 
 
-def build_plans(setup: Setup, announce=None):
-    """Sessions for `--plan`, or compiled on the fly (said on stderr through `announce`)."""
+def build_plans(setup: Setup, announce=None, plans=None):
+    """Sessions for `--plan`, or compiled on the fly (said on stderr through `announce`).
+
+    `plans`: sessions built before in this process for the same model, input shape, plan and
+    threads (a streams worker's previous stream, which has ended): reset and calibrated on this
+    video's first frames instead of loaded, profiled and compiled again.
+    """
     from deluceva.playback.loop import SessionsByPercentage
     from deluceva.session import Session, calibrate_sessions
 
     options = setup.options
     announce = announce or (lambda text: print(f"deluceva: {text}", file=sys.stderr))
     frames = setup.calibration_frames = _first_frames(setup)
-    if options.plan in ("dense", "delta"):
+    reused = plans is not None
+    if reused:
+        calibrate_sessions(plans.sessions, frames)
+    elif options.plan in ("dense", "delta"):
         session = Session(setup.model, plan=options.plan, threads=options.threads)
         plans = SessionsByPercentage([session], [0.0], description=f"{options.plan} (every node that can)")
     elif options.plan:
@@ -154,9 +171,15 @@ def build_plans(setup: Setup, announce=None):
                  f"{', '.join(f'{p:g}' for p in ON_THE_FLY_PERCENTAGES)} and compiling plans on the fly for those p "
                  "and the ones between (save them with `deluceva compile`)")
         plans = compile_plans(setup.model, frames, options.threads)
-    if options.plan:  # compile_plans calibrated its own
+    if options.plan and not reused:  # compile_plans calibrated its own
         calibrate_sessions(plans.sessions, frames)
-    _warm_up(plans, frames)
+    if reused:  # (warm already) the next frame is an exact keyframe, and its counts start again
+        for session in plans.sessions:
+            session.reset()
+            for counts in (session.executor.forms.delta, session.executor.forms.dense):
+                counts.update(dict.fromkeys(counts, 0))  # in place: the steps' calls hold these dicts
+    else:
+        _warm_up(plans, frames)
     _start_controller(setup, plans, announce)
     if setup.controller is None:
         _train_controller(setup, plans, announce)
@@ -223,21 +246,11 @@ def _first_frames(setup: Setup) -> list:
 
 def _plans_from_file(path: str, setup: Setup):
     """SessionsByPercentage from a plan JSON written by `deluceva compile`."""
-    from deluceva.operators._buffers import Buffers
     from deluceva.planner import plan_file
     from deluceva.playback.loop import SessionsByPercentage
-    from deluceva.session import Session
 
     entries = plan_file.plans_for_run(path, setup.model)  # [(percentage, {node: variant}), ...]
-    sessions, percentages, previous = [], [], None
-    buffers = Buffers()  # one plan runs at a time: they share working buffers and tensors' state
-    for percentage, variants in entries:
-        if variants == previous:
-            continue  # the same plan as the next lower percentage: its session serves this range too
-        previous = variants
-        sessions.append(Session(setup.model, plan=variants, threads=setup.options.threads, buffers=buffers))
-        percentages.append(percentage)
-    return SessionsByPercentage(sessions, percentages, description=f"from {path}")
+    return SessionsByPercentage.from_variants(setup.model, entries, setup.options.threads, description=f"from {path}")
 
 
 def compile_plans(model, frames: list, threads: int = 1, percentages=None, progress: bool = True):
@@ -249,27 +262,19 @@ def compile_plans(model, frames: list, threads: int = 1, percentages=None, progr
 
     Returns a SessionsByPercentage (plans identical to a lower percentage's are merged).
     """
-    from deluceva.operators._buffers import Buffers
     from deluceva.planner.plan_file import compile_plan
     from deluceva.profiles import measure_profile
     from deluceva.playback.loop import SessionsByPercentage
-    from deluceva.session import Session, calibrate_sessions
+    from deluceva.session import calibrate_sessions
 
     planned = percentages
     percentages = tuple(percentages or ON_THE_FLY_PERCENTAGES)
     profile = measure_profile(model, frames, threads=threads, percentages=percentages, progress=progress)
     plan = compile_plan(model, profile, planned)
-    sessions, compiled, previous = [], [], None
-    buffers = Buffers()  # one plan runs at a time: they share working buffers and tensors' state
-    for percentage in plan.percentages:
-        variants = plan.variants_for(percentage)
-        if variants == previous:
-            continue  # same plan as the next lower percentage: that session serves this range too
-        previous = variants
-        sessions.append(Session(model, plan=variants, threads=threads, buffers=buffers))
-        compiled.append(percentage)
-    calibrate_sessions(sessions, frames)
-    return SessionsByPercentage(sessions, compiled, description=f"profiled on {len(frames)} frames, compiled on the fly")
+    plans = SessionsByPercentage.from_variants(model, [(p, plan.variants_for(p)) for p in plan.percentages], threads,
+                                               description=f"profiled on {len(frames)} frames, compiled on the fly")
+    calibrate_sessions(plans.sessions, frames)
+    return plans
 
 
 def run_info(setup: Setup, plans) -> dict:

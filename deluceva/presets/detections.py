@@ -9,9 +9,9 @@ import numpy as np
 
 from deluceva.errors import DelucevaError
 
-__all__ = ["Detections", "Outputs", "iou", "nms", "match_f1", "outputs_by_name"]
+__all__ = ["Detections", "ModelOutputs", "iou", "nms", "match_f1", "outputs_by_name"]
 
-Outputs = Sequence[np.ndarray] | Mapping[str, np.ndarray]
+ModelOutputs = Sequence[np.ndarray] | Mapping[str, np.ndarray]
 
 
 @dataclass
@@ -83,7 +83,7 @@ def match_f1(found: Detections, reference: Detections, threshold: float = 0.5) -
     return 2.0 * hits / (len(found) + len(reference))
 
 
-def outputs_by_name(outputs: Outputs, names: Sequence[str], label: str) -> dict[str, np.ndarray]:
+def outputs_by_name(outputs: ModelOutputs, names: Sequence[str], label: str) -> dict[str, np.ndarray]:
     if isinstance(outputs, Mapping):
         missing = [n for n in names if n not in outputs]
         if missing:

@@ -10,7 +10,7 @@ import numpy as np
 
 from deluceva.errors import DelucevaError
 from deluceva.media.preprocess import Preprocessor
-from deluceva.presets.detections import Detections, Outputs, nms
+from deluceva.presets.detections import Detections, ModelOutputs, nms
 
 __all__ = ["PREPROCESSING", "PnetDecoder", "decoder"]
 
@@ -26,7 +26,7 @@ class PnetDecoder:
     conf: float = 0.6
     nms_threshold: float = 0.5
 
-    def __call__(self, outputs: Outputs) -> Detections:
+    def __call__(self, outputs: ModelOutputs) -> Detections:
         arrays = list(outputs.values()) if isinstance(outputs, Mapping) else list(outputs)
         prob = next((a for a in arrays if np.ndim(a) == 4 and np.shape(a)[1] == 2), None)
         reg = next((a for a in arrays if np.ndim(a) == 4 and np.shape(a)[1] == 4), None)

@@ -11,7 +11,7 @@ import numpy as np
 
 from deluceva.errors import DelucevaError
 from deluceva.media.preprocess import Preprocessor
-from deluceva.presets.detections import Detections, Outputs, nms
+from deluceva.presets.detections import Detections, ModelOutputs, nms
 
 __all__ = ["PREPROCESSING", "YoloxDecoder", "decoder"]
 
@@ -47,7 +47,7 @@ class YoloxDecoder:
             raise DelucevaError(f"yolox decoder: {anchors} anchors do not match input {w}x{h} with strides {self.strides}")
         return cells, strides
 
-    def __call__(self, outputs: Outputs) -> Detections:
+    def __call__(self, outputs: ModelOutputs) -> Detections:
         raw = next(iter(outputs.values())) if isinstance(outputs, Mapping) else outputs[0]
         raw = np.asarray(raw, np.float32)
         if raw.ndim != 3 or raw.shape[2] < 6:

@@ -12,7 +12,7 @@ import numpy as np
 
 from deluceva.errors import DelucevaError
 from deluceva.media.preprocess import Preprocessor
-from deluceva.presets.detections import Detections, Outputs, nms, outputs_by_name
+from deluceva.presets.detections import Detections, ModelOutputs, nms, outputs_by_name
 
 __all__ = ["PREPROCESSING", "YUNET_OUTPUTS", "YunetDecoder", "decoder"]
 
@@ -49,7 +49,7 @@ class YunetDecoder:
         warnings.warn("yunet decoder: no input size given; guessing the anchor grid", RuntimeWarning, stacklevel=3)
         return r * s, c * s
 
-    def __call__(self, outputs: Outputs) -> Detections:
+    def __call__(self, outputs: ModelOutputs) -> Detections:
         names = tuple(self.output_names) if self.output_names else YUNET_OUTPUTS
         if not isinstance(outputs, Mapping) and len(outputs) == 9 and not self.output_names:
             names = YUNET_OUTPUTS[:9]  # an export without landmarks

@@ -3,7 +3,7 @@
 Format (schema version 2), all times in milliseconds per frame, lists aligned with `percentages`:
 
     {
-      "format": "deluceva-profile", "schema_version": 1, "created": "2024-...Z",
+      "format": "deluceva-profile", "schema_version": 2, "created": "2024-...Z",
       "model": {"path": str, "sha256": str, "input_shape": [1, C, H, W]},
       "machine": {"cpu_model", "cores", "threads", "onnxruntime", "numpy", "deluceva", "platform"},
       "settings": {"frames": int, "fit_frames": int, "holdout_frames": int,
