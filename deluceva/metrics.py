@@ -75,7 +75,7 @@ class Metric:
 
 
 def get_metric(name: str, preset=None, input_shape: Sequence[int] | None = None,
-               output_names: Sequence[str] | None = None) -> Metric:
+               output_names: Sequence[str] | None = None, detector=None) -> Metric:
     """The metric called `name` ("rel-l2" or "det") for a preset (name, Preprocessor or None).
 
     Args:
@@ -83,6 +83,8 @@ def get_metric(name: str, preset=None, input_shape: Sequence[int] | None = None,
         preset: the preprocessing preset, which also says how to decode detections.
         input_shape: the model input's (1, C, H, W); YuNet needs it to place its anchors.
         output_names: the model's output names in order; YuNet uses them to find its heads.
+        detector: generic det options (`deluceva.presets.DetectorOptions`) for a model whose
+            outputs are boxes and scores; they override the preset's decoder.
 
     Example:
         >>> metric = get_metric("rel-l2")
@@ -92,5 +94,5 @@ def get_metric(name: str, preset=None, input_shape: Sequence[int] | None = None,
     if name == "rel-l2":
         return Metric(name, DEFAULT_BUDGETS[name])
     if name == "det":
-        return Metric(name, DEFAULT_BUDGETS[name], get_decoder(preset, input_shape, output_names))
+        return Metric(name, DEFAULT_BUDGETS[name], get_decoder(preset, input_shape, output_names, detector))
     raise DelucevaError(f"unknown metric {name!r}; known metrics: {', '.join(DEFAULT_BUDGETS)}")

@@ -51,6 +51,21 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int, o
     generic.add_argument("--scale", type=float, help="input = (pixel * scale - mean) / std")
     generic.add_argument("--mean", type=_floats, help="per-channel mean, comma-separated")
     generic.add_argument("--std", type=_floats, help="per-channel std, comma-separated")
+    det = parser.add_argument_group("generic detections (a detector without a preset: for --metric det, --detections "
+                                    "and --annotate; override a preset's decoder)")
+    det.add_argument("--boxes", metavar="OUTPUT", help="the output holding boxes, N x 4 or 1 x N x 4 (with --head: "
+                     "the head output; default its first)")
+    det.add_argument("--scores", metavar="OUTPUT", help="the output holding class scores, N x C or 1 x N x C")
+    det.add_argument("--box-format", choices=["xyxy", "xywh", "cxcywh"], default=None,
+                     help="corners, corner and size, or centre and size (default: xyxy)")
+    det.add_argument("--normalized", action="store_true", default=None,
+                     help="boxes are in 0..1 of the model input's width and height (default: input pixels)")
+    det.add_argument("--background-class", type=int, default=None, metavar="K",
+                     help="score column K is background, not a class")
+    det.add_argument("--score-threshold", type=float, default=None, help="keep boxes scoring above this (default: 0.5)")
+    det.add_argument("--nms-iou", type=float, default=None, help="NMS overlap per class (default: 0.45)")
+    det.add_argument("--head", choices=["yolov8"], default=None,
+                     help="yolov8: one output 1 x (4 + C) x N, cxcywh in input pixels, then C class scores")
     parser.add_argument("--reference-every", type=positive_int, default=30, metavar="K",
                         help="run a dense reference frame every K frames (default: 30)")
     parser.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads (default: 1)")
@@ -72,9 +87,31 @@ def add_parser(commands, percentage, positive_int) -> None:
                         help="skip frames while the run is more than SECONDS behind the video's own clock (for live "
                         "streams; the summary counts them; default: process every frame)")
     parser.add_argument("--detections", metavar="OUT.jsonl",
-                        help="with a detection preset (yolox, yunet, mtcnn): each frame's boxes, scores and classes "
+                        help="with a detection preset (yolox, yunet, mtcnn) or --boxes/--scores: each frame's boxes, scores and classes "
                         "in the video's pixels, one JSON line per frame, written as the run goes")
     parser.set_defaults(handler=handle)
+
+
+_DETECTOR_FIELDS = ("boxes", "scores", "box_format", "normalized", "background_class", "score_threshold",
+                    "nms_iou", "head")
+
+
+def detector_options(args: argparse.Namespace):
+    """The generic det options given (`DetectorOptions`), or None when none is.
+
+    Raises:
+        DelucevaError: a reading option (--box-format, ...) without --boxes/--scores or --head.
+    """
+    from deluceva.presets.generic import DetectorOptions
+
+    given = {f: getattr(args, f, None) for f in _DETECTOR_FIELDS if getattr(args, f, None) is not None}
+    if not given:
+        return None
+    if not any(f in given for f in ("boxes", "scores", "head")):
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise DelucevaError(f"{flags} says how to read boxes and scores: give --boxes OUTPUT --scores OUTPUT "
+                            "(or --head yolov8) too")
+    return DetectorOptions(**given)
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
@@ -83,7 +120,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       percentage=args.percentage, error_budget=args.error_budget, metric=args.metric,
                       preset=args.preset, preprocessing=generic_preprocessing(args),
                       reference_every=args.reference_every, threads=args.threads, frames=args.frames,
-                      start=args.start, every=args.every, learned_model=args.learned_model)
+                      start=args.start, every=args.every, learned_model=args.learned_model,
+                      detector=detector_options(args))
 
 
 # -- printing and writing, shared with bench -------------------------------------------------
@@ -101,16 +139,17 @@ def progress(total: int | None, description: str):
 
 def handle(args: argparse.Namespace) -> int:
     from deluceva.files import check_output
-    from deluceva.presets import PRESETS
+    from deluceva.presets import PRESETS, decodes_detections
     from deluceva.playback.job import Outputs, run_video
 
     check_output(args.outputs, ".npz", "--outputs")
     check_output(args.summary, ".json", "--summary")
     check_output(args.detections, ".jsonl", "--detections")
-    if args.detections and args.preset not in PRESETS:
-        raise DelucevaError(f"--detections needs a preset that decodes detections ({', '.join(sorted(PRESETS))}); "
-                            f"got {args.preset or 'no preset'}")
-    setup = prepare(run_options(args))
+    options = run_options(args)
+    if args.detections and not decodes_detections(args.preset, options.detector):
+        raise DelucevaError(f"--detections needs a preset that decodes detections ({', '.join(sorted(PRESETS))}) or "
+                            f"the model's boxes and scores (--boxes B --scores S); got {args.preset or 'no preset'}")
+    setup = prepare(options)
     plans = build_plans(setup)
     bar = progress(setup.video.expected, "deluceva run")
 

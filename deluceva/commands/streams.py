@@ -43,7 +43,8 @@ def add_parser(commands, percentage, positive_int) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from deluceva.presets import PRESETS
+    from deluceva.commands.run import detector_options
+    from deluceva.presets import decodes_detections
     from deluceva.streams.pool import StreamFiles, read_sources, run_streams
 
     if args.retries < 0:
@@ -55,7 +56,7 @@ def handle(args: argparse.Namespace) -> int:
         raise DelucevaError(f"{out}: --out must be a folder, and this is a file")
     streams = read_sources(args.sources)
     workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
-    files = StreamFiles(outputs=args.outputs, detections=args.preset in PRESETS, drop_late=args.drop_late)
+    files = StreamFiles(outputs=args.outputs, detections=decodes_detections(args.preset, detector_options(args)), drop_late=args.drop_late)
     where = f"Ray at {args.ray}" if args.ray else f"{min(workers, len(streams))} workers"
     bar = progress(None, f"deluceva streams ({len(streams)} on {where})")
     states, shown = {}, [0.0]

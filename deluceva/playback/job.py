@@ -25,7 +25,8 @@ class Outputs:
     Attributes:
         outputs: OUT.npz, every output stacked over frames (`save_inputs`: the model input too).
         summary: SUMMARY.json, times, errors and traces.
-        detections: OUT.jsonl, each frame's boxes in the video's pixels (a detection preset only).
+        detections: OUT.jsonl, each frame's boxes in the video's pixels (a detection preset, or
+            generic det options).
         resume: carry on files a killed run left (its finished frames are kept and not run
             again); the video must already be opened at the first frame without output.
         first_frame: the index of the run's first frame in those files (frames already written).
@@ -109,7 +110,7 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
     recorder = FrameRecorder(files.outputs, resume=files.resume, frames=files.first_frame) if files.outputs else None
     detections = None
     if files.detections:
-        decoder = get_decoder(options.preset, setup.input_shape, setup.model.output_names)
+        decoder = get_decoder(options.preset, setup.input_shape, setup.model.output_names, options.detector)
         detections = DetectionWriter(files.detections, decoder, setup.preprocess, (setup.video.height, setup.video.width),
                                      resume=files.resume, frames=files.first_frame)
     names = setup.model.output_names

@@ -45,6 +45,8 @@ class RunOptions:
             controller starts (None: PI starts where the first frames say the budget holds).
         error_budget: the error to hold on reference frames (None: the metric's default).
         metric: "rel-l2" or "det"; preset: "yolox", "yunet", "mtcnn" or None (generic).
+        detector: generic det options (`deluceva.presets.DetectorOptions`): which outputs are
+            boxes and scores, for det and detections without a preset (they override its decoder).
         preprocessing: generic `Preprocessor` fields overriding the preset's or the defaults.
         reference_every: a dense reference frame every K frames.
         frames, start, every: which frames of the video (at most N, from S, one in K).
@@ -69,6 +71,7 @@ class RunOptions:
     every: int = 1
     learned_model: str | None = None
     calibration_start: int | None = None
+    detector: object | None = None
 
     @property
     def first_frames_start(self) -> int:
@@ -111,8 +114,9 @@ def prepare(options: RunOptions) -> Setup:
     preprocess = preprocessor(options)
     input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
     model = load_model(options.model, input_shape)
-    check_preset(options.preset, model)
-    metric = get_metric(options.metric, options.preset, input_shape=input_shape, output_names=model.output_names)
+    check_preset(options.preset, model, options.detector)
+    metric = get_metric(options.metric, options.preset, input_shape=input_shape, output_names=model.output_names,
+                        detector=options.detector)
     budget = options.error_budget if options.error_budget is not None else metric.budget
     percentage = options.percentage
     if options.controller == "fixed" and percentage is None:
