@@ -59,6 +59,7 @@ def _save_learned_controller(args, model, profile, inputs, path) -> None:
             previous = variants
     plans = SessionsByPercentage(sessions, percentages)
     calibrate_sessions(plans.sessions, inputs[:CALIBRATION_FRAMES])
+    metric.calibrate([plans.sessions[0].reference(x) for x in inputs[:CALIBRATION_FRAMES]])  # norm-l2's norms
     controller = train_learned_controller(plans, metric, inputs, budget)
     controller.to_json(path)
     print(f"learned controller: {path} ({args.metric}, budget {budget:g}, trained on {len(inputs)} frames)")
@@ -81,7 +82,7 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--controller-out", metavar="CONTROLLER.json",
                         help="also train a learned controller on these frames, through the plans compiled from "
                         "this profile, for `run --controller learned --learned-model` (needs --metric)")
-    parser.add_argument("--metric", choices=["det", "rel-l2"], default="rel-l2",
+    parser.add_argument("--metric", choices=["det", "rel-l2", "norm-l2"], default="rel-l2",
                         help="the error the learned controller predicts (default: rel-l2)")
     parser.add_argument("--error-budget", type=float, default=None,
                         help="the learned controller's budget (default: the metric's; `run` can override it)")

@@ -41,9 +41,11 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int, o
     parser.add_argument("--percentage", type=percentage, default=None,
                         help="filtering percentage in [0, 1): fixed value, or starting value")
     parser.add_argument("--error-budget", type=budget, default=None,
-                        help="error to hold on reference frames (default: 0.05 rel-l2, 0.02 det)")
-    parser.add_argument("--metric", choices=["det", "rel-l2"], default="rel-l2",
-                        help="error metric on reference frames (default: rel-l2)")
+                        help="error to hold on reference frames (default: 0.05 rel-l2 and norm-l2, 0.02 det)")
+    parser.add_argument("--metric", choices=["det", "rel-l2", "norm-l2"], default="rel-l2",
+                        help="error metric on reference frames: rel-l2 (relative to each frame's output norm), "
+                        "norm-l2 (relative to the output's typical norm on the first frames), det (detections "
+                        "lost or found, 1 - F1) (default: rel-l2)")
     parser.add_argument("--preset", help="preprocessing preset: yolox, yunet, mtcnn (default: generic)")
     generic = parser.add_argument_group("generic preprocessing (override the preset's or the defaults)")
     generic.add_argument("--resize", choices=["none", "resize", "letterbox", "pad"], help="how a frame fits the input")

@@ -226,10 +226,18 @@ def _normalise(label: str, proto: onnx.ModelProto) -> onnx.ModelProto:
     del result.opset_import[:]
     result.opset_import.extend(keep)
     _remove_dead_nodes(result)
+    # Unnamed and repeated names get "{op}_{index}", never one a later node already has (an
+    # exporter's own "Mul_373" further on, with decoding nodes appended unnamed before it).
+    taken = {node.name for node in result.graph.node if node.name}
     seen: set[str] = set()
     for index, node in enumerate(result.graph.node):
         if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{index}"
+            name, k = f"{node.op_type}_{index}", 0
+            while name in taken:
+                k += 1
+                name = f"{node.op_type}_{index}_{k}"
+            node.name = name
+            taken.add(name)
         seen.add(node.name)
     return result
 

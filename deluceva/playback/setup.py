@@ -44,7 +44,7 @@ class RunOptions:
         controller: "fixed", "pi" or "learned"; percentage: the fixed p, or where the
             controller starts (None: PI starts where the first frames say the budget holds).
         error_budget: the error to hold on reference frames (None: the metric's default).
-        metric: "rel-l2" or "det"; preset: "yolox", "yunet", "mtcnn" or None (generic).
+        metric: "rel-l2", "norm-l2" or "det"; preset: "yolox", "yunet", "mtcnn" or None (generic).
         detector: generic det options (`deluceva.presets.DetectorOptions`): which outputs are
             boxes and scores, for det and detections without a preset (they override its decoder).
         preprocessing: generic `Preprocessor` fields overriding the preset's or the defaults.
@@ -161,6 +161,7 @@ def build_plans(setup: Setup, announce=None):
     if options.plan:  # compile_plans calibrated its own
         calibrate_sessions(plans.sessions, frames)
     _warm_up(plans, frames)
+    _calibrate_metric(setup, plans, frames, announce)
     _start_controller(setup, plans, announce)
     if setup.controller is None:
         _train_controller(setup, plans, announce)
@@ -179,6 +180,23 @@ def _train_controller(setup: Setup, plans, announce) -> None:
     announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
              "(save one with `deluceva profile --controller-out`)")
     setup.controller = train_learned_controller(plans, setup.metric, frames, setup.budget)
+
+
+def _calibrate_metric(setup: Setup, plans, frames: list, announce) -> None:
+    """norm-l2 takes each output's typical norm from the calibration frames' dense outputs; rel-l2
+    held on softmax or sigmoid scores gets a warning (their norm is the background's: errors on
+    the few boxes that matter vanish in it)."""
+    from deluceva.metrics import score_outputs
+
+    metric = setup.metric
+    if getattr(metric, "needs_calibration", False):
+        metric.calibrate([plans.sessions[0].reference(frame) for frame in frames])
+    if getattr(metric, "name", None) == "rel-l2":
+        scores = score_outputs(setup.model)
+        if scores:
+            announce(f"warning: {', '.join(scores)} {'is' if len(scores) == 1 else 'are'} softmax or sigmoid scores: "
+                     "rel-l2 on them is dominated by the background and can hide missed detections; --metric det "
+                     "(with a preset, or --boxes/--scores) measures the detections themselves")
 
 
 def _warm_up(plans, frames: list) -> None:
