@@ -53,6 +53,9 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int, o
     generic.add_argument("--scale", type=float, help="input = (pixel * scale - mean) / std")
     generic.add_argument("--mean", type=_floats, help="per-channel mean, comma-separated")
     generic.add_argument("--std", type=_floats, help="per-channel std, comma-separated")
+    generic.add_argument("--layout", choices=["NCHW", "NHWC"], default=None,
+                         help="the model's image input layout, where its graph cannot tell (default: from the graph: "
+                         "NHWC when a Transpose to NCHW follows the input, or its shape is 1xHxWx3)")
     det = parser.add_argument_group("generic detections (a detector without a preset: for --metric det, --detections "
                                     "and --annotate; override a preset's decoder)")
     det.add_argument("--boxes", metavar="OUTPUT", help="the output holding boxes, N x 4 or 1 x N x 4 (with --head: "
@@ -123,7 +126,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       preset=args.preset, preprocessing=generic_preprocessing(args),
                       reference_every=args.reference_every, threads=args.threads, frames=args.frames,
                       start=args.start, every=args.every, learned_model=args.learned_model,
-                      detector=detector_options(args))
+                      detector=detector_options(args), layout=getattr(args, "layout", None))
 
 
 # -- printing and writing, shared with bench -------------------------------------------------

@@ -45,6 +45,8 @@ class RunOptions:
             controller starts (None: PI starts where the first frames say the budget holds).
         error_budget: the error to hold on reference frames (None: the metric's default).
         metric: "rel-l2", "norm-l2" or "det"; preset: "yolox", "yunet", "mtcnn" or None (generic).
+        layout: the model's image input layout, "NCHW" or "NHWC" (None: read off the graph;
+            an NHWC or uint8 input runs as float32 NCHW, see `deluceva.planner.load_model`).
         detector: generic det options (`deluceva.presets.DetectorOptions`): which outputs are
             boxes and scores, for det and detections without a preset (they override its decoder).
         preprocessing: generic `Preprocessor` fields overriding the preset's or the defaults.
@@ -72,6 +74,7 @@ class RunOptions:
     learned_model: str | None = None
     calibration_start: int | None = None
     detector: object | None = None
+    layout: str | None = None
 
     @property
     def first_frames_start(self) -> int:
@@ -113,7 +116,7 @@ def prepare(options: RunOptions) -> Setup:
     video = open_video(options.video, frames=options.frames, start=options.start, every=options.every)
     preprocess = preprocessor(options)
     input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
-    model = load_model(options.model, input_shape)
+    model = load_model(options.model, input_shape, layout=options.layout)
     check_preset(options.preset, model, options.detector)
     metric = get_metric(options.metric, options.preset, input_shape=input_shape, output_names=model.output_names,
                         detector=options.detector)
@@ -133,11 +136,32 @@ def preprocessor(options: RunOptions):
     generic fields given overriding it (what every run, and the plain onnxruntime baseline of
     `bench-streams`, feeds the model)."""
     from deluceva.media.preprocess import Preprocessor
-    from deluceva.planner.load_model import declared_input_shape
+    from deluceva.planner.load_model import read_image_input
     from deluceva.presets import preprocessing
 
-    return Preprocessor.for_model(tuple(declared_input_shape(options.model)), preset=preprocessing(options.preset),
-                                  model_name=str(options.model), **options.preprocessing)
+    image = read_image_input(options.model, options.layout)
+    pre = Preprocessor.for_model(image.dims, preset=preprocessing(options.preset),
+                                 model_name=str(options.model), **options.preprocessing)
+    if image.uint8:
+        check_uint8_pixels(pre, options.model, image.name)
+    return pre
+
+
+def check_uint8_pixels(pre, model, name: str) -> None:
+    """Refuse preprocessing that would not give a uint8 model the whole pixels 0..255 it takes
+    (the graph casts and normalises them itself; deluceva feeds them as float32, exactly)."""
+    changes = []
+    if pre.scale != 1 or any(m != 0 for m in pre.mean) or any(d != 1 for d in pre.std):
+        changes.append(f"scales them (scale {pre.scale:g}, mean {', '.join(f'{m:g}' for m in pre.mean)}, "
+                       f"std {', '.join(f'{d:g}' for d in pre.std)})")
+    if pre.channels == "GRAY":
+        changes.append("makes fractional grey levels (GRAY)")
+    if float(pre.pad_value) != int(pre.pad_value) or not 0 <= pre.pad_value <= 255:
+        changes.append(f"pads with {pre.pad_value:g}")
+    if changes:
+        who = f"preset {pre.name}" if pre.name != "generic" else "the preprocessing"
+        raise DelucevaError(f"{model}: input {name!r} takes uint8 pixels 0..255 (the graph converts them itself), "
+                            f"but {who} {' and '.join(changes)}: drop the preset or --scale/--mean/--std")
 
 
 def build_plans(setup: Setup, announce=None):
