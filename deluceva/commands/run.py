@@ -92,8 +92,11 @@ def add_parser(commands, percentage, positive_int) -> None:
                         help="skip frames while the run is more than SECONDS behind the video's own clock (for live "
                         "streams; the summary counts them; default: process every frame)")
     parser.add_argument("--detections", metavar="OUT.jsonl",
-                        help="with a detection preset (yolox, yunet, mtcnn) or --boxes/--scores: each frame's boxes, scores and classes "
-                        "in the video's pixels, one JSON line per frame, written as the run goes")
+                        help="with a detection preset (yolox, yunet, mtcnn) or --boxes/--scores: each frame's boxes, "
+                        "scores and classes in the video's pixels, one JSON line per frame, written as the run goes")
+    parser.add_argument("--annotate", metavar="OUT.mp4",
+                        help="with a detection preset or --boxes/--scores: the video with each frame's boxes, class "
+                        "and score drawn, written as the run goes (.mp4, .mkv or .mov)")
     parser.set_defaults(handler=handle)
 
 
@@ -150,10 +153,14 @@ def handle(args: argparse.Namespace) -> int:
     check_output(args.outputs, ".npz", "--outputs")
     check_output(args.summary, ".json", "--summary")
     check_output(args.detections, ".jsonl", "--detections")
+    from deluceva.playback.annotate import ANNOTATION_SUFFIXES
+
+    check_output(args.annotate, ANNOTATION_SUFFIXES, "--annotate")
     options = run_options(args)
-    if args.detections and not decodes_detections(args.preset, options.detector):
-        raise DelucevaError(f"--detections needs a preset that decodes detections ({', '.join(sorted(PRESETS))}) or "
-                            f"the model's boxes and scores (--boxes B --scores S); got {args.preset or 'no preset'}")
+    for flag, given in (("--detections", args.detections), ("--annotate", args.annotate)):
+        if given and not decodes_detections(args.preset, options.detector):
+            raise DelucevaError(f"{flag} needs a preset that decodes detections ({', '.join(sorted(PRESETS))}) or "
+                                f"the model's boxes and scores (--boxes B --scores S); got {args.preset or 'no preset'}")
     setup = prepare(options)
     plans = build_plans(setup)
     bar = progress(setup.video.expected, "deluceva run")
@@ -163,7 +170,8 @@ def handle(args: argparse.Namespace) -> int:
         if result.error is not None:
             bar.set_postfix(p=f"{result.percentage:.2f}", err=f"{result.error:.4f}")
 
-    files = Outputs(outputs=args.outputs, summary=args.summary, detections=args.detections, save_inputs=args.save_inputs,
+    files = Outputs(outputs=args.outputs, summary=args.summary, detections=args.detections, annotate=args.annotate,
+                    save_inputs=args.save_inputs,
                     drop_late=args.drop_late)
     try:
         job = run_video(setup, plans, files, on_frame=show)

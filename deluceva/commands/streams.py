@@ -2,8 +2,8 @@
 
 Sources are video files, stream URLs, or .txt files listing them one a line (`name=source` or
 just the source). Each stream writes DIR/NAME/summary.json, detections.jsonl with a detection
-preset, and outputs.npz with --outputs; DIR/summary.json holds every stream and the aggregate
-throughput. See `deluceva.streams.pool` for how faults are handled.
+preset (or --boxes/--scores), annotated.mp4 with --annotate, and outputs.npz with --outputs;
+DIR/summary.json holds every stream and the aggregate throughput. See `deluceva.streams.pool` for how faults are handled.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--retries", type=int, default=2,
                         help="times a failed stream is tried again, after 1, 2, 4 ... s (default: 2)")
     parser.add_argument("--outputs", action="store_true", help="also write each stream's outputs.npz")
+    parser.add_argument("--annotate", action="store_true",
+                        help="also write each stream's annotated.mp4: its video with the detections drawn (a detection "
+                        "preset or --boxes/--scores)")
     parser.add_argument("--drop-late", type=seconds, default=None, metavar="SECONDS",
                         help="live sources (URLs): skip frames while a stream is more than SECONDS behind its source; "
                         "each stream's summary counts them")
@@ -56,7 +59,11 @@ def handle(args: argparse.Namespace) -> int:
         raise DelucevaError(f"{out}: --out must be a folder, and this is a file")
     streams = read_sources(args.sources)
     workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
-    files = StreamFiles(outputs=args.outputs, detections=decodes_detections(args.preset, detector_options(args)), drop_late=args.drop_late)
+    decodes = decodes_detections(args.preset, detector_options(args))
+    if args.annotate and not decodes:
+        raise DelucevaError("--annotate needs a preset that decodes detections (yolox, yunet, mtcnn) or the model's "
+                            f"boxes and scores (--boxes B --scores S); got {args.preset or 'no preset'}")
+    files = StreamFiles(outputs=args.outputs, detections=decodes, drop_late=args.drop_late, annotate=args.annotate)
     where = f"Ray at {args.ray}" if args.ray else f"{min(workers, len(streams))} workers"
     bar = progress(None, f"deluceva streams ({len(streams)} on {where})")
     states, shown = {}, [0.0]

@@ -27,6 +27,7 @@ class Outputs:
         summary: SUMMARY.json, times, errors and traces.
         detections: OUT.jsonl, each frame's boxes in the video's pixels (a detection preset, or
             generic det options).
+        annotate: OUT.mp4, the video with each frame's detections drawn (as `detections`).
         resume: carry on files a killed run left (its finished frames are kept and not run
             again); the video must already be opened at the first frame without output.
         first_frame: the index of the run's first frame in those files (frames already written).
@@ -38,6 +39,7 @@ class Outputs:
     outputs: str | None = None
     summary: str | None = None
     detections: str | None = None
+    annotate: str | None = None
     save_inputs: bool = False
     resume: bool = False
     first_frame: int = 0
@@ -99,7 +101,8 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
     Args:
         on_frame: called with each FrameResult (outputs still attached) after it is written.
     """
-    from deluceva.presets import get_decoder
+    from deluceva.playback.annotate import AnnotationWriter
+    from deluceva.presets import class_names, get_decoder
     from deluceva.playback.loop import VideoRunner, summarise
     from deluceva.playback.recorder import DetectionWriter, FrameRecorder
     from deluceva.playback.setup import run_info
@@ -113,6 +116,13 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
         decoder = get_decoder(options.preset, setup.input_shape, setup.model.output_names, options.detector)
         detections = DetectionWriter(files.detections, decoder, setup.preprocess, (setup.video.height, setup.video.width),
                                      resume=files.resume, frames=files.first_frame)
+    annotator = None
+    if files.annotate:
+        annotator = AnnotationWriter(files.annotate, get_decoder(options.preset, setup.input_shape, setup.model.output_names,
+                                                                 options.detector),
+                                     setup.preprocess, (setup.video.height, setup.video.width), setup.video.fps,
+                                     class_names(options.preset, options.detector), resume=files.resume,
+                                     frames=files.first_frame)
     names = setup.model.output_names
     input_key = f"input:{setup.model.input_name}"
     results = []
@@ -137,6 +147,8 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
                 recorder.add(arrays)
             if detections is not None:
                 detections.add(position, result.outputs, setup.video.pts, setup.video.time)
+            if annotator is not None:
+                annotator.add(rgb, result.outputs)
             if on_frame is not None:
                 on_frame(result)
             result.outputs = None  # outputs live on disk only; keep memory flat on long videos
@@ -147,6 +159,11 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
         failures = []
         if detections is not None:
             detections.close()
+        if annotator is not None:
+            try:
+                annotator.close()
+            except Exception as error:  # an encoder failure must not hide the run's own outcome
+                failures.append(DelucevaError(f"{files.annotate}: cannot finish it ({error})"))
         if recorder is not None:
             try:
                 recorder.close()

@@ -23,7 +23,7 @@ from deluceva.presets import mtcnn, yolox, yunet
 from deluceva.presets.detections import Detections
 from deluceva.presets.generic import DetectorOptions, generic_decoder
 
-__all__ = ["PRESETS", "get_preset", "preprocessing", "get_decoder", "check_preset", "decodes_detections",
+__all__ = ["PRESETS", "get_preset", "preprocessing", "get_decoder", "check_preset", "decodes_detections", "class_names",
            "Detections", "DetectorOptions"]
 
 PRESETS: dict[str, ModuleType] = {"yolox": yolox, "yunet": yunet, "mtcnn": mtcnn}
@@ -62,6 +62,12 @@ def get_decoder(preset, input_shape: Sequence[int] | None = None, output_names: 
         raise DelucevaError(f"metric det needs a preset that decodes detections ({known}) or the model's boxes and "
                             f"scores outputs (--boxes B --scores S, or --head yolov8); got {name or 'no preset'}")
     return PRESETS[name].decoder(input_shape, output_names)
+
+
+def class_names(preset, detector: DetectorOptions | None = None):
+    """The class names a preset's decoder numbers its classes by; None for generic detections."""
+    name = getattr(preset, "name", preset)
+    return None if detector is not None or name not in PRESETS else getattr(PRESETS[name], "CLASS_NAMES", None)
 
 
 def check_preset(preset, model, detector: DetectorOptions | None = None) -> None:

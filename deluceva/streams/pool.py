@@ -13,7 +13,8 @@ Streams are independent, so a fault stays in its stream:
 - Ctrl-C or SIGTERM stops every worker; each writes what it finished, and the run's summary says
   it was interrupted.
 
-Per stream, DIR/NAME/ holds summary.json, detections.jsonl (a detection preset) and outputs.npz
+Per stream, DIR/NAME/ holds summary.json, detections.jsonl (a detection preset), annotated.mp4
+(with --annotate) and outputs.npz
 (when asked); DIR/summary.json holds every stream's figures and the aggregate throughput.
 """
 
@@ -58,6 +59,7 @@ class StreamFiles:
     outputs: bool = False  # outputs.npz, every output stacked over frames
     detections: bool = False  # detections.jsonl, with a detection preset
     drop_late: float | None = None  # live sources: skip frames while this many seconds behind
+    annotate: bool = False  # annotated.mp4, the video with its detections drawn
 
 
 def read_sources(items: Sequence[str]) -> list[Stream]:
@@ -428,7 +430,9 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
         events.send(("frame", stream.name, done + result.index + 1, result.error))
 
     extra = {"stream": stream.name, "source": stream.source, "first_frame": done, "restarts": restarts}
+    annotate = str(folder / "annotated.mp4") if files.annotate else None
     job = run_video(setup, plans, Outputs(outputs=outputs, summary=str(folder / "summary.json"), detections=detections,
+                                          annotate=annotate,
                                           resume=done > 0, first_frame=done, extra_summary=extra,
                                           drop_late=files.drop_late if stream.live else None), on_frame=report)
     return {key: value for key, value in job.summary.items() if not key.endswith("_trace")}
