@@ -168,6 +168,18 @@ def test_cli_runs_a_uint8_nhwc_export_exactly(tmp_path):
         assert relative_error(got, reference.run(None, {"pixels": pixels})[0]) < 1e-4
 
 
+def test_summary_says_how_the_input_was_exported_and_layout_option_is_checked(tmp_path, capsys):
+    path, summary = tmp_path / "tf.onnx", tmp_path / "s.json"
+    onnx.save(exported("NHWC", uint8=True), path)
+    clip = synthesise_clip(tmp_path / "clip.mp4", width=W, height=H, frames=2, seed=5)
+    assert main(["run", str(path), str(clip), "--plan", "dense", "--summary", str(summary)]) == 0
+    assert json.loads(summary.read_text())["input_as_exported"] == "uint8 NHWC (layout from the graph's Transpose)"
+    nchw = tmp_path / "nchw.onnx"
+    onnx.save(exported("NCHW"), nchw)  # 1 x 3 x 24 x 32, told it is NHWC: 32 channels, refused as such
+    assert main(["run", str(nchw), str(clip), "--plan", "dense", "--layout", "NHWC"]) == 2
+    assert "model input has 32 channels, preset gives 3" in capsys.readouterr().err
+
+
 def test_bench_baseline_takes_the_rewritten_input(tmp_path):
     path = tmp_path / "tf.onnx"
     onnx.save(exported("NHWC", uint8=True), path)

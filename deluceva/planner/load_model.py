@@ -189,7 +189,8 @@ class ImageInput:
         return f"{'uint8' if self.uint8 else 'float32'} {self.layout} (layout from {how[self.told_by]})"
 
 
-_ELEMENT_NAMES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
+_ELEMENT_NAMES = {**{v: k.lower() for k, v in onnx.TensorProto.DataType.items()}, onnx.TensorProto.FLOAT: "float32",
+                  onnx.TensorProto.DOUBLE: "float64"}
 
 
 def image_input(proto: onnx.ModelProto, layout: str | None = None, label: str = "<memory>") -> ImageInput:

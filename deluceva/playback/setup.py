@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -326,6 +327,9 @@ def run_info(setup: Setup, plans) -> dict:
         "video": str(options.video),
         "input_shape": list(setup.input_shape),
         "preset": options.preset,
+        **({"detector": dataclasses.asdict(options.detector)} if options.detector is not None else {}),
+        **({"input_as_exported": setup.model.exported_input.describe()}
+           if getattr(setup.model, "exported_input", None) is not None else {}),
         "metric": options.metric,
         "budget": setup.budget,
         "controller": options.controller,
