@@ -6,8 +6,9 @@ input first (`adapt_image_input`): the Transpose and the Cast it feeds are dropp
 computes exactly what it did on the same pixels, and the planner sees a plain NCHW network.
 
 Normalising is onnxruntime's basic-level offline optimisation (constant folding, BatchNorm
-folded into Conv, Identity and Dropout removed), run once on the model with its dynamic
-input dimensions bound, followed by ONNX shape inference, so that every tensor has a shape.
+folded into Conv, Identity and Dropout removed), run once on the model as declared, followed by
+ONNX shape inference and, where that cannot tell, a probe run at the bound input shape, so that
+every tensor has a shape.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from onnx import numpy_helper
 from deluceva.onnxruntime_session import inference_session, session_options
 from deluceva.errors import DelucevaError
 
-__all__ = ["Model", "ImageInput", "load_model", "declared_input_shape", "image_input", "read_image_input", "for_onnxruntime", "adapt_image_input",
-           "LAYOUTS"]
+__all__ = ["Model", "ImageInput", "LAYOUTS", "load_model", "declared_input_shape", "image_input", "read_image_input",
+           "adapt_image_input", "for_onnxruntime"]
 
 MIN_OPSET = 9
 LAYOUTS = ("NCHW", "NHWC")
