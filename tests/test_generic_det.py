@@ -252,3 +252,19 @@ def test_yolox_decoded_run_gives_the_preset_detections(shared_data, yolox_decode
             assert x["classes"] == y["classes"], x["frame"]
             assert np.allclose(x["boxes"], y["boxes"], atol=0.02), x["frame"]
             assert np.allclose(x["scores"], y["scores"], atol=2e-4), x["frame"]
+
+
+def test_profile_trains_a_det_controller_with_the_generic_options(tmp_path, capsys):
+    from deluceva.controller import LearnedController
+
+    model = tmp_path / "det.onnx"
+    _box_detector(model)
+    clip = synthesise_clip(tmp_path / "clip.mp4", width=96, height=64, frames=12, seed=1)
+    controller = tmp_path / "controller.json"
+    common = ["profile", str(model), "--video", str(clip), "--frames", "12", "--percentages", "0", "0.8",
+              "-o", str(tmp_path / "p.json"), "--controller-out", str(controller), "--metric", "det"]
+    assert main(common) == 2  # det without a preset or the generic options
+    assert "--boxes B --scores S" in capsys.readouterr().err
+    assert main(common + ["--boxes", "boxes", "--scores", "scores"]) == 0
+    assert "learned controller:" in capsys.readouterr().out
+    assert LearnedController.from_json(controller).budget == 0.02

@@ -46,8 +46,12 @@ def _save_learned_controller(args, model, profile, inputs, path) -> None:
     from deluceva.playback.loop import SessionsByPercentage
     from deluceva.session import Session, calibrate_sessions
 
-    check_preset(args.preset, model)
-    metric = get_metric(args.metric, args.preset, input_shape=model.input_shape, output_names=model.output_names)
+    from deluceva.commands.run import detector_options
+
+    detector = detector_options(args)
+    check_preset(args.preset, model, detector)
+    metric = get_metric(args.metric, args.preset, input_shape=model.input_shape, output_names=model.output_names,
+                        detector=detector)
     budget = args.error_budget if args.error_budget is not None else metric.budget
     plan = compile_plan(model, profile)
     sessions, percentages, previous, buffers = [], [], None, Buffers()
@@ -86,6 +90,9 @@ def add_parser(commands, percentage, positive_int) -> None:
                         help="the error the learned controller predicts (default: rel-l2)")
     parser.add_argument("--error-budget", type=float, default=None,
                         help="the learned controller's budget (default: the metric's; `run` can override it)")
+    from deluceva.commands.run import add_detector_options
+
+    add_detector_options(parser)  # --metric det for a detector without a preset
     parser.set_defaults(handler=run)
 
 

@@ -13,7 +13,7 @@ from deluceva.commands._types import budget, non_negative_int, seconds
 from deluceva.errors import DelucevaError
 from deluceva.playback.setup import RunOptions, Setup, build_plans, prepare
 
-__all__ = ["add_parser", "add_run_options", "run_options", "progress", "handle"]
+__all__ = ["add_parser", "add_run_options", "add_detector_options", "detector_options", "run_options", "progress", "handle"]
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -26,6 +26,25 @@ def generic_preprocessing(args: argparse.Namespace) -> dict:
     """The generic preprocessing fields given on the command line."""
     names = {"resize": "mode", "channels": "channels", "scale": "scale", "mean": "mean", "std": "std"}
     return {field: getattr(args, option) for option, field in names.items() if getattr(args, option, None) is not None}
+
+
+def add_detector_options(parser: argparse.ArgumentParser) -> None:
+    """The generic det options (a detector without a preset), shared by run, bench, streams and profile."""
+    det = parser.add_argument_group("generic detections (a detector without a preset: for --metric det, --detections "
+                                    "and --annotate; override a preset's decoder)")
+    det.add_argument("--boxes", metavar="OUTPUT", help="the output holding boxes, N x 4 or 1 x N x 4 (with --head: "
+                     "the head output; default its first)")
+    det.add_argument("--scores", metavar="OUTPUT", help="the output holding class scores, N x C or 1 x N x C")
+    det.add_argument("--box-format", choices=["xyxy", "xywh", "cxcywh"], default=None,
+                     help="corners, corner and size, or centre and size (default: xyxy)")
+    det.add_argument("--normalized", action="store_true", default=None,
+                     help="boxes are in 0..1 of the model input's width and height (default: input pixels)")
+    det.add_argument("--background-class", type=int, default=None, metavar="K",
+                     help="score column K is background, not a class")
+    det.add_argument("--score-threshold", type=float, default=None, help="keep boxes scoring above this (default: 0.5)")
+    det.add_argument("--nms-iou", type=float, default=None, help="NMS overlap per class (default: 0.45)")
+    det.add_argument("--head", choices=["yolov8"], default=None,
+                     help="yolov8: one output 1 x (4 + C) x N, cxcywh in input pixels, then C class scores")
 
 
 def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int, one_video: bool = True) -> None:
@@ -56,21 +75,7 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int, o
     generic.add_argument("--layout", choices=["NCHW", "NHWC"], default=None,
                          help="the model's image input layout, where its graph cannot tell (default: from the graph: "
                          "NHWC when a Transpose to NCHW follows the input, or its shape is 1xHxWx3)")
-    det = parser.add_argument_group("generic detections (a detector without a preset: for --metric det, --detections "
-                                    "and --annotate; override a preset's decoder)")
-    det.add_argument("--boxes", metavar="OUTPUT", help="the output holding boxes, N x 4 or 1 x N x 4 (with --head: "
-                     "the head output; default its first)")
-    det.add_argument("--scores", metavar="OUTPUT", help="the output holding class scores, N x C or 1 x N x C")
-    det.add_argument("--box-format", choices=["xyxy", "xywh", "cxcywh"], default=None,
-                     help="corners, corner and size, or centre and size (default: xyxy)")
-    det.add_argument("--normalized", action="store_true", default=None,
-                     help="boxes are in 0..1 of the model input's width and height (default: input pixels)")
-    det.add_argument("--background-class", type=int, default=None, metavar="K",
-                     help="score column K is background, not a class")
-    det.add_argument("--score-threshold", type=float, default=None, help="keep boxes scoring above this (default: 0.5)")
-    det.add_argument("--nms-iou", type=float, default=None, help="NMS overlap per class (default: 0.45)")
-    det.add_argument("--head", choices=["yolov8"], default=None,
-                     help="yolov8: one output 1 x (4 + C) x N, cxcywh in input pixels, then C class scores")
+    add_detector_options(parser)
     parser.add_argument("--reference-every", type=positive_int, default=30, metavar="K",
                         help="run a dense reference frame every K frames (default: 30)")
     parser.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads (default: 1)")
