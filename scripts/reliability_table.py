@@ -80,6 +80,21 @@ def make_files(folder: Path) -> dict[str, Path]:
     save("plain_head.onnx", _model([helper.make_node("Relu", ["x"], ["out"])],
                                    [info("x", TensorProto.FLOAT, [1, 3, "h", "w"])], [info("out", TensorProto.FLOAT, None)]))
     save("pyramid.onnx", pyramid_model())
+    save("fp16_input.onnx", conv_model(elem_type=TensorProto.FLOAT16))
+    uint8 = conv_model()
+    uint8.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+    uint8.graph.node.insert(0, helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT, name="cast"))
+    uint8.graph.node[1].input[0] = "xf"
+    save("uint8_input.onnx", uint8)
+    boxes = numpy_helper.from_array(np.array([[1, 1, 8, 8], [4, 4, 12, 12]], np.float32), "boxes_c")
+    scores = numpy_helper.from_array(np.array([[0.9, 0.1], [0.2, 0.7]], np.float32), "scores_c")
+    save("boxes.onnx", _model([helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0),
+                               helper.make_node("Mul", ["m", "zero"], ["z"]),
+                               helper.make_node("Add", ["boxes_c", "z"], ["boxes"]),
+                               helper.make_node("Add", ["scores_c", "z"], ["scores"])],
+                              [info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [info("boxes", TensorProto.FLOAT, [2, 4]), info("scores", TensorProto.FLOAT, [2, 2])],
+                              [boxes, scores, numpy_helper.from_array(np.float32(0), "zero")]))
     files["clip.mp4"] = synthesise_clip(folder / "clip.mp4", width=64, height=48, frames=6)
     files["wide.mp4"] = synthesise_clip(folder / "wide.mp4", width=320, height=208, frames=2)
     save("notes.mp4", b"this is text, not a video\n" * 20)
@@ -148,6 +163,29 @@ CLI_CASES = [
      "test_bad_input::test_cli_run_refuses_a_preset_that_does_not_fit"),
     ("--detections without a detection preset", "run {good.onnx} {clip.mp4} --plan dense --detections {folder}/d.jsonl",
      "test_run_cli::test_detections_need_a_detection_preset"),
+    ("--metric det without a preset or the model's boxes and scores", "run {good.onnx} {clip.mp4} --plan dense --metric det",
+     "test_generic_det::test_model_not_fitting_the_options_is_refused"),
+    ("--boxes naming the scores output (N x 2)", "run {boxes.onnx} {clip.mp4} --plan dense --metric det --boxes scores "
+     "--scores boxes", "test_generic_det::test_model_not_fitting_the_options_is_refused"),
+    ("--scores naming an output the model lacks", "run {boxes.onnx} {clip.mp4} --plan dense --metric det --boxes boxes "
+     "--scores logits", "test_generic_det::test_model_not_fitting_the_options_is_refused"),
+    ("--head yolov8 on a model with N x 4 boxes", "run {boxes.onnx} {clip.mp4} --plan dense --metric det --head yolov8",
+     "test_generic_det::test_model_not_fitting_the_options_is_refused"),
+    ("--background-class past the score columns", "run {boxes.onnx} {clip.mp4} --plan dense --metric det --boxes boxes "
+     "--scores scores --background-class 2", "test_generic_det::test_outputs_that_do_not_fit_are_named"),
+    ("--box-format without --boxes/--scores", "run {boxes.onnx} {clip.mp4} --plan dense --box-format xywh",
+     "test_generic_det::test_model_not_fitting_the_options_is_refused"),
+    ("--annotate without detections to draw", "run {good.onnx} {clip.mp4} --plan dense --annotate {folder}/a.mp4",
+     "test_annotate::test_annotate_refused_without_detections_or_with_a_bad_suffix"),
+    ("--annotate to a .gif", "run {boxes.onnx} {clip.mp4} --plan dense --boxes boxes --scores scores "
+     "--annotate {folder}/a.gif", "test_annotate::test_annotate_refused_without_detections_or_with_a_bad_suffix"),
+    ("model input is float16", "run {fp16_input.onnx} {clip.mp4} --plan dense",
+     "test_exported_inputs::test_other_element_types_refused_naming_the_type"),
+    ("uint8 model input (it normalises pixels itself) with preset mtcnn's (x - 127.5) / 128",
+     "run {uint8_input.onnx} {clip.mp4} --plan dense --preset mtcnn",
+     "test_exported_inputs::test_uint8_input_refuses_preprocessing_that_changes_the_pixels"),
+    ("--layout NHWC for a 1x3x16x16 model", "run {good.onnx} {clip.mp4} --plan dense --layout NHWC",
+     "test_exported_inputs::test_summary_says_how_the_input_was_exported_and_layout_option_is_checked"),
     ("unknown preset", "run {good.onnx} {clip.mp4} --preset yolo", "test_preprocess::test_for_model_generic_and_unknown_preset"),
     ("a 208-row frame for a stride-32 model, padding turned off", "run {pyramid.onnx} {wide.mp4} --plan dense --resize none",
      "test_bad_input::test_a_model_with_dynamic_size_gets_frames_padded_to_32"),

@@ -105,13 +105,14 @@ def _aggregate(spans) -> float:
 def _onnxruntime_worker(options, events, barrier) -> None:
     """One plain onnxruntime stream: decode, preprocess and run each frame, as the baseline does."""
     from deluceva.bench.baseline import plain_onnxruntime
+    from deluceva.planner.load_model import for_onnxruntime
     from deluceva.media.video import open_video
     from deluceva.playback.setup import preprocessor
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     video = open_video(options.video, frames=options.frames, start=options.start, every=options.every)
     preprocess = preprocessor(options)
-    run = plain_onnxruntime(str(options.model), options.threads)
+    run = plain_onnxruntime(for_onnxruntime(options.model, options.layout), options.threads)
     wait_together(barrier)
     times = []
     for rgb in video:

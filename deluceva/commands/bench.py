@@ -104,6 +104,7 @@ def plot(path: str, ort_run, delta_run, metric: str, budget: float | None) -> No
 
 def handle(args: argparse.Namespace) -> int:
     from deluceva.bench.baseline import plain_onnxruntime, run_onnxruntime
+    from deluceva.planner.load_model import for_onnxruntime
     from deluceva.commands.run import progress, run_options
     from deluceva.files import write_json
     from deluceva.controller import RUN_SETPOINT
@@ -119,7 +120,7 @@ def handle(args: argparse.Namespace) -> int:
     preprocess = setup.preprocess
     bar = progress(setup.video.expected, "onnxruntime")
     try:
-        ort_run = run_onnxruntime(str(args.model), (preprocess(rgb) for rgb in setup.video), args.threads, bar)
+        ort_run = run_onnxruntime(for_onnxruntime(args.model, setup.options.layout), (preprocess(rgb) for rgb in setup.video), args.threads, bar)
     finally:
         bar.close()
     try:
@@ -130,7 +131,7 @@ def handle(args: argparse.Namespace) -> int:
             return VideoRunner(holder["plans"], setup.controller, setup.metric, args.reference_every,
                                percentage=args.percentage or setup.start_percentage)
 
-        paired = plain_onnxruntime(str(args.model), args.threads)
+        paired = plain_onnxruntime(for_onnxruntime(args.model, setup.options.layout), args.threads)
         bar = progress(len(ort_run.ms), "deluceva")
         try:
             frames = (preprocess(rgb) for rgb, _ in zip(setup.video, range(len(ort_run.ms))))

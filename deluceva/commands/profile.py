@@ -41,12 +41,17 @@ def _save_learned_controller(args, model, profile, inputs, path) -> None:
     from deluceva.playback.loop import SessionsByPercentage
     from deluceva.session import calibrate_sessions
 
-    check_preset(args.preset, model)
-    metric = get_metric(args.metric, args.preset, input_shape=model.input_shape, output_names=model.output_names)
+    from deluceva.commands.run import detector_options
+
+    detector = detector_options(args)
+    check_preset(args.preset, model, detector)
+    metric = get_metric(args.metric, args.preset, input_shape=model.input_shape, output_names=model.output_names,
+                        detector=detector)
     budget = args.error_budget if args.error_budget is not None else metric.budget
     plan = compile_plan(model, profile)
     plans = SessionsByPercentage.from_variants(model, [(p, plan.variants_for(p)) for p in plan.percentages], args.threads)
     calibrate_sessions(plans.sessions, inputs[:CALIBRATION_FRAMES])
+    metric.calibrate([plans.sessions[0].reference(x) for x in inputs[:CALIBRATION_FRAMES]])  # norm-l2's norms
     controller = train_learned_controller(plans, metric, inputs, budget)
     controller.to_json(path)
     print(f"learned controller: {path} ({args.metric}, budget {budget:g}, trained on {len(inputs)} frames)")
@@ -69,10 +74,13 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--controller-out", metavar="CONTROLLER.json",
                         help="also train a learned controller on these frames, through the plans compiled from "
                         "this profile, for `run --controller learned --learned-model` (needs --metric)")
-    parser.add_argument("--metric", choices=["det", "rel-l2"], default="rel-l2",
+    parser.add_argument("--metric", choices=["det", "rel-l2", "norm-l2"], default="rel-l2",
                         help="the error the learned controller predicts (default: rel-l2)")
     parser.add_argument("--error-budget", type=float, default=None,
                         help="the learned controller's budget (default: the metric's; `run` can override it)")
+    from deluceva.commands.run import add_detector_options
+
+    add_detector_options(parser)  # --metric det for a detector without a preset
     parser.set_defaults(handler=handle)
 
 

@@ -13,7 +13,7 @@ from deluceva.commands._types import budget, non_negative_int, seconds
 from deluceva.errors import DelucevaError
 from deluceva.playback.setup import RunOptions, Setup, build_plans, prepare
 
-__all__ = ["add_parser", "add_run_options", "run_options", "progress", "handle"]
+__all__ = ["add_parser", "add_run_options", "add_detector_options", "detector_options", "run_options", "progress", "handle"]
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -26,6 +26,25 @@ def generic_preprocessing(args: argparse.Namespace) -> dict:
     """The generic preprocessing fields given on the command line."""
     names = {"resize": "mode", "channels": "channels", "scale": "scale", "mean": "mean", "std": "std"}
     return {field: getattr(args, option) for option, field in names.items() if getattr(args, option, None) is not None}
+
+
+def add_detector_options(parser: argparse.ArgumentParser) -> None:
+    """The generic det options (a detector without a preset), shared by run, bench, streams and profile."""
+    det = parser.add_argument_group("generic detections (a detector without a preset: for --metric det, --detections "
+                                    "and --annotate; override a preset's decoder)")
+    det.add_argument("--boxes", metavar="OUTPUT", help="the output holding boxes, N x 4 or 1 x N x 4 (with --head: "
+                     "the head output; default its first)")
+    det.add_argument("--scores", metavar="OUTPUT", help="the output holding class scores, N x C or 1 x N x C")
+    det.add_argument("--box-format", choices=["xyxy", "xywh", "cxcywh"], default=None,
+                     help="corners, corner and size, or centre and size (default: xyxy)")
+    det.add_argument("--normalized", action="store_true", default=None,
+                     help="boxes are in 0..1 of the model input's width and height (default: input pixels)")
+    det.add_argument("--background-class", type=int, default=None, metavar="K",
+                     help="score column K is background, not a class")
+    det.add_argument("--score-threshold", type=float, default=None, help="keep boxes scoring above this (default: 0.5)")
+    det.add_argument("--nms-iou", type=float, default=None, help="NMS overlap per class (default: 0.45)")
+    det.add_argument("--head", choices=["yolov8"], default=None,
+                     help="yolov8: one output 1 x (4 + C) x N, cxcywh in input pixels, then C class scores")
 
 
 def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int, one_video: bool = True) -> None:
@@ -41,9 +60,11 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int, o
     parser.add_argument("--percentage", type=percentage, default=None,
                         help="filtering percentage in [0, 1): fixed value, or starting value")
     parser.add_argument("--error-budget", type=budget, default=None,
-                        help="error to hold on reference frames (default: 0.05 rel-l2, 0.02 det)")
-    parser.add_argument("--metric", choices=["det", "rel-l2"], default="rel-l2",
-                        help="error metric on reference frames (default: rel-l2)")
+                        help="error to hold on reference frames (default: 0.05 rel-l2 and norm-l2, 0.02 det)")
+    parser.add_argument("--metric", choices=["det", "rel-l2", "norm-l2"], default="rel-l2",
+                        help="error metric on reference frames: rel-l2 (relative to each frame's output norm), "
+                        "norm-l2 (relative to the output's typical norm on the first frames), det (detections "
+                        "lost or found, 1 - F1) (default: rel-l2)")
     parser.add_argument("--preset", help="preprocessing preset: yolox, yunet, mtcnn (default: generic)")
     generic = parser.add_argument_group("generic preprocessing (override the preset's or the defaults)")
     generic.add_argument("--resize", choices=["none", "resize", "letterbox", "pad"], help="how a frame fits the input")
@@ -51,6 +72,10 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int, o
     generic.add_argument("--scale", type=float, help="input = (pixel * scale - mean) / std")
     generic.add_argument("--mean", type=_floats, help="per-channel mean, comma-separated")
     generic.add_argument("--std", type=_floats, help="per-channel std, comma-separated")
+    generic.add_argument("--layout", choices=["NCHW", "NHWC"], default=None,
+                         help="the model's image input layout, where its graph cannot tell (default: from the graph: "
+                         "NHWC when a Transpose to NCHW follows the input, or its shape is 1xHxWx3)")
+    add_detector_options(parser)
     parser.add_argument("--reference-every", type=positive_int, default=30, metavar="K",
                         help="run a dense reference frame every K frames (default: 30)")
     parser.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads (default: 1)")
@@ -72,9 +97,34 @@ def add_parser(commands, percentage, positive_int) -> None:
                         help="skip frames while the run is more than SECONDS behind the video's own clock (for live "
                         "streams; the summary counts them; default: process every frame)")
     parser.add_argument("--detections", metavar="OUT.jsonl",
-                        help="with a detection preset (yolox, yunet, mtcnn): each frame's boxes, scores and classes "
-                        "in the video's pixels, one JSON line per frame, written as the run goes")
+                        help="with a detection preset (yolox, yunet, mtcnn) or --boxes/--scores: each frame's boxes, "
+                        "scores and classes in the video's pixels, one JSON line per frame, written as the run goes")
+    parser.add_argument("--annotate", metavar="OUT.mp4",
+                        help="with a detection preset or --boxes/--scores: the video with each frame's boxes, class "
+                        "and score drawn, written as the run goes (.mp4, .mkv or .mov)")
     parser.set_defaults(handler=handle)
+
+
+_DETECTOR_FIELDS = ("boxes", "scores", "box_format", "normalized", "background_class", "score_threshold",
+                    "nms_iou", "head")
+
+
+def detector_options(args: argparse.Namespace):
+    """The generic det options given (`DetectorOptions`), or None when none is.
+
+    Raises:
+        DelucevaError: a reading option (--box-format, ...) without --boxes/--scores or --head.
+    """
+    from deluceva.presets.generic import DetectorOptions
+
+    given = {f: getattr(args, f, None) for f in _DETECTOR_FIELDS if getattr(args, f, None) is not None}
+    if not given:
+        return None
+    if not any(f in given for f in ("boxes", "scores", "head")):
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise DelucevaError(f"{flags} says how to read boxes and scores: give --boxes OUTPUT --scores OUTPUT "
+                            "(or --head yolov8) too")
+    return DetectorOptions(**given)
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
@@ -83,7 +133,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       percentage=args.percentage, error_budget=args.error_budget, metric=args.metric,
                       preset=args.preset, preprocessing=generic_preprocessing(args),
                       reference_every=args.reference_every, threads=args.threads, frames=args.frames,
-                      start=args.start, every=args.every, learned_model=args.learned_model)
+                      start=args.start, every=args.every, learned_model=args.learned_model,
+                      detector=detector_options(args), layout=getattr(args, "layout", None))
 
 
 # -- printing and writing, shared with bench -------------------------------------------------
@@ -101,16 +152,21 @@ def progress(total: int | None, description: str):
 
 def handle(args: argparse.Namespace) -> int:
     from deluceva.files import check_output
-    from deluceva.presets import PRESETS
+    from deluceva.presets import PRESETS, decodes_detections
     from deluceva.playback.job import RunFiles, run_video
 
     check_output(args.outputs, ".npz", "--outputs")
     check_output(args.summary, ".json", "--summary")
     check_output(args.detections, ".jsonl", "--detections")
-    if args.detections and args.preset not in PRESETS:
-        raise DelucevaError(f"--detections needs a preset that decodes detections ({', '.join(sorted(PRESETS))}); "
-                            f"got {args.preset or 'no preset'}")
-    setup = prepare(run_options(args))
+    from deluceva.playback.annotate import ANNOTATION_SUFFIXES
+
+    check_output(args.annotate, ANNOTATION_SUFFIXES, "--annotate")
+    options = run_options(args)
+    for flag, given in (("--detections", args.detections), ("--annotate", args.annotate)):
+        if given and not decodes_detections(args.preset, options.detector):
+            raise DelucevaError(f"{flag} needs a preset that decodes detections ({', '.join(sorted(PRESETS))}) or "
+                                f"the model's boxes and scores (--boxes B --scores S); got {args.preset or 'no preset'}")
+    setup = prepare(options)
     plans = build_plans(setup)
     bar = progress(setup.video.expected, "deluceva run")
 
@@ -119,7 +175,8 @@ def handle(args: argparse.Namespace) -> int:
         if result.error is not None:
             bar.set_postfix(p=f"{result.percentage:.2f}", err=f"{result.error:.4f}")
 
-    files = RunFiles(outputs=args.outputs, summary=args.summary, detections=args.detections, save_inputs=args.save_inputs,
+    files = RunFiles(outputs=args.outputs, summary=args.summary, detections=args.detections, annotate=args.annotate,
+                    save_inputs=args.save_inputs,
                     drop_late=args.drop_late)
     try:
         job = run_video(setup, plans, files, on_frame=show)

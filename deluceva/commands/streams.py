@@ -2,8 +2,8 @@
 
 Sources are video files, stream URLs, or .txt files listing them one a line (`name=source` or
 just the source). Each stream writes DIR/NAME/summary.json, detections.jsonl with a detection
-preset, and outputs.npz with --outputs; DIR/summary.json holds every stream and the aggregate
-throughput. See `deluceva.streams.pool` for how faults are handled.
+preset (or --boxes/--scores), annotated.mp4 with --annotate, and outputs.npz with --outputs;
+DIR/summary.json holds every stream and the aggregate throughput. See `deluceva.streams.pool` for how faults are handled.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def add_parser(commands, percentage, positive_int) -> None:
                        help="DIR holds an earlier run of these streams: continue each where its files end")
     again.add_argument("--overwrite", action="store_true",
                        help="DIR holds an earlier run: remove these streams' files and start again")
+    parser.add_argument("--annotate", action="store_true",
+                        help="also write each stream's annotated.mp4: its video with the detections drawn (a detection "
+                        "preset or --boxes/--scores)")
     parser.add_argument("--drop-late", type=seconds, default=None, metavar="SECONDS",
                         help="live sources (URLs): skip frames while a stream is more than SECONDS behind its source; "
                         "each stream's summary counts them")
@@ -51,7 +54,8 @@ def add_parser(commands, percentage, positive_int) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from deluceva.presets import PRESETS
+    from deluceva.commands.run import detector_options
+    from deluceva.presets import decodes_detections
     from deluceva.streams.pool import StreamFiles, StreamsInterrupted, read_sources, run_streams
 
     if args.retries < 0:
@@ -68,8 +72,12 @@ def handle(args: argparse.Namespace) -> int:
         raise DelucevaError("--save-inputs stores the inputs in each stream's outputs.npz: add --outputs")
     streams = read_sources(args.sources)
     workers = args.workers or max(1, (os.cpu_count() or 1) // args.threads)
-    files = StreamFiles(outputs=args.outputs, save_inputs=args.save_inputs, detections=args.preset in PRESETS,
-                        drop_late=args.drop_late)
+    decodes = decodes_detections(args.preset, detector_options(args))
+    if args.annotate and not decodes:
+        raise DelucevaError("--annotate needs a preset that decodes detections (yolox, yunet, mtcnn) or the model's "
+                            f"boxes and scores (--boxes B --scores S); got {args.preset or 'no preset'}")
+    files = StreamFiles(outputs=args.outputs, save_inputs=args.save_inputs, detections=decodes,
+                        drop_late=args.drop_late, annotate=args.annotate)
     existing = "resume" if args.resume else "overwrite" if args.overwrite else "refuse"
     from deluceva.streams.pool import prepare_out
 

@@ -1,8 +1,14 @@
 """Load an ONNX model, check it, bind its input shape and normalise it into what really runs.
 
+An image input as exporters make it, NHWC (1 x H x W x 3, then a Transpose, as tf2onnx writes)
+or uint8 (the graph casts and normalises the pixels itself), is rewritten into a float32 NCHW
+input first (`adapt_image_input`): the Transpose and the Cast it feeds are dropped, so the model
+computes exactly what it did on the same pixels, and the planner sees a plain NCHW network.
+
 Normalising is onnxruntime's basic-level offline optimisation (constant folding, BatchNorm
-folded into Conv, Identity and Dropout removed), run once on the model with its dynamic
-input dimensions bound, followed by ONNX shape inference, so that every tensor has a shape.
+folded into Conv, Identity and Dropout removed), run once on the model as declared, followed by
+ONNX shape inference and, where that cannot tell, a probe run at the bound input shape, so that
+every tensor has a shape.
 """
 
 from __future__ import annotations
@@ -21,9 +27,13 @@ from onnx import numpy_helper
 from deluceva.onnxruntime_session import inference_session, session_options
 from deluceva.errors import DelucevaError
 
-__all__ = ["Model", "load_model", "declared_input_shape"]
+__all__ = ["Model", "ImageInput", "LAYOUTS", "load_model", "declared_input_shape", "image_input", "read_image_input",
+           "adapt_image_input", "for_onnxruntime"]
 
 MIN_OPSET = 9
+LAYOUTS = ("NCHW", "NHWC")
+_TO_NCHW = [0, 3, 1, 2]  # the Transpose an NHWC input goes through
+_TO_NHWC = [0, 2, 3, 1]
 
 
 @dataclass
@@ -39,6 +49,8 @@ class Model:
         shapes: every tensor's static shape, by name.
         dtypes: every tensor's element type (an onnx.TensorProto enum), by name.
         constants: initializers, by name.
+        exported_input: how the file's own input was (layout and element type) before it was
+            rewritten to float32 NCHW; None when it already was.
     """
 
     path: str
@@ -50,6 +62,7 @@ class Model:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)
     constants: dict[str, np.ndarray] = field(default_factory=dict)
+    exported_input: ImageInput | None = None
 
     @property
     def opset(self) -> int:
@@ -68,12 +81,16 @@ class Model:
         return proto
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto, input_shape: tuple[int, ...] | None = None) -> Model:
+def load_model(source: str | os.PathLike | onnx.ModelProto, input_shape: tuple[int, ...] | None = None,
+               layout: str | None = None) -> Model:
     """Load and normalise a model for frames of `input_shape` (default: the model's own).
 
     Args:
         source: path of an .onnx file, or a ModelProto.
-        input_shape: (1, C, H, W); needed when the model's height or width is dynamic.
+        input_shape: (1, C, H, W); needed when the model's height or width is dynamic. For an
+            NHWC model too, this is the rewritten input's NCHW shape.
+        layout: the image input's layout, "NCHW" or "NHWC"; None: read off the graph (see
+            `image_input`).
 
     Raises:
         DelucevaError: unreadable file, invalid model, no single image input, shape mismatch.
@@ -92,15 +109,16 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, input_shape: tuple[i
         raise DelucevaError(f"{label}: opset {opset} is not supported (need {MIN_OPSET} or later)")
     if len(inputs) != 1:
         raise DelucevaError(f"{label}: expected one image input, found {len(inputs)} ({', '.join(i.name for i in inputs)})")
-    image = inputs[0]
+    exported = image_input(proto, layout, label)
+    if exported.rewritten:
+        adapt_image_input(proto, exported)
+    image = next(i for i in proto.graph.input if i.name == exported.name)
     tensor_type = image.type.tensor_type
-    if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(tensor_type.shape.dim) != 4:
-        raise DelucevaError(f"{label}: input {image.name!r} is not an image tensor (need float32 NxCxHxW)")
     declared = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
     shape = _bind_shape(label, image.name, declared, input_shape)
-    for dim, size in zip(tensor_type.shape.dim, shape):
-        dim.Clear()
-        dim.dim_value = size
+    # The input stays as declared here: binding it before onnxruntime's normalisation turns a
+    # size the graph cannot take into a load failure instead of the probe's message that says
+    # what fixes it (until this rewrite the binding went to a detached copy, so never happened).
     normalised = _normalise(label, proto)
     model = Model(
         path=path,
@@ -109,25 +127,210 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, input_shape: tuple[i
         input_name=image.name,
         input_shape=shape,
         output_names=[o.name for o in normalised.graph.output],
+        exported_input=exported if exported.rewritten else None,
     )
     model.constants = {init.name: numpy_helper.to_array(init) for init in normalised.graph.initializer}
     model.shapes, model.dtypes = _infer_shapes(label, normalised, model)
     return model
 
 
-def declared_input_shape(path: str | os.PathLike) -> list[int | None]:
-    """The model's image input dims as declared (None where dynamic), before any binding.
+def declared_input_shape(path: str | os.PathLike, layout: str | None = None) -> list[int | None]:
+    """The model's image input dims as declared (None where dynamic), before any binding, in
+    NCHW order: an NHWC input's (1, H, W, C) is given as (1, C, H, W), as it is rewritten.
 
     Raises:
         DelucevaError: the file is not a model deluceva can load (the load's own message).
     """
+    return list(read_image_input(path, layout).dims)
+
+
+def for_onnxruntime(path: str | os.PathLike, layout: str | None = None) -> str | bytes:
+    """What plain onnxruntime loads to take the float32 NCHW tensors deluceva feeds this model:
+    the file itself, or (an NHWC or uint8 input) the bytes of its graph with the input rewritten."""
     _, _, proto = _read(path)
+    image = image_input(proto, layout, str(path))
+    if not image.rewritten:
+        return str(path)
+    _move_initializer_inputs(proto)
+    adapt_image_input(proto, image)
+    return proto.SerializeToString()
+
+
+def read_image_input(path: str | os.PathLike, layout: str | None = None) -> ImageInput:
+    """`image_input` of the model file at `path`."""
+    _, _, proto = _read(path)
+    return image_input(proto, layout, str(path))
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """A model's one image input as the file declares it.
+
+    Attributes:
+        name: the input's name.
+        dims: its dims in NCHW order (None where dynamic).
+        layout: "NCHW" or "NHWC" as the file holds it; how it was told ("graph": a Transpose to
+            NCHW follows it; "shape": 1 x H x W x 1 or 3; "option": --layout; "default").
+        uint8: the file takes uint8 pixels (0..255) and converts them itself.
+    """
+
+    name: str
+    dims: tuple[int | None, ...]
+    layout: str = "NCHW"
+    told_by: str = "default"
+    uint8: bool = False
+
+    @property
+    def rewritten(self) -> bool:
+        return self.layout != "NCHW" or self.uint8
+
+    def describe(self) -> str:
+        """E.g. "uint8 NHWC (from the graph's Transpose)"."""
+        how = {"graph": "the graph's Transpose", "shape": "its shape", "option": "--layout", "default": "default"}
+        return f"{'uint8' if self.uint8 else 'float32'} {self.layout} (layout from {how[self.told_by]})"
+
+
+_ELEMENT_NAMES = {**{v: k.lower() for k, v in onnx.TensorProto.DataType.items()}, onnx.TensorProto.FLOAT: "float32",
+                  onnx.TensorProto.DOUBLE: "float64"}
+
+
+def image_input(proto: onnx.ModelProto, layout: str | None = None, label: str = "<memory>") -> ImageInput:
+    """The model's one image input: its NCHW dims, layout and element type.
+
+    The layout is `layout` where given; else NHWC where a Transpose with perm (0, 3, 1, 2)
+    reads the input (through a Cast), or where the declared shape is 1 x H x W x 1 or 3 with H
+    not 1 or 3; else NCHW.
+
+    Raises:
+        DelucevaError: not one input; not a rank-4 float32 or uint8 tensor; an unknown layout.
+    """
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        raise DelucevaError(f"{path}: expected one image input, found {len(inputs)} ({', '.join(i.name for i in inputs)})")
-    dims = inputs[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        raise DelucevaError(f"{label}: expected one image input, found {len(inputs)} ({', '.join(i.name for i in inputs)})")
+    image = inputs[0]
+    tensor_type = image.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
+    kind = tensor_type.elem_type
+    if kind not in (onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8) or len(dims) != 4:
+        shape = "x".join("?" if d is None else str(d) for d in dims) or "no shape"
+        raise DelucevaError(f"{label}: input {image.name!r} is {_ELEMENT_NAMES.get(kind, kind)} {shape}, not an image "
+                            "tensor (deluceva takes float32 or uint8 images, 1xCxHxW or 1xHxWxC)")
+    if layout is not None and layout not in LAYOUTS:
+        raise DelucevaError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    told_by = "option" if layout else "default"
+    if layout is None:
+        layout = "NCHW"
+        if _transposed_to_nchw(proto, image.name):
+            layout, told_by = "NHWC", "graph"
+        elif dims[3] in (1, 3) and dims[1] not in (1, 3):
+            layout, told_by = "NHWC", "shape"
+    if layout == "NHWC":
+        dims = [dims[0], dims[3], dims[1], dims[2]]
+    return ImageInput(image.name, tuple(dims), layout, told_by, kind == onnx.TensorProto.UINT8)
+
+
+def _consumers(graph, name: str) -> list:
+    return [n for n in graph.node if name in n.input]
+
+
+def _transposed_to_nchw(proto: onnx.ModelProto, name: str) -> bool:
+    """Whether a Transpose (0, 3, 1, 2) reads `name`, directly or through Casts."""
+    todo, seen = [name], set()
+    while todo:
+        tensor = todo.pop()
+        for node in _consumers(proto.graph, tensor):
+            if node.op_type == "Transpose" and list(_attribute(node, "perm", [])) == _TO_NCHW:
+                return True
+            if node.op_type == "Cast" and node.output[0] not in seen:
+                seen.add(node.output[0])
+                todo.append(node.output[0])
+    return False
+
+
+def _attribute(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def adapt_image_input(proto: onnx.ModelProto, image: ImageInput) -> None:
+    """Rewrite `proto` in place so that its image input is float32 NCHW, computing exactly what
+    the file computed on the same pixels (pixel values 0..255 where the file takes uint8).
+
+    The old input's value is rebuilt from the new one (Transpose (0, 2, 3, 1), Cast to uint8),
+    then the pairs that cancel are dropped: a Cast to float of the rebuilt uint8 tensor (exact:
+    the values are whole numbers in 0..255), a Transpose (0, 3, 1, 2) of the rebuilt NHWC one.
+    What is left of the rebuilding runs in the graph (a uint8 input read by something other
+    than a Cast, say), still exact.
+    """
+    graph = proto.graph
+    value = next(i for i in graph.input if i.name == image.name)
+    outputs = {o.name for o in graph.output}
+    new = image.name
+    old = f"{image.name}__exported"
+    for node in graph.node:  # every reader of the input now reads the rebuilt exported tensor
+        for k, tensor in enumerate(node.input):
+            if tensor == new:
+                node.input[k] = old
+    rebuild, current = [], new
+    if image.layout == "NHWC":
+        rebuild.append(onnx.helper.make_node("Transpose", [current], [f"{image.name}__nhwc"], perm=_TO_NHWC,
+                                             name=f"{image.name}__to_nhwc"))
+        current = f"{image.name}__nhwc"
+    float_form = current  # the exported input's value as float32
+    if image.uint8:
+        rebuild.append(onnx.helper.make_node("Cast", [current], [old], to=onnx.TensorProto.UINT8,
+                                             name=f"{image.name}__to_uint8"))
+    else:
+        rebuild[-1].output[0] = old
+        float_form = old
+    for k, node in enumerate(rebuild):
+        graph.node.insert(k, node)
+
+    def drop(node, replacement: str) -> None:
+        for other in graph.node:
+            for k, tensor in enumerate(other.input):
+                if tensor == node.output[0]:
+                    other.input[k] = replacement
+        graph.node.remove(node)
+
+    if image.uint8:
+        for node in _consumers(graph, old):
+            if node.op_type == "Cast" and _attribute(node, "to", None) == onnx.TensorProto.FLOAT \
+                    and node.output[0] not in outputs:
+                drop(node, float_form)
+    if image.uint8 and image.layout == "NHWC":
+        # Transposed first, cast after (uint8 NHWC -> Transpose -> Cast): the Transpose's
+        # output is the new input cast to uint8, and the float Casts of it are the new input.
+        for node in _consumers(graph, old):
+            if node.op_type == "Transpose" and list(_attribute(node, "perm", [])) == _TO_NCHW:
+                node.op_type = "Cast"
+                del node.attribute[:]
+                node.attribute.append(onnx.helper.make_attribute("to", onnx.TensorProto.UINT8))
+                node.input[0] = new
+                for cast in _consumers(graph, node.output[0]):
+                    if cast.op_type == "Cast" and _attribute(cast, "to", None) == onnx.TensorProto.FLOAT \
+                            and cast.output[0] not in outputs:
+                        drop(cast, new)
+                if not _consumers(graph, node.output[0]) and node.output[0] not in outputs:
+                    graph.node.remove(node)
+    if image.layout == "NHWC":
+        for node in _consumers(graph, float_form):
+            if node.op_type == "Transpose" and list(_attribute(node, "perm", [])) == _TO_NCHW \
+                    and node.output[0] not in outputs:
+                drop(node, new)
+    for node in reversed(rebuild):  # rebuilding nodes nobody reads any more
+        if not _consumers(graph, node.output[0]) and node.output[0] not in outputs:
+            graph.node.remove(node)
+    value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    dims = value.type.tensor_type.shape.dim
+    declared = [onnx.TensorShapeProto.Dimension() for _ in range(4)]
+    for target, source in zip(declared, [dims[i] for i in ((0, 3, 1, 2) if image.layout == "NHWC" else range(4))]):
+        target.CopyFrom(source)
+    del dims[:]
+    dims.extend(declared)
 
 
 def _read(source) -> tuple[str, bytes, onnx.ModelProto]:
@@ -226,10 +429,18 @@ def _normalise(label: str, proto: onnx.ModelProto) -> onnx.ModelProto:
     del result.opset_import[:]
     result.opset_import.extend(keep)
     _remove_dead_nodes(result)
+    # Unnamed and repeated names get "{op}_{index}", never one another node already has (an
+    # exporter's own "Mul_373", with decoding nodes appended unnamed that land at index 373).
+    taken = {node.name for node in result.graph.node if node.name}
     seen: set[str] = set()
     for index, node in enumerate(result.graph.node):
         if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{index}"
+            name, k = f"{node.op_type}_{index}", 0
+            while name in taken:
+                k += 1
+                name = f"{node.op_type}_{index}_{k}"
+            node.name = name
+            taken.add(name)
         seen.add(node.name)
     return result
 

@@ -29,7 +29,9 @@ class RunFiles:
     Attributes:
         outputs: OUT.npz, every output stacked over frames (`save_inputs`: the model input too).
         summary: SUMMARY.json, times, errors and traces.
-        detections: OUT.jsonl, each frame's boxes in the video's pixels (a detection preset only).
+        detections: OUT.jsonl, each frame's boxes in the video's pixels (a detection preset, or
+            generic det options).
+        annotate: OUT.mp4, the video with each frame's detections drawn (as `detections`).
         resume: carry on files a killed run left (its finished frames are kept and not run
             again); the video must already be opened at the first frame without output.
         first_frame: the index of the run's first frame in those files (frames already written).
@@ -44,6 +46,7 @@ class RunFiles:
     outputs: str | None = None
     summary: str | None = None
     detections: str | None = None
+    annotate: str | None = None
     save_inputs: bool = False
     resume: bool = False
     first_frame: int = 0
@@ -199,7 +202,8 @@ def run_video(setup, plans, files: RunFiles, on_frame: Callable | None = None) -
     Args:
         on_frame: called with each FrameResult (outputs still attached) after it is written.
     """
-    from deluceva.presets import get_decoder
+    from deluceva.playback.annotate import AnnotationWriter
+    from deluceva.presets import class_names, get_decoder
     from deluceva.playback.loop import VideoRunner, summarise
     from deluceva.playback.recorder import DetectionWriter, FrameRecorder, JsonLines
     from deluceva.playback.setup import run_info
@@ -211,10 +215,17 @@ def run_video(setup, plans, files: RunFiles, on_frame: Callable | None = None) -
     recorder = FrameRecorder(files.outputs, resume=files.resume, frames=files.first_frame) if files.outputs else None
     detections = None
     if files.detections:
-        decoder = get_decoder(options.preset, setup.input_shape, setup.model.output_names)
+        decoder = get_decoder(options.preset, setup.input_shape, setup.model.output_names, options.detector)
         detections = DetectionWriter(files.detections, decoder, setup.preprocess, (setup.video.height, setup.video.width),
                                      resume=files.resume, frames=files.first_frame)
     frame_log = JsonLines(files.frame_log, resume=files.resume, frames=files.first_frame) if files.frame_log else None
+    annotator = None
+    if files.annotate:
+        annotator = AnnotationWriter(files.annotate, get_decoder(options.preset, setup.input_shape, setup.model.output_names,
+                                                                 options.detector),
+                                     setup.preprocess, (setup.video.height, setup.video.width), setup.video.fps,
+                                     class_names(options.preset, options.detector), resume=files.resume,
+                                     frames=files.first_frame)
     names = setup.model.output_names
     input_key = f"input:{setup.model.input_name}"
     results = []
@@ -242,6 +253,8 @@ def run_video(setup, plans, files: RunFiles, on_frame: Callable | None = None) -
                     detections.add(position, result.outputs, setup.video.pts, setup.video.time)
                 if frame_log is not None:
                     frame_log.add(_frame_record(position, result))
+                if annotator is not None:
+                    annotator.add(rgb, result.outputs)
                 results.append(result)
             if on_frame is not None:
                 on_frame(result)
@@ -252,6 +265,11 @@ def run_video(setup, plans, files: RunFiles, on_frame: Callable | None = None) -
         held.holding = True  # a second Ctrl-C must not cut the files' packing short
         written = files.first_frame + len(results)
         failures = []
+        if annotator is not None:
+            try:
+                annotator.close()
+            except Exception as error:  # an encoder failure must not hide the run's own outcome
+                failures.append(DelucevaError(f"{files.annotate}: cannot finish it ({error})"))
         for writer in (detections, frame_log, recorder):
             if writer is None:
                 continue

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,11 @@ class RunOptions:
         controller: "fixed", "pi" or "learned"; percentage: the fixed p, or where the
             controller starts (None: PI starts where the first frames say the budget holds).
         error_budget: the error to hold on reference frames (None: the metric's default).
-        metric: "rel-l2" or "det"; preset: "yolox", "yunet", "mtcnn" or None (generic).
+        metric: "rel-l2", "norm-l2" or "det"; preset: "yolox", "yunet", "mtcnn" or None (generic).
+        layout: the model's image input layout, "NCHW" or "NHWC" (None: read off the graph;
+            an NHWC or uint8 input runs as float32 NCHW, see `deluceva.planner.load_model`).
+        detector: generic det options (`deluceva.presets.DetectorOptions`): which outputs are
+            boxes and scores, for det and detections without a preset (they override its decoder).
         preprocessing: generic `Preprocessor` fields overriding the preset's or the defaults.
         reference_every: a dense reference frame every K frames.
         frames, start, every: which frames of the video (at most N, from S, one in K).
@@ -69,6 +74,8 @@ class RunOptions:
     every: int = 1
     learned_model: str | None = None
     calibration_start: int | None = None
+    detector: object | None = None
+    layout: str | None = None
 
     @property
     def first_frames_start(self) -> int:
@@ -114,14 +121,15 @@ def prepare(options: RunOptions, models: dict | None = None) -> Setup:
     video = open_video(options.video, frames=options.frames, start=options.start, every=options.every)
     preprocess = preprocessor(options)
     input_shape = tuple(int(d) for d in preprocess.input_shape((video.height, video.width)))
-    key = (str(options.model), input_shape)
+    key = (str(options.model), input_shape, options.layout)
     model = models.get(key) if models is not None else None
     if model is None:
-        model = load_model(options.model, input_shape)
+        model = load_model(options.model, input_shape, layout=options.layout)
         if models is not None:
             models[key] = model
-    check_preset(options.preset, model)
-    metric = get_metric(options.metric, options.preset, input_shape=input_shape, output_names=model.output_names)
+    check_preset(options.preset, model, options.detector)
+    metric = get_metric(options.metric, options.preset, input_shape=input_shape, output_names=model.output_names,
+                        detector=options.detector)
     budget = options.error_budget if options.error_budget is not None else metric.budget
     percentage = options.percentage
     if options.controller == "fixed" and percentage is None:
@@ -138,11 +146,32 @@ def preprocessor(options: RunOptions):
     generic fields given overriding it (what every run, and the plain onnxruntime baseline of
     `bench-streams`, feeds the model)."""
     from deluceva.media.preprocess import Preprocessor
-    from deluceva.planner.load_model import declared_input_shape
+    from deluceva.planner.load_model import read_image_input
     from deluceva.presets import preprocessing
 
-    return Preprocessor.for_model(tuple(declared_input_shape(options.model)), preset=preprocessing(options.preset),
-                                  model_name=str(options.model), **options.preprocessing)
+    image = read_image_input(options.model, options.layout)
+    pre = Preprocessor.for_model(image.dims, preset=preprocessing(options.preset),
+                                 model_name=str(options.model), **options.preprocessing)
+    if image.uint8:
+        check_uint8_pixels(pre, options.model, image.name)
+    return pre
+
+
+def check_uint8_pixels(pre, model, name: str) -> None:
+    """Refuse preprocessing that would not give a uint8 model the whole pixels 0..255 it takes
+    (the graph casts and normalises them itself; deluceva feeds them as float32, exactly)."""
+    changes = []
+    if pre.scale != 1 or any(m != 0 for m in pre.mean) or any(d != 1 for d in pre.std):
+        changes.append(f"scales them (scale {pre.scale:g}, mean {', '.join(f'{m:g}' for m in pre.mean)}, "
+                       f"std {', '.join(f'{d:g}' for d in pre.std)})")
+    if pre.channels == "GRAY":
+        changes.append("makes fractional grey levels (GRAY)")
+    if float(pre.pad_value) != int(pre.pad_value) or not 0 <= pre.pad_value <= 255:
+        changes.append(f"pads with {pre.pad_value:g}")
+    if changes:
+        who = f"preset {pre.name}" if pre.name != "generic" else "the preprocessing"
+        raise DelucevaError(f"{model}: input {name!r} takes uint8 pixels 0..255 (the graph converts them itself), "
+                            f"but {who} {' and '.join(changes)}: drop the preset or --scale/--mean/--std")
 
 
 def build_plans(setup: Setup, announce=None, plans=None):
@@ -180,6 +209,7 @@ def build_plans(setup: Setup, announce=None, plans=None):
                 counts.update(dict.fromkeys(counts, 0))  # in place: the steps' calls hold these dicts
     else:
         _warm_up(plans, frames)
+    _calibrate_metric(setup, plans, frames, announce)
     _start_controller(setup, plans, announce)
     if setup.controller is None:
         _train_controller(setup, plans, announce)
@@ -198,6 +228,23 @@ def _train_controller(setup: Setup, plans, announce) -> None:
     announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
              "(save one with `deluceva profile --controller-out`)")
     setup.controller = train_learned_controller(plans, setup.metric, frames, setup.budget)
+
+
+def _calibrate_metric(setup: Setup, plans, frames: list, announce) -> None:
+    """norm-l2 takes each output's typical norm from the calibration frames' dense outputs; rel-l2
+    held on softmax or sigmoid scores gets a warning (their norm is the background's: errors on
+    the few boxes that matter vanish in it)."""
+    from deluceva.metrics import score_outputs
+
+    metric = setup.metric
+    if getattr(metric, "needs_calibration", False):
+        metric.calibrate([plans.sessions[0].reference(frame) for frame in frames])
+    if getattr(metric, "name", None) == "rel-l2":
+        scores = score_outputs(setup.model)
+        if scores:
+            announce(f"warning: {', '.join(scores)} {'is' if len(scores) == 1 else 'are'} softmax or sigmoid scores: "
+                     "rel-l2 on them is dominated by the background and can hide missed detections; --metric det "
+                     "(with a preset, or --boxes/--scores) measures the detections themselves")
 
 
 def _warm_up(plans, frames: list) -> None:
@@ -285,6 +332,9 @@ def run_info(setup: Setup, plans) -> dict:
         "video": str(options.video),
         "input_shape": list(setup.input_shape),
         "preset": options.preset,
+        **({"detector": dataclasses.asdict(options.detector)} if options.detector is not None else {}),
+        **({"input_as_exported": setup.model.exported_input.describe()}
+           if getattr(setup.model, "exported_input", None) is not None else {}),
         "metric": options.metric,
         "budget": setup.budget,
         "controller": options.controller,

@@ -12,7 +12,9 @@ from deluceva.errors import DelucevaError
 from deluceva.media.preprocess import Preprocessor
 from deluceva.presets.detections import Detections, ModelOutputs, nms
 
-__all__ = ["PREPROCESSING", "PnetDecoder", "decoder"]
+__all__ = ["PREPROCESSING", "CLASS_NAMES", "PnetDecoder", "decoder"]
+
+CLASS_NAMES = ("face",)
 
 PREPROCESSING = Preprocessor(mode="none", channels="RGB", mean=(127.5,), std=(128.0,), name="mtcnn")
 

@@ -13,7 +13,17 @@ from deluceva.errors import DelucevaError
 from deluceva.media.preprocess import Preprocessor
 from deluceva.presets.detections import Detections, ModelOutputs, nms
 
-__all__ = ["PREPROCESSING", "YoloxDecoder", "decoder"]
+__all__ = ["PREPROCESSING", "CLASS_NAMES", "YoloxDecoder", "decoder"]
+
+# COCO's 80 classes in YOLOX's order (the labels `run --annotate` draws).
+CLASS_NAMES = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
+    "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie "
+    "suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
+    "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
+    "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
+    "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
+    "toothbrush").split()
 
 PREPROCESSING = Preprocessor(mode="letterbox", size=(416, 416), pad_value=114.0, channels="BGR", name="yolox")
 

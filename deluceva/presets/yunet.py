@@ -14,7 +14,9 @@ from deluceva.errors import DelucevaError
 from deluceva.media.preprocess import Preprocessor
 from deluceva.presets.detections import Detections, ModelOutputs, nms, outputs_by_name
 
-__all__ = ["PREPROCESSING", "YUNET_OUTPUTS", "YunetDecoder", "decoder"]
+__all__ = ["PREPROCESSING", "CLASS_NAMES", "YUNET_OUTPUTS", "YunetDecoder", "decoder"]
+
+CLASS_NAMES = ("face",)
 
 PREPROCESSING = Preprocessor(mode="pad", multiple=32, pad_value=0.0, channels="BGR", name="yunet")
 

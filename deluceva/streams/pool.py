@@ -16,10 +16,10 @@ Streams are independent, so a fault stays in its stream:
   it was interrupted.
 
 Per stream, DIR/NAME/ holds summary.json, frames.jsonl (each frame's time, error, p and density:
-a resumed stream's summary covers every frame from it), detections.jsonl (a detection preset)
-and outputs.npz (when asked); DIR/summary.json holds every stream's figures and the aggregate
-throughput. A DIR that already holds a run is refused unless `existing` says to resume each
-stream where its files end or to overwrite them.
+a resumed stream's summary covers every frame from it), detections.jsonl (a detection preset),
+annotated.mp4 (with --annotate) and outputs.npz (when asked); DIR/summary.json holds every
+stream's figures and the aggregate throughput. A DIR that already holds a run is refused unless
+`existing` says to resume each stream where its files end or to overwrite them.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class StreamFiles:
     save_inputs: bool = False  # outputs.npz also holds each model input, keyed input:<name>
     detections: bool = False  # detections.jsonl, with a detection preset
     drop_late: float | None = None  # live sources: skip frames while this many seconds behind
+    annotate: bool = False  # annotated.mp4, the video with its detections drawn
 
 
 def read_sources(items: Sequence[str]) -> list[Stream]:
@@ -560,6 +561,7 @@ def _run_stream(stream: Stream, resume: bool, restarts: int, options, out: Path,
     try:
         job = run_video(setup, plans, RunFiles(outputs=outputs, summary=str(folder / "summary.json"),
                                               detections=detections, frame_log=frame_log, resume=done > 0,
+                                              annotate=str(folder / "annotated.mp4") if files.annotate else None,
                                               save_inputs=files.save_inputs,
                                               first_frame=done, extra_summary=extra,
                                               drop_late=files.drop_late if stream.live else None), on_frame=report)
