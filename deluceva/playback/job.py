@@ -105,7 +105,7 @@ def run_video(setup, plans, files: Outputs, on_frame: Callable | None = None) ->
 
     options = setup.options
     runner = VideoRunner(plans, setup.controller, setup.metric, options.reference_every,
-                         percentage=options.percentage or setup.start_percentage)
+                         percentage=options.percentage or setup.start_percentage, gate=setup.gate)
     recorder = FrameRecorder(files.outputs, resume=files.resume, frames=files.first_frame) if files.outputs else None
     detections = None
     if files.detections:

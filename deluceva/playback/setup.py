@@ -20,7 +20,7 @@ from deluceva.errors import DelucevaError, check_percentage
 from deluceva.runtime.thresholds import CALIBRATION_FRAMES
 
 __all__ = ["RunOptions", "Setup", "prepare", "preprocessor", "build_plans", "compile_plans", "run_info",
-           "ON_THE_FLY_PERCENTAGES", "PROFILE_FRAMES"]
+           "ON_THE_FLY_PERCENTAGES", "PROFILE_FRAMES", "calibrate_gate"]
 
 # Without --plan: percentages compiled on the fly, and frames profiled for them; `deluceva
 # compile` makes a finer plan once and for all. The grid is dense below 0.5 because that is where
@@ -51,6 +51,8 @@ class RunOptions:
         learned_model: a learned controller JSON (None with "learned": trained on the video).
         calibration_start: where the first frames that profile, calibrate and train are read
             (None: `start`). A resumed stream reads the ones its first run read.
+        gate: add the frame gate (`deluceva.playback.gate`): the controller's setting moves p and
+            the gate's share g together, as calibrated on the first frames.
     """
 
     model: str
@@ -69,6 +71,7 @@ class RunOptions:
     every: int = 1
     learned_model: str | None = None
     calibration_start: int | None = None
+    gate: bool = False
 
     @property
     def first_frames_start(self) -> int:
@@ -93,6 +96,7 @@ class Setup:
     # When `prepare` began: the summary's seconds to the first output count from here (loading,
     # calibration, profiling and compiling, the sessions and their kernels).
     started: float = field(default_factory=time.perf_counter)
+    gate: object = None  # a GateSchedule with RunOptions.gate, once calibrated (build_plans)
 
 
 def prepare(options: RunOptions) -> Setup:
@@ -160,7 +164,27 @@ def build_plans(setup: Setup, announce=None):
     _start_controller(setup, plans, announce)
     if setup.controller is None:
         _train_controller(setup, plans, announce)
+    if options.gate:
+        setup.gate = calibrate_gate(setup, plans, announce)
     return plans
+
+
+def calibrate_gate(setup: Setup, plans, announce=None):
+    """The frame gate's schedule, measured on the video's first frames (see
+    `deluceva.playback.gate.calibrate_gate`); said on stderr through `announce`."""
+    from deluceva.controller import RUN_SETPOINT
+    from deluceva.media.video import open_video
+    from deluceva.playback.calibration import LEARNING_FRAMES
+    from deluceva.playback.gate import calibrate_gate as measure
+
+    options = setup.options
+    video = open_video(options.video, frames=LEARNING_FRAMES, start=options.first_frames_start, every=options.every)
+    frames = [setup.preprocess(rgb) for rgb in video]
+    schedule = measure(plans, setup.metric, frames, RUN_SETPOINT * setup.budget)
+    if announce is not None:
+        announce(f"frame gate calibrated on the first {len(frames)} frames: tile threshold {schedule.threshold:.4g}; "
+                 f"setting -> (p, g): {schedule.describe()}")
+    return schedule
 
 
 def _train_controller(setup: Setup, plans, announce) -> None:
@@ -286,4 +310,5 @@ def run_info(setup: Setup, plans) -> dict:
         "threads": options.threads,
         "reference_every": options.reference_every,
         "plan": plans.description,
+        "gate": None if setup.gate is None else {"threshold": setup.gate.threshold, "schedule": setup.gate.points},
     }

@@ -1,0 +1,163 @@
+"""The frame gate (`deluceva.playback.gate`) in the run loop: which frames it holds, drift since
+the last frame that ran, exactness and no cost at the setting 0, what reference frames measure,
+and the knob calibrated on first frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deluceva.controller import FixedController
+from deluceva.demo import build_demo_model
+from deluceva.metrics import rel_l2
+from deluceva.playback.gate import FrameGate, GateSchedule, calibrate_gate
+from deluceva.playback.loop import SessionsByPercentage, VideoRunner, summarise
+
+HEIGHT, WIDTH = 32, 48  # 4 x 6 = 24 tiles of 8 x 8
+
+
+def _rel_l2(outputs, references):
+    return rel_l2(list(outputs), list(references))
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    """The demo CNN at 32 x 48, one dense and one delta plan (p from 0.2), calibrated."""
+    import onnx
+
+    from deluceva.planner import load_model
+    from deluceva.session import Session, calibrate_sessions
+
+    path = tmp_path_factory.mktemp("gate") / "tiny.onnx"
+    onnx.save(build_demo_model(HEIGHT, WIDTH), path)
+    model = load_model(str(path))
+    plans = SessionsByPercentage([Session(model, plan="dense"), Session(model, plan="delta")], [0.0, 0.2])
+    calibrate_sessions(plans.sessions, _drifting(6, seed=1))
+    return plans
+
+
+def _base(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((1, 3, HEIGHT, WIDTH), dtype=np.float32)
+
+
+def _with_tiles(frame: np.ndarray, tiles) -> np.ndarray:
+    """`frame` with each (row, column) 8 x 8 tile brightened by 0.5."""
+    out = frame.copy()
+    for row, column in tiles:
+        out[..., row * 8:(row + 1) * 8, column * 8:(column + 1) * 8] += 0.5
+    return out
+
+
+def _drifting(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Each frame one more tile changed than the one before (a slow drift: one tile per frame)."""
+    frames, tiles = [], []
+    base = _base(seed)
+    for index in range(count):
+        frames.append(_with_tiles(base, tiles))
+        tiles = tiles + [(index // 6 % 4, index % 6)]
+    return frames
+
+
+def _run(plans, frames, schedule, controller=None, reference_every=100):
+    for session in plans.sessions:
+        session.reset()
+    setting = schedule.points[-1][0] if schedule is not None else 0.0
+    runner = VideoRunner(plans, controller or FixedController(setting), _rel_l2, reference_every, setting, gate=schedule)
+    return [runner.step(frame) for frame in frames]
+
+
+def test_gate_counts_tiles_changed_beyond_its_threshold():
+    gate = FrameGate(0.3)
+    base = _base()
+    gate.ran(base)
+    assert gate.share(base) == 0.0
+    assert gate.share(_with_tiles(base, [(0, 0), (3, 5)])) == pytest.approx(2 / 24)
+    small = base + 0.2  # every pixel moved, but under the threshold
+    assert gate.share(small) == 0.0
+    assert gate.share(_with_tiles(small, [(1, 1)])) == pytest.approx(1 / 24)
+
+
+def test_gated_frames_reuse_the_last_outputs_and_are_counted(plans):
+    """g = 0.1 of 24 tiles: frames with 1 or 2 tiles changed since the last frame that ran are
+    held, 3 run."""
+    base = _base()
+    frames = [base, _with_tiles(base, [(0, 0)]), _with_tiles(base, [(0, 0), (0, 1)]),
+              _with_tiles(base, [(0, 0), (0, 1), (0, 2)]), _with_tiles(base, [(0, 0), (0, 1), (0, 2), (1, 0)])]
+    schedule = GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.5, 0.1)])
+    results = _run(plans, frames, schedule)
+    assert [r.gated for r in results] == [False, True, True, False, True]
+    assert summarise(results, plans)["gated_frames"] == 3
+    for index in (1, 2):
+        assert all(np.array_equal(a, b) for a, b in zip(results[index].outputs, results[0].outputs))
+    assert all(np.array_equal(a, b) for a, b in zip(results[4].outputs, results[3].outputs))
+    assert results[1].flops == 0.0 and results[3].flops > 0
+    assert results[1].percentage == 0.5 and results[1].setting == 0.5
+
+
+def test_gate_compares_with_the_last_frame_that_ran_so_drift_triggers(plans):
+    """One more tile per frame: against the previous frame every frame changed 1 tile of 24 and
+    would be held for ever; against the last frame that ran, the third tile runs it."""
+    frames = _drifting(9)
+    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.5, 0.1)]))
+    assert [r.gated for r in results] == [False, True, True, False, True, True, False, True, True]
+
+
+def test_setting_zero_is_exact_and_never_reads_the_gate(plans, monkeypatch):
+    """At the setting 0 the pair is (0, 0): every frame runs exactly, and the gate's statistic is
+    never computed (it costs nothing there)."""
+    def forbidden(self, frame):
+        raise AssertionError("the gate was read at the setting 0")
+
+    monkeypatch.setattr(FrameGate, "share", forbidden)
+    frames = _drifting(8)
+    schedule = GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.5, 0.4)])
+    for session in plans.sessions:
+        session.reset()
+    runner = VideoRunner(plans, FixedController(0.0), _rel_l2, 3, 0.0, gate=schedule)
+    for frame in frames:
+        result = runner.step(frame)
+        assert not result.gated and result.percentage == 0.0
+        assert _rel_l2(result.outputs, plans.sessions[0].reference(frame)) < 1e-5
+
+
+def test_a_gated_reference_measures_what_the_user_received(plans):
+    """On a gated frame that is due for a reference, the error is the reused outputs' against the
+    dense run, the frame gets the dense outputs, and later frames are gated against it."""
+    base = _base()
+    frames = [base, _with_tiles(base, [(0, 0)]), _with_tiles(base, [(0, 0), (1, 1)]),
+              _with_tiles(base, [(0, 0), (1, 1), (2, 2)])]
+    # The gate over the dense plan: a run would be exact, so only the reused outputs have an error.
+    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=2)
+    first, held = results[0], results[2]
+    assert results[1].gated and not results[1].reference
+    assert held.gated and held.reference
+    dense = plans.sessions[0].reference(frames[2])
+    assert held.error == pytest.approx(_rel_l2(first.outputs, dense)) and held.error > 0
+    assert _rel_l2(held.outputs, dense) < 1e-5
+    # Frame 3 differs by one tile from frame 2 (delivered exactly), by three from frame 0: held.
+    assert results[3].gated
+
+
+def test_schedule_maps_settings_to_pairs_and_keeps_plain_p_steps():
+    schedule = GateSchedule(0.1, [(0.5, 0.5, 0.0), (0.8, 0.7, 0.05)])
+    assert schedule.points[0] == (0.0, 0.0, 0.0)  # always exact at 0
+    assert schedule.pair(0.0) == (0.0, 0.0)
+    assert schedule.pair(0.6) == (0.6, 0.0)  # a plain-p point: the setting is p
+    assert schedule.pair(0.85) == (0.7, 0.05)
+
+
+def test_calibration_picks_the_gate_on_a_still_scene_and_nothing_at_zero(plans):
+    """A still scene with sensor noise: reusing outputs costs no error within the budget and
+    saves the runs, so the cheapest pair at a nonzero setting gates; the setting 0 never does."""
+    rng = np.random.default_rng(4)
+    base = _base()
+    frames = [base + rng.normal(0, 0.002, base.shape).astype(np.float32) for _ in range(12)]
+    schedule = calibrate_gate(plans, _rel_l2, frames, target=0.04, settings=(0.0, 0.5))
+    assert schedule.points[0] == (0.0, 0.0, 0.0)
+    assert schedule.pair(0.5)[1] > 0
+    # The noise is under the chosen pixel threshold: a frame of it is held.
+    gate = FrameGate(schedule.threshold)
+    gate.ran(frames[0])
+    assert gate.share(frames[1]) == 0.0
+    costs = {(row["percentage"], row["gate"]): row["cost_ms"] for row in schedule.table}
+    assert costs[schedule.pair(0.5)] < costs[(0.0, 0.0)]
