@@ -432,6 +432,43 @@ def test_bench_reports_and_writes_json_and_plot(tiny, tmp_path, capsys):
     assert picture.stat().st_size > 1000
 
 
+def test_bench_sweep_lands_the_controllers_on_the_fixed_p_curve(tiny, tmp_path, capsys):
+    """`--sweep`: each p run on the run's plans (p = 0 all dense, exact), the best point within the
+    budget, the pi and learned controllers and, with --gate, the gated run beside frame skipping."""
+    model, clip = tiny
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model), str(clip), "--sweep", "0.5,0.9", "--gate", "--reference-every", "4",
+                 "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "fixed-p curve" in table and "best within the budget" in table and "deluceva + gate" in table
+    figures = json.loads(out.read_text())
+    sweep = figures["sweep"]
+    assert [p["percentage"] for p in sweep] == [0.0, 0.5, 0.9]  # 0 always included
+    assert sweep[0]["error_max"] < 1e-3 and sweep[0]["percentage_mean"] == 0.0
+    assert all(p["reference_frames"] == 3 for p in sweep)  # frames 0, 4, 8: counted as a run counts them
+    within = [p for p in sweep if p["error_mean"] <= figures["budget"]]
+    assert figures["sweep_best"]["speedup"] == max(p["speedup"] for p in within)
+    assert set(figures["controllers"]) == {"pi", "learned", "pi + gate", "learned + gate"}
+    for landing in figures["controllers"].values():
+        assert landing["of_best"] == pytest.approx(landing["speedup"] / figures["sweep_best"]["speedup"])
+        assert 0 <= landing["frames_within_limit"] <= 1 and "skip_equal_speedup" in landing
+    assert figures["gate"]["gated_frames"] >= 0 and figures["gate"] is not None
+    assert figures["gated_frames"] == 0  # the run without the gate
+
+
+def test_best_point_within_the_budget_counts_frames_over_the_det_limit():
+    from deluceva.bench.compare import best_within
+
+    points = [{"percentage": 0.0, "speedup": 1.0, "error_mean": 0.0, "frames_within_limit": 1.0},
+              {"percentage": 0.7, "speedup": 1.2, "error_mean": 0.015, "frames_within_limit": 0.97},
+              {"percentage": 0.8, "speedup": 1.4, "error_mean": 0.019, "frames_within_limit": 0.90},
+              {"percentage": 0.9, "speedup": 1.9, "error_mean": 0.05, "frames_within_limit": 0.5}]
+    assert best_within(points, 0.02, det=True)["percentage"] == 0.7  # 0.8: 10% of frames over det 0.1
+    assert best_within(points, 0.02, det=False)["percentage"] == 0.8
+    assert best_within(points[1:], 0.01, det=False) is None
+
+
 def test_compare_on_runs_with_known_figures():
     """compare()'s figures against numbers worked out by hand for two frames."""
     from deluceva.bench.baseline import OnnxruntimeRun

@@ -20,7 +20,8 @@ from deluceva.errors import DelucevaError, check_percentage
 from deluceva.runtime.thresholds import CALIBRATION_FRAMES
 
 __all__ = ["RunOptions", "Setup", "prepare", "preprocessor", "build_plans", "compile_plans", "run_info",
-           "ON_THE_FLY_PERCENTAGES", "PROFILE_FRAMES", "calibrate_gate"]
+           "ON_THE_FLY_PERCENTAGES", "PROFILE_FRAMES", "calibrate_gate",
+           "controller_for"]
 
 # Without --plan: percentages compiled on the fly, and frames profiled for them; `deluceva
 # compile` makes a finer plan once and for all. The grid is dense below 0.5 because that is where
@@ -167,6 +168,22 @@ def build_plans(setup: Setup, announce=None):
     if options.gate:
         setup.gate = calibrate_gate(setup, plans, announce)
     return plans
+
+
+def controller_for(setup: Setup, plans, name: str, announce=None):
+    """A `name` controller ("pi" or "learned") started on `plans` as a run with that controller
+    and no --percentage would start it; returns (controller, starting p). `setup` is unchanged
+    (`bench --sweep` lands both beside the fixed-p curve on the same plans)."""
+    from dataclasses import replace
+
+    announce = announce or (lambda text: None)
+    other = replace(setup, options=replace(setup.options, controller=name, percentage=None, learned_model=None),
+                    controller=None, start_percentage=0.0, notes=[])
+    if name == "learned":
+        _train_controller(other, plans, announce)
+    else:
+        _start_controller(other, plans, announce)
+    return other.controller, other.start_percentage
 
 
 def calibrate_gate(setup: Setup, plans, announce=None):
