@@ -161,3 +161,56 @@ def test_calibration_picks_the_gate_on_a_still_scene_and_nothing_at_zero(plans):
     assert gate.share(frames[1]) == 0.0
     costs = {(row["percentage"], row["gate"]): row["cost_ms"] for row in schedule.table}
     assert costs[schedule.pair(0.5)] < costs[(0.0, 0.0)]
+
+
+# -- plans slower than dense are never run -----------------------------------------------------
+
+
+def test_a_plan_measured_slower_than_dense_is_retired_and_its_range_runs_dense(plans, monkeypatch):
+    """The delta plan made 20 ms slower a frame: measured slower than dense on the first frames,
+    retired; a controller at p in its range then runs the dense plan, exactly, and its reference
+    frames need no dense run."""
+    import time
+
+    from deluceva.playback.calibration import retire_slow_plans
+
+    slow = plans.sessions[1]
+    run = slow.run
+
+    def slower(frame, percentage=0.0, keyframe=False):
+        time.sleep(0.02)
+        return run(frame, percentage, keyframe)
+
+    frames = _drifting(6)
+    monkeypatch.setattr(slow, "run", slower)
+    try:
+        ratios = retire_slow_plans(plans, frames)
+        assert ratios[1] > 1.0 and plans.retired == {1}
+        assert plans.index_below(0.5) == 0 and plans.effective(0.5) == 0.0
+        references = []
+        monkeypatch.setattr(plans.sessions[0], "reference", lambda frame: references.append(frame))
+        results = _run(plans, frames, None, controller=FixedController(0.5), reference_every=2)
+        assert all(r.plan == 0 and r.percentage == 0.0 for r in results)
+        assert all(r.setting == 0.5 for r in results[1:])  # the first frame at the start, 0
+        assert [r.error for r in results if r.reference][1:] == [0.0, 0.0] and references == []
+        monkeypatch.undo()
+        for result, frame in zip(results, frames):
+            assert _rel_l2(result.outputs, plans.sessions[0].reference(frame)) < 1e-5
+    finally:
+        plans.retire([])
+
+
+def test_a_plan_faster_than_dense_is_kept(plans, monkeypatch):
+    import time
+
+    from deluceva.playback.calibration import retire_slow_plans
+
+    dense = plans.sessions[1].reference
+
+    def slower_dense(frame):
+        time.sleep(0.02)
+        return dense(frame)
+
+    monkeypatch.setattr(plans.sessions[1], "reference", slower_dense)
+    ratios = retire_slow_plans(plans, _drifting(6))
+    assert ratios[1] < 1.0 and plans.retired == set()

@@ -129,11 +129,26 @@ class SessionsByPercentage:
         self.percentages = [float(percentages[i]) for i in order]
         self.description = description
         self.flops = [FlopCounts(s) for s in self.sessions]
+        # Plans measured slower than the first (all-dense) one on this video: their range of p
+        # runs the first plan at p = 0 instead (see `retire`).
+        self.retired: set[int] = set()
 
     def index_below(self, percentage: float) -> int:
         """The plan compiled for the largest percentage not above `percentage` (the first plan
-        below them all): its filters hold back at least what it was planned for."""
-        return max(0, bisect.bisect_right(self.percentages, percentage) - 1)
+        below them all): its filters hold back at least what it was planned for. A retired plan's
+        range gives the first plan."""
+        index = max(0, bisect.bisect_right(self.percentages, percentage) - 1)
+        return 0 if index in self.retired else index
+
+    def effective(self, percentage: float) -> float:
+        """The p a frame runs at for `percentage`: 0 in a retired plan's range (exact, and a
+        reference has nothing to measure there), else `percentage`."""
+        index = max(0, bisect.bisect_right(self.percentages, percentage) - 1)
+        return 0.0 if index in self.retired else percentage
+
+    def retire(self, indices) -> None:
+        """Never run these plans (not the first): a p in their range runs the first plan at p = 0."""
+        self.retired = {int(i) for i in indices if int(i) != 0}
 
     def variant_counts(self) -> list[dict[str, int]]:
         return [s.plan.counts() for s in self.sessions]
@@ -244,6 +259,7 @@ class VideoRunner:
             self.previous = frame
         setting = self.percentage
         percentage, share = (setting, 0.0) if self.schedule is None else self.schedule.pair(setting)
+        percentage = self.plans.effective(percentage)
         wanted = self.plans.index_below(percentage)
         asked = bool(getattr(self.controller, "wants_reference", False))
         error = None
@@ -324,7 +340,7 @@ class VideoRunner:
             frame=self.index, error=error, percentage=setting, statistics={**stats, "density": density}
         )
         self.percentage = float(self.controller.update(observation))
-        next_p = self.percentage if self.schedule is None else self.schedule.pair(self.percentage)[0]
+        next_p = self.plans.effective(self.percentage if self.schedule is None else self.schedule.pair(self.percentage)[0])
         switch = self.plans.index_below(next_p)
         if reference and error is not None and switch != self.current and _may_switch(self.current, switch, probe):
             # What this reference measured moved p into another plan's range: switch now, on

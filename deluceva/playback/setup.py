@@ -162,6 +162,7 @@ def build_plans(setup: Setup, announce=None):
     if options.plan:  # compile_plans calibrated its own
         calibrate_sessions(plans.sessions, frames)
     _warm_up(plans, frames)
+    _retire_slow_plans(plans, frames, announce)
     _start_controller(setup, plans, announce)
     if setup.controller is None:
         _train_controller(setup, plans, announce)
@@ -216,6 +217,17 @@ def _train_controller(setup: Setup, plans, announce) -> None:
     announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
              "(save one with `deluceva profile --controller-out`)")
     setup.controller = train_learned_controller(plans, setup.metric, frames, setup.budget)
+
+
+def _retire_slow_plans(plans, frames: list, announce) -> None:
+    """Plans slower than the all-dense one on the first frames never run (see
+    `deluceva.playback.calibration.retire_slow_plans`); said on stderr."""
+    from deluceva.playback.calibration import retire_slow_plans
+
+    ratios = retire_slow_plans(plans, frames)
+    if plans.retired:
+        ranges = ", ".join(f"{plans.percentages[i]:g} ({ratios[i]:.2f}x the time)" for i in sorted(plans.retired))
+        announce(f"plans slower than dense on the first {len(frames)} frames run dense instead: the plans from p = {ranges}")
 
 
 def _warm_up(plans, frames: list) -> None:
@@ -327,5 +339,6 @@ def run_info(setup: Setup, plans) -> dict:
         "threads": options.threads,
         "reference_every": options.reference_every,
         "plan": plans.description,
+        "retired_plans": [plans.percentages[i] for i in sorted(plans.retired)],
         "gate": None if setup.gate is None else {"threshold": setup.gate.threshold, "schedule": setup.gate.points},
     }
