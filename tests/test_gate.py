@@ -138,29 +138,51 @@ def test_a_gated_reference_measures_what_the_user_received(plans):
     assert results[3].gated
 
 
-def test_schedule_maps_settings_to_pairs_and_keeps_plain_p_steps():
+def test_schedule_maps_settings_to_pairs():
     schedule = GateSchedule(0.1, [(0.5, 0.5, 0.0), (0.8, 0.7, 0.05)])
     assert schedule.points[0] == (0.0, 0.0, 0.0)  # always exact at 0
-    assert schedule.pair(0.0) == (0.0, 0.0)
-    assert schedule.pair(0.6) == (0.6, 0.0)  # a plain-p point: the setting is p
+    assert schedule.pair(0.0) == (0.0, 0.0) and schedule.pair(0.49) == (0.0, 0.0)
+    assert schedule.pair(0.6) == (0.5, 0.0)
     assert schedule.pair(0.85) == (0.7, 0.05)
+
+
+def _noisy_still(count: int, seed: int = 4) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = _base()
+    return [base + rng.normal(0, 0.002, base.shape).astype(np.float32) for _ in range(count)]
 
 
 def test_calibration_picks_the_gate_on_a_still_scene_and_nothing_at_zero(plans):
     """A still scene with sensor noise: reusing outputs costs no error within the budget and
-    saves the runs, so the cheapest pair at a nonzero setting gates; the setting 0 never does."""
-    rng = np.random.default_rng(4)
-    base = _base()
-    frames = [base + rng.normal(0, 0.002, base.shape).astype(np.float32) for _ in range(12)]
-    schedule = calibrate_gate(plans, _rel_l2, frames, target=0.04, settings=(0.0, 0.5))
+    saves the runs, so the knob's next point after (0, 0) gates; the setting 0 never does."""
+    frames = _noisy_still(12)
+    schedule = calibrate_gate(plans, _rel_l2, frames, target=0.04, limit=0.1, percentages=(0.0, 0.5))
     assert schedule.points[0] == (0.0, 0.0, 0.0)
-    assert schedule.pair(0.5)[1] > 0
+    assert len(schedule.points) > 1 and schedule.points[1][2] > 0
+    assert schedule.start >= schedule.points[1][0] and schedule.ceiling == schedule.points[-1][0]
     # The noise is under the chosen pixel threshold: a frame of it is held.
     gate = FrameGate(schedule.threshold)
     gate.ran(frames[0])
     assert gate.share(frames[1]) == 0.0
-    costs = {(row["percentage"], row["gate"]): row["cost_ms"] for row in schedule.table}
-    assert costs[schedule.pair(0.5)] < costs[(0.0, 0.0)]
+
+
+def test_the_knob_is_the_cheapest_pair_at_each_error_level(plans):
+    """Along the knob the calibration error never falls and the cost always does; every pair
+    measured that is not on it is beaten by a point of no more error and lower cost; nothing past
+    the limit is on it."""
+    frames = _drifting(4, seed=2) + _noisy_still(8)
+    limit = 0.3
+    schedule = calibrate_gate(plans, _rel_l2, frames, target=0.05, limit=limit, percentages=(0.0, 0.5, 0.9))
+    measured = {(row["percentage"], row["gate"]): (row["error"], row["cost_ms"]) for row in schedule.table}
+    knob = [measured[(p, g)] for _, p, g in schedule.points]
+    assert len(knob) > 2
+    assert all(a[0] <= b[0] and a[1] > b[1] for a, b in zip(knob, knob[1:]))
+    assert all(error <= limit for error, _ in knob)
+    for pair, (error, cost) in measured.items():
+        if error <= limit and pair not in {(p, g) for _, p, g in schedule.points}:
+            assert any(e <= error and c <= cost for e, c in knob)
+    settings = [k for k, _, _ in schedule.points]
+    assert settings == sorted(settings) and settings[-1] == pytest.approx(0.95)
 
 
 # -- plans slower than dense are never run -----------------------------------------------------

@@ -174,8 +174,8 @@ def handle(args: argparse.Namespace) -> int:
 
         def make_runner():
             holder["plans"] = build_plans(setup)
-            return VideoRunner(holder["plans"], setup.controller, setup.metric, args.reference_every,
-                               percentage=args.percentage or setup.start_percentage)
+            controller, start = _without_gate(args, setup, holder["plans"])
+            return VideoRunner(holder["plans"], controller, setup.metric, args.reference_every, percentage=start)
 
         paired = plain_onnxruntime(str(args.model), args.threads)
         bar = progress(len(ort_run.ms), "deluceva")
@@ -258,15 +258,9 @@ def _curve_and_landings(args, setup, plans, ort_run, paired, frames) -> dict:
                        skip_equal_threshold=skipping["threshold"])
         return figures
 
-    def fresh(name):
-        if name == "fixed":
-            p = args.percentage or 0.0
-            return FixedController(p), p
-        return controller_for(setup, plans, name)
-
     out: dict = {}
-    if setup.gate is not None:
-        out["gate"] = land(plans, *fresh(setup.options.controller), gate=setup.gate)
+    if setup.gate is not None:  # the run's own controller, started on the gate's knob
+        out["gate"] = land(plans, setup.controller, args.percentage or setup.start_percentage, gate=setup.gate)
     if not args.sweep:
         return out
     dense = Session(setup.model, plan="dense", threads=setup.options.threads)
@@ -283,11 +277,24 @@ def _curve_and_landings(args, setup, plans, ort_run, paired, frames) -> dict:
     out["sweep_best"] = best_within(out["sweep"], setup.budget, args.metric == "det")
     controllers = out["controllers"] = {}
     for name in ("pi", "learned"):
-        controllers[name] = land(plans, *fresh(name))
+        controllers[name] = land(plans, *controller_for(setup, plans, name))
         if setup.gate is not None:
-            reuse = name == setup.options.controller  # the gated run above is this one
-            controllers[f"{name} + gate"] = out["gate"] if reuse else land(plans, *fresh(name), gate=setup.gate)
+            controllers[f"{name} + gate"] = land(plans, *controller_for(setup, plans, name, setup.gate), gate=setup.gate)
     best = out["sweep_best"]
     for figures in controllers.values():
         figures["of_best"] = figures["speedup"] / best["speedup"] if best else None
     return out
+
+
+def _without_gate(args, setup, plans):
+    """The main run's controller and start: the run's own, or with --gate (whose controller was
+    started on the gate's knob, for the gated run) one started as it would be without the gate."""
+    from deluceva.controller import make_controller
+    from deluceva.playback.setup import controller_for
+
+    if setup.gate is None:
+        return setup.controller, args.percentage or setup.start_percentage
+    if args.controller == "fixed" or args.percentage is not None or args.learned_model:
+        return (make_controller(args.controller, percentage=args.percentage, budget=setup.budget,
+                                learned_path=args.learned_model), args.percentage or 0.0)
+    return controller_for(setup, plans, args.controller)

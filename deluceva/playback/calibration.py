@@ -79,12 +79,13 @@ def starting_range(plans: SessionsByPercentage, metric: Metric, frames: Sequence
 
 def calibration_samples(plans: SessionsByPercentage, metric: Metric, frames: Sequence[np.ndarray],
                         percentages: Sequence[float] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95),
-                        reference_every: int = 4) -> list:
+                        reference_every: int = 4, gate=None) -> list:
     """Observations with measured errors, for fitting a learned controller: `frames` run once
     per fixed percentage, with a reference every `reference_every` frames.
 
     Sessions without filter thresholds are calibrated first on the first frames, as `deluceva
-    run` calibrates them, so the errors learned are the ones a run will see.
+    run` calibrates them, so the errors learned are the ones a run will see. With `gate` (a
+    `GateSchedule`), each percentage is a setting of its knob.
 
     Example:
         >>> samples = calibration_samples(plans, metric, inputs)                # doctest: +SKIP
@@ -108,7 +109,7 @@ def calibration_samples(plans: SessionsByPercentage, metric: Metric, frames: Seq
     for percentage in percentages:
         for session in plans.sessions:
             session.reset()
-        runner = VideoRunner(plans, Recording(percentage), metric, reference_every, percentage)
+        runner = VideoRunner(plans, Recording(percentage), metric, reference_every, percentage, gate=gate)
         for frame in frames:
             runner.step(frame)
     return [s for s in samples if s.error is not None]
@@ -117,13 +118,14 @@ def calibration_samples(plans: SessionsByPercentage, metric: Metric, frames: Seq
 LEARNING_FRAMES = 30  # a video's first frames a learned controller is trained on, without a file
 
 
-def train_learned_controller(plans: SessionsByPercentage, metric: Metric, frames: Sequence[np.ndarray], budget: float):
+def train_learned_controller(plans: SessionsByPercentage, metric: Metric, frames: Sequence[np.ndarray], budget: float,
+                             gate=None):
     """A learned controller fitted on `frames` run through `plans` (the run's own plans, already
     calibrated) at several fixed percentages: what `run --controller learned` does without a
-    file, and `profile --controller-out` saves."""
+    file, and `profile --controller-out` saves. With `gate`, it learns the gate's knob."""
     from deluceva.controller import RUN_SETPOINT, LearnedController
 
-    samples = calibration_samples(plans, metric, frames)
+    samples = calibration_samples(plans, metric, frames, gate=gate)
     for session in plans.sessions:
         session.reset()
     # Aimed, as the PI controller is, at RUN_SETPOINT x the budget: aimed at the budget itself,

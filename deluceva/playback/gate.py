@@ -9,14 +9,14 @@ threshold, which real video almost never allows; the gate skips whole frames whe
 tiles moved, which is what frame skipping wins with on still scenes.
 
 One knob: a controller moves a single setting (its "percentage"); `GateSchedule` maps it to a
-pair (p, g), chosen on the calibration frames as the cheapest pair whose error there is within
-the error of plain p at that setting. The setting 0 is (0, 0): exact, and the gate is not even
+pair (p, g): the pairs measured on the calibration frames that are cheaper than every pair of
+lower error, in order of error. The setting 0 is (0, 0): exact, and the gate is not even
 evaluated, so it costs nothing there.
 
 Example:
     >>> schedule = GateSchedule(0.05, [(0.0, 0.0, 0.0), (0.5, 0.3, 0.1)])
-    >>> schedule.pair(0.0), schedule.pair(0.6)
-    ((0.0, 0.0), (0.3, 0.1))
+    >>> schedule.pair(0.0), schedule.pair(0.4), schedule.pair(0.6)
+    ((0.0, 0.0), (0.0, 0.0), (0.3, 0.1))
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = ["TILE", "tile_changes", "FrameGate", "GateSchedule", "calibrate_gate"
 TILE = 8
 # g values tried per p on the calibration frames, and pixel thresholds as fractions of the
 # input's range (the frame-skipping baseline uses 1%).
-GATE_SHARES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)
+GATE_SHARES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 GATE_THRESHOLDS = (0.005, 0.01, 0.02, 0.04, 0.08)
 
 
@@ -98,15 +98,19 @@ class GateSchedule:
     Attributes:
         threshold: the pixel threshold, in the model input's units.
         points: (setting, p, g) sorted by setting; the first is (0, 0, 0). A setting between two
-            points takes the lower one's pair; where that pair is plain p (g = 0, p = setting),
-            the setting itself is the p, so the controller keeps its fine steps there.
+            points takes the lower one's pair.
+        start: where a controller starts (the largest setting whose calibration error is within
+            the target); ceiling: the largest setting it may reach.
         table: what calibration measured, per (p, g): error and cost (for the summary).
+        fixed: one (p, g) whatever the setting (calibration's own runs).
     """
 
     threshold: float
     points: list
+    start: float = 0.0
+    ceiling: float = 0.99
     table: list = field(default_factory=list)
-    fixed: tuple[float, float] | None = None  # one (p, g) whatever the setting (calibration's runs)
+    fixed: tuple[float, float] | None = None
 
     def __post_init__(self):
         self.points = sorted((float(k), float(p), float(g)) for k, p, g in self.points)
@@ -117,33 +121,40 @@ class GateSchedule:
     def pair(self, setting: float) -> tuple[float, float]:
         if self.fixed is not None:
             return self.fixed
-        k, p, g = self.points[max(0, bisect.bisect_right(self._settings, setting) - 1)]
-        if g == 0.0 and p == k:
-            return float(setting), 0.0
+        _, p, g = self.points[max(0, bisect.bisect_right(self._settings, setting) - 1)]
         return p, g
 
     def describe(self) -> str:
-        return ", ".join(f"{k:g}->(p {p:g}, g {g:g})" for k, p, g in self.points)
+        return ", ".join(f"{k:.2f}->(p {p:g}, g {g:g})" for k, p, g in self.points)
 
 
-def calibrate_gate(plans, metric: Callable, frames: Sequence[np.ndarray], target: float,
-                   settings: Sequence[float] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95), ceiling: float = 0.99,
+# The knob's points are spread evenly in u = -log(1 - setting) up to this setting: the PI
+# controller acts on u, so each step along the front is one like-sized move for it.
+TOP_SETTING = 0.95
+
+
+def calibrate_gate(plans, metric: Callable, frames: Sequence[np.ndarray], target: float, limit: float,
+                   percentages: Sequence[float] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95),
                    shares: Sequence[float] = GATE_SHARES, thresholds: Sequence[float] = GATE_THRESHOLDS) -> GateSchedule:
     """The knob, measured on `frames` (the video's first frames, model inputs) through `plans`.
 
-    1. The pixel threshold: with dense outputs reused (p = 0), each threshold's largest g whose
-       mean error on every frame stays within `target`; the threshold that gates the most frames
-       wins (the smallest on a tie; 1% of the range where none gates anything).
-    2. Each (p, g) on `settings` x `shares`: run through the plans at fixed p with that gate (no
-       reference frames), error of what the user receives on every frame against the dense
-       outputs, cost = the gate's statistic on every frame + the median ms of a delta frame at p
-       on the frames that ran.
-    3. Each setting k: the cheapest pair whose error is within plain k's (the running maximum
-       over settings, so the schedule's error never falls as k rises).
+    1. The pixel threshold: with dense outputs reused (p = 0), the threshold that lets the most
+       frames be gated at a mean error within `target` (the first on a tie; 1% of the input's
+       range where none gates any).
+    2. Each (p, g) on `percentages` x `shares`: run through the plans at fixed p with that gate
+       (no reference frames); its error is what the user receives, on every frame, against the
+       dense outputs; its cost, the gate's statistic on every frame (where g > 0) plus the
+       median ms of a delta frame at p on the frames that ran. A p whose plan is retired runs
+       dense: the same as p = 0, not measured again.
+    3. The cheapest pair at each error level: the pairs by error, each kept when cheaper than
+       every one before it (from (0, 0), exact), up to the first over `limit`. Settings are
+       spread over them evenly in u; a controller starts at the largest setting within
+       `target` and never goes past the last.
 
     The sessions are reset afterwards.
     """
     from deluceva.controller import FixedController
+    from deluceva.controller.pi import to_p, to_u
     from deluceva.playback.loop import VideoRunner
 
     dense = [plans.sessions[0].reference(frame) for frame in frames]
@@ -161,9 +172,10 @@ def calibrate_gate(plans, metric: Callable, frames: Sequence[np.ndarray], target
         gate.ran(frame)
     statistic_ms = (time.perf_counter() - start) * 1000 / len(frames)
 
-    settings = sorted({0.0, *(k for k in settings if k <= ceiling)})
     measured = {}  # (p, g) -> (error, cost)
-    for p in settings:
+    for p in sorted({0.0, *percentages}):
+        if p > 0 and plans.effective(p) == 0.0:
+            continue  # a retired plan's range runs dense: p = 0's runs
         ms_at_p = None
         for g in sorted(shares):
             for session in plans.sessions:
@@ -181,22 +193,23 @@ def calibrate_gate(plans, metric: Callable, frames: Sequence[np.ndarray], target
             if g == 0.0:
                 ms_at_p = statistics.median(ran_ms) if ran_ms else 0.0
             share_ran = ran / max(1, len(frames) - 1)
-            cost = share_ran * (ms_at_p if ms_at_p is not None else statistics.median(ran_ms or [0.0]))
-            measured[(p, g)] = (statistics.fmean(errors) if errors else 0.0, cost + (statistic_ms if g else 0.0))
+            measured[(p, g)] = (statistics.fmean(errors) if errors else 0.0,
+                                share_ran * ms_at_p + (statistic_ms if g else 0.0))
     for session in plans.sessions:
         session.reset()
 
-    points, level = [], 0.0
-    for k in settings:
-        level = max(level, measured[(k, 0.0)][0])
-        if k == 0.0:
-            points.append((0.0, 0.0, 0.0))
-            continue
-        within = [(cost, p, g) for (p, g), (error, cost) in measured.items() if error <= level + 1e-12]
-        cost, p, g = min(within)
-        points.append((k, p, g))
+    front = [(0.0, 0.0, *measured[(0.0, 0.0)])]
+    for (p, g), (error, cost) in sorted(measured.items(), key=lambda item: (item[1][0], item[1][1])):
+        if error > limit:
+            break
+        if cost < front[-1][3]:
+            front.append((p, g, error, cost))
+    top = to_u(TOP_SETTING)
+    settings = [0.0] + [round(to_p(top * i / (len(front) - 1)), 6) for i in range(1, len(front))]
+    points = [(k, p, g) for k, (p, g, _, _) in zip(settings, front)]
+    start = max(k for k, (_, _, error, _) in zip(settings, front) if error <= target)
     table = [{"percentage": p, "gate": g, "error": e, "cost_ms": c} for (p, g), (e, c) in sorted(measured.items())]
-    return GateSchedule(threshold, points, table)
+    return GateSchedule(threshold, points, start=start, ceiling=settings[-1] if len(front) > 1 else 0.0, table=table)
 
 
 def _reuse_dense(frames, dense, metric, gate: FrameGate, g: float) -> tuple[list[float], float]:

@@ -163,27 +163,28 @@ def build_plans(setup: Setup, announce=None):
         calibrate_sessions(plans.sessions, frames)
     _warm_up(plans, frames)
     _retire_slow_plans(plans, frames, announce)
-    _start_controller(setup, plans, announce)
-    if setup.controller is None:
-        _train_controller(setup, plans, announce)
-    if options.gate:
+    if options.gate:  # before the controller: it starts on the gate's knob
         setup.gate = calibrate_gate(setup, plans, announce)
+    _start_controller(setup, plans, announce, setup.gate)
+    if setup.controller is None:
+        _train_controller(setup, plans, announce, setup.gate)
     return plans
 
 
-def controller_for(setup: Setup, plans, name: str, announce=None):
-    """A `name` controller ("pi" or "learned") started on `plans` as a run with that controller
-    and no --percentage would start it; returns (controller, starting p). `setup` is unchanged
-    (`bench --sweep` lands both beside the fixed-p curve on the same plans)."""
+def controller_for(setup: Setup, plans, name: str, gate=None, announce=None):
+    """A `name` controller ("pi" or "learned") started on `plans` (and on `gate`'s knob when
+    given) as a run with that controller and no --percentage would start it; returns
+    (controller, starting setting). `setup` is unchanged (`bench` lands several controllers on
+    the same plans)."""
     from dataclasses import replace
 
     announce = announce or (lambda text: None)
     other = replace(setup, options=replace(setup.options, controller=name, percentage=None, learned_model=None),
                     controller=None, start_percentage=0.0, notes=[])
     if name == "learned":
-        _train_controller(other, plans, announce)
+        _train_controller(other, plans, announce, gate)
     else:
-        _start_controller(other, plans, announce)
+        _start_controller(other, plans, announce, gate)
     return other.controller, other.start_percentage
 
 
@@ -192,20 +193,21 @@ def calibrate_gate(setup: Setup, plans, announce=None):
     `deluceva.playback.gate.calibrate_gate`); said on stderr through `announce`."""
     from deluceva.controller import RUN_SETPOINT
     from deluceva.media.video import open_video
-    from deluceva.playback.calibration import LEARNING_FRAMES
+    from deluceva.playback.calibration import CLIFF, LEARNING_FRAMES
     from deluceva.playback.gate import calibrate_gate as measure
 
     options = setup.options
     video = open_video(options.video, frames=LEARNING_FRAMES, start=options.first_frames_start, every=options.every)
     frames = [setup.preprocess(rgb) for rgb in video]
-    schedule = measure(plans, setup.metric, frames, RUN_SETPOINT * setup.budget)
+    schedule = measure(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, CLIFF * setup.budget)
     if announce is not None:
         announce(f"frame gate calibrated on the first {len(frames)} frames: tile threshold {schedule.threshold:.4g}; "
-                 f"setting -> (p, g): {schedule.describe()}")
+                 f"setting -> (p, g): {schedule.describe()}; controllers start at {schedule.start:.2f}, at most "
+                 f"{schedule.ceiling:.2f}")
     return schedule
 
 
-def _train_controller(setup: Setup, plans, announce) -> None:
+def _train_controller(setup: Setup, plans, announce, gate=None) -> None:
     """`--controller learned` without a file: trained on the video's first frames, through the
     run's own plans (as `deluceva profile --controller-out` would save one)."""
     from deluceva.media.video import open_video
@@ -216,7 +218,7 @@ def _train_controller(setup: Setup, plans, announce) -> None:
     frames = [setup.preprocess(rgb) for rgb in video]
     announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
              "(save one with `deluceva profile --controller-out`)")
-    setup.controller = train_learned_controller(plans, setup.metric, frames, setup.budget)
+    setup.controller = train_learned_controller(plans, setup.metric, frames, setup.budget, gate=gate)
 
 
 def _retire_slow_plans(plans, frames: list, announce) -> None:
@@ -240,14 +242,19 @@ def _warm_up(plans, frames: list) -> None:
         session.reset()
 
 
-def _start_controller(setup: Setup, plans, announce) -> None:
+def _start_controller(setup: Setup, plans, announce, gate=None) -> None:
     """A PI controller without --percentage starts at the p the calibration frames say holds the
-    budget, and stays below the first p where they are far over it (see `starting_range`)."""
+    budget, and stays below the first p where they are far over it (see `starting_range`); on a
+    gate's knob, where its calibration says."""
     from deluceva.controller import RUN_SETPOINT, make_controller
     from deluceva.playback.calibration import CLIFF, starting_range
 
     options = setup.options
     if options.controller != "pi" or options.percentage is not None:
+        return
+    if gate is not None:
+        setup.controller = make_controller("pi", percentage=gate.start, budget=setup.budget, ceiling=gate.ceiling)
+        setup.start_percentage = gate.start
         return
     frames = setup.calibration_frames
     found = starting_range(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, setup.budget)
