@@ -236,3 +236,14 @@ def test_a_plan_faster_than_dense_is_kept(plans, monkeypatch):
     monkeypatch.setattr(plans.sessions[1], "reference", slower_dense)
     ratios = retire_slow_plans(plans, _drifting(6))
     assert ratios[1] < 1.0 and plans.retired == set()
+
+
+def test_p_in_an_all_dense_first_plans_range_runs_at_zero(plans, monkeypatch):
+    """Below the first delta plan the all-dense plan runs at p = 0: exact, and its references
+    need no dense run (at p > 0 it paid one on every reference for nothing)."""
+    assert plans.effective(0.1) == 0.0 and plans.effective(0.3) == 0.3
+    references = []
+    monkeypatch.setattr(plans.sessions[0], "reference", lambda frame: references.append(frame))
+    results = _run(plans, _drifting(6), None, controller=FixedController(0.1), reference_every=2)
+    assert all(r.percentage == 0.0 and r.plan == 0 for r in results) and references == []
+    assert [r.error for r in results if r.reference][1:] == [0.0, 0.0]
