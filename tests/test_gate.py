@@ -127,7 +127,8 @@ def test_a_gated_reference_measures_what_the_user_received(plans):
     frames = [base, _with_tiles(base, [(0, 0)]), _with_tiles(base, [(0, 0), (1, 1)]),
               _with_tiles(base, [(0, 0), (1, 1), (2, 2)])]
     # The gate over the dense plan: a run would be exact, so only the reused outputs have an error.
-    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=2)
+    # K = 6: frame 2 is the second gated frame since the reference at 0, K // 3 = 2: a reference.
+    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=6)
     first, held = results[0], results[2]
     assert results[1].gated and not results[1].reference
     assert held.gated and held.reference
@@ -247,3 +248,12 @@ def test_p_in_an_all_dense_first_plans_range_runs_at_zero(plans, monkeypatch):
     results = _run(plans, _drifting(6), None, controller=FixedController(0.1), reference_every=2)
     assert all(r.percentage == 0.0 and r.plan == 0 for r in results) and references == []
     assert [r.error for r in results if r.reference][1:] == [0.0, 0.0]
+
+
+def test_a_reference_comes_after_a_third_of_k_gated_frames(plans):
+    """Reused outputs age: with K = 9, a reference after every 3 gated frames, not only every 9."""
+    base = _base()
+    frames = [base] + [_with_tiles(base, [(0, 0)]) for _ in range(8)]
+    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=9)
+    assert all(r.gated for r in results[1:])
+    assert [r.index for r in results if r.reference] == [0, 3, 6]
