@@ -469,6 +469,22 @@ def test_best_point_within_the_budget_counts_frames_over_the_det_limit():
     assert best_within(points[1:], 0.01, det=False) is None
 
 
+def test_learned_controller_trained_on_the_video_stops_at_the_pis_ceiling(tiny):
+    """A learned controller trained on the first frames never goes past the p where they are over
+    twice the budget (the PI's ceiling)."""
+    from deluceva.controller import RUN_SETPOINT
+    from deluceva.playback.calibration import starting_range
+    from deluceva.playback.setup import RunOptions, build_plans, prepare
+
+    model, clip = tiny
+    setup = prepare(RunOptions(str(model), str(clip), controller="learned", error_budget=0.002))
+    plans = build_plans(setup, announce=lambda text: None)
+    found = starting_range(plans, setup.metric, setup.calibration_frames, RUN_SETPOINT * 0.002, 0.002)
+    assert found.cliff is not None  # the budget is tight enough for a cliff on this clip
+    assert setup.controller.p_max == pytest.approx(max(setup.controller.step, found.ceiling))
+    assert setup.controller.grid.max() <= setup.controller.p_max + 1e-9
+
+
 def test_compare_on_runs_with_known_figures():
     """compare()'s figures against numbers worked out by hand for two frames."""
     from deluceva.bench.baseline import OnnxruntimeRun

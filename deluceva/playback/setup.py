@@ -218,7 +218,23 @@ def _train_controller(setup: Setup, plans, announce, gate=None) -> None:
     frames = [setup.preprocess(rgb) for rgb in video]
     announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
              "(save one with `deluceva profile --controller-out`)")
-    setup.controller = train_learned_controller(plans, setup.metric, frames, setup.budget, gate=gate)
+    controller = train_learned_controller(plans, setup.metric, frames, setup.budget, gate=gate)
+    # The PI's ceiling holds for the learned controller too: past the first p whose calibration
+    # error is over CLIFF x the budget, one frame costs more than the speed pays for (on
+    # YOLOX-nano / intersection_cctv it went to p = 0.8 and ran at det 0.026 against 0.02).
+    ceiling = gate.ceiling if gate is not None else _ceiling(setup, plans)
+    controller.p_max = max(controller.step, min(controller.p_max, ceiling))
+    controller._curves.clear()  # predictions were over the old grid
+    setup.controller = controller
+
+
+def _ceiling(setup: Setup, plans) -> float:
+    """The PI's ceiling (see `starting_range`) on the calibration frames."""
+    from deluceva.controller import RUN_SETPOINT
+    from deluceva.playback.calibration import starting_range
+
+    frames = setup.calibration_frames
+    return starting_range(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, setup.budget).ceiling
 
 
 def _retire_slow_plans(plans, frames: list, announce) -> None:
