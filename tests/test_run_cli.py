@@ -457,6 +457,15 @@ def test_bench_sweep_lands_the_controllers_on_the_fixed_p_curve(tiny, tmp_path, 
     assert figures["gated_frames"] == 0  # the run without the gate
 
 
+def test_run_with_the_gate_reports_its_knob_and_gated_frames(tiny, tmp_path):
+    model, clip = tiny
+    summary_path = tmp_path / "summary.json"
+    assert main(["run", str(model), str(clip), "--gate", "--summary", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert summary["gate"]["schedule"][0] == [0.0, 0.0, 0.0] and summary["gate"]["threshold"] > 0
+    assert 0 <= summary["gated_frames"] < summary["frames"] and "plan_switches" in summary
+
+
 def test_best_point_within_the_budget_counts_frames_over_the_det_limit():
     from deluceva.bench.compare import best_within
 
