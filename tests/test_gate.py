@@ -211,11 +211,13 @@ def test_a_plan_measured_slower_than_dense_is_retired_and_its_range_runs_dense(p
         assert ratios[1] > 1.0 and plans.retired == {1}
         assert plans.index_below(0.5) == 0 and plans.effective(0.5) == 0.0
         references = []
-        monkeypatch.setattr(plans.sessions[0], "reference", lambda frame: references.append(frame))
+        reference = plans.sessions[0].reference
+        monkeypatch.setattr(plans.sessions[0], "reference", lambda frame: references.append(frame) or reference(frame))
         results = _run(plans, frames, None, controller=FixedController(0.5), reference_every=2)
         assert all(r.plan == 0 and r.percentage == 0.0 for r in results)
         assert all(r.setting == 0.5 for r in results[1:])  # the first frame at the start, 0
-        assert [r.error for r in results if r.reference][1:] == [0.0, 0.0] and references == []
+        # One plain dense run a frame after the first (the frame's answer), none more for a reference.
+        assert [r.error for r in results if r.reference][1:] == [0.0, 0.0] and len(references) == len(frames) - 1
         monkeypatch.undo()
         for result, frame in zip(results, frames):
             assert _rel_l2(result.outputs, plans.sessions[0].reference(frame)) < 1e-5
@@ -243,11 +245,19 @@ def test_p_in_an_all_dense_first_plans_range_runs_at_zero(plans, monkeypatch):
     """Below the first delta plan the all-dense plan runs at p = 0: exact, and its references
     need no dense run (at p > 0 it paid one on every reference for nothing)."""
     assert plans.effective(0.1) == 0.0 and plans.effective(0.3) == 0.3
-    references = []
-    monkeypatch.setattr(plans.sessions[0], "reference", lambda frame: references.append(frame))
-    results = _run(plans, _drifting(6), None, controller=FixedController(0.1), reference_every=2)
-    assert all(r.percentage == 0.0 and r.plan == 0 for r in results) and references == []
+    references, runs = [], []
+    reference, run = plans.sessions[0].reference, plans.sessions[0].run
+    monkeypatch.setattr(plans.sessions[0], "reference", lambda frame: references.append(frame) or reference(frame))
+    monkeypatch.setattr(plans.sessions[0], "run", lambda *a, **k: runs.append(k) or run(*a, **k))
+    frames = _drifting(6)
+    results = _run(plans, frames, None, controller=FixedController(0.1), reference_every=2)
+    assert all(r.percentage == 0.0 and r.plan == 0 for r in results)
     assert [r.error for r in results if r.reference][1:] == [0.0, 0.0]
+    # After the first frame's keyframe, each frame is one plain onnxruntime run: exact, and no
+    # second dense run on a reference.
+    assert runs == [{"keyframe": True}] and len(references) == len(frames) - 1
+    for result, frame in zip(results, frames):
+        assert _rel_l2(result.outputs, reference(frame)) < 1e-5
 
 
 def test_a_reference_comes_after_a_third_of_k_gated_frames(plans):
