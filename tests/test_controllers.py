@@ -329,3 +329,41 @@ def test_pi_integral_stays_within_its_range_and_the_output_within_the_actuators(
         assert 0.1 <= p <= 0.95
         lowest = min(lowest, pi.state.integral)
     assert lowest < u_min  # the debt is used, not clamped away
+
+
+# -- on the curve: a spiky, quantised plant -----------------------------------------------------
+
+# Detection-like plants: the error at p is budget x exp(alpha (u - u*)) with lognormal noise
+# (sigma 1: a few references far over the mean) rounded at random to multiples of a quantum of
+# 2.5-5 budgets (one box of a handful), so most references measure 0 and a few several budgets.
+SPIKY_PLANTS = [(2.0, 2.0, 0.05), (1.0, 2.0, 0.05), (3.0, 1.5, 0.05), (2.0, 2.5, 0.1), (1.0, 1.0, 0.05)]
+
+
+def _speed(p: float) -> float:
+    """An assumed speed curve, relative to dense: little gained below p = 0.5, most near 1."""
+    return 1.0 / (1.0 - 0.8 * p**3)
+
+
+def _grid_oracle(plant) -> float:
+    """The best fixed p on a 0.1 grid whose expected error is within the budget (issue 15's
+    `bench --sweep` point to reach)."""
+    grid = np.round(np.arange(0.0, 0.95, 0.1), 6)
+    expected = plant.budget * np.exp(plant.alpha * (-np.log1p(-grid) - plant.u_star))
+    return float(grid[expected <= plant.budget].max())
+
+
+@pytest.mark.parametrize("alpha, u_star, quantum", SPIKY_PLANTS)
+def test_run_pi_holds_the_budget_on_a_spiky_plant_at_the_speed_of_the_best_fixed_p(alpha, u_star, quantum):
+    """The run's PI (make_controller, from p = 0) over 120 references on six seeds: the mean
+    error within the budget on every seed, and the median speed at least 95% of the best fixed p's."""
+    from deluceva.controller import make_controller
+    from deluceva.controller.simulate import Plant, simulate
+
+    plant = Plant(budget=0.02, alpha=alpha, u_star=u_star, sigma=1.0, quantum=quantum)
+    oracle = _speed(_grid_oracle(plant))
+    speeds = []
+    for seed in range(6):
+        ps, errors = simulate(make_controller("pi", budget=plant.budget), plant, steps=120, seed=seed)
+        assert errors.mean() <= plant.budget, (seed, errors.mean())
+        speeds.append(np.mean([_speed(p) for p in ps]) / oracle)
+    assert np.median(speeds) >= 0.95, speeds

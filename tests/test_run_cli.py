@@ -319,8 +319,10 @@ def test_runner_measures_a_plan_without_delta_steps_without_a_second_run(tiny):
     model = load_model(str(model_path))
     session = Session(model, plan="dense")
     calls = []
-    run = session.run
+    run, reference = session.run, session.reference
     session.run = lambda *args, **kwargs: calls.append(kwargs.get("keyframe", False)) or run(*args, **kwargs)
+    # (After the first keyframe, an all-dense plan at p = 0 is answered by plain onnxruntime.)
+    session.reference = lambda frame: calls.append("reference") or reference(frame)
     runner = VideoRunner(SessionsByPercentage([session], [0.0]), _Steps([0.0]), _rel_l2, reference_every=4, percentage=0.0)
     pre = Preprocessor.for_model(model.input_shape)
     results = [runner.step(pre(rgb)) for rgb in open_video(clip)]
@@ -430,6 +432,74 @@ def test_bench_reports_and_writes_json_and_plot(tiny, tmp_path, capsys):
     assert len(figures["error_trace"]) == len(figures["onnxruntime_ms_trace"]) == 12
     assert "cores" in figures["machine"]
     assert picture.stat().st_size > 1000
+
+
+def test_bench_sweep_lands_the_controllers_on_the_fixed_p_curve(tiny, tmp_path, capsys):
+    """`--sweep`: each p run on the run's plans (p = 0 all dense, exact), the best point within the
+    budget, the pi and learned controllers and, with --gate, the gated run beside frame skipping."""
+    model, clip = tiny
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model), str(clip), "--sweep", "0.5,0.9", "--gate", "--reference-every", "4",
+                 "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "fixed-p curve" in table and "best within the budget" in table and "deluceva + gate" in table
+    figures = json.loads(out.read_text())
+    sweep = figures["sweep"]
+    assert [p["percentage"] for p in sweep] == [0.0, 0.5, 0.9]  # 0 always included
+    assert sweep[0]["error_max"] < 1e-3 and sweep[0]["percentage_mean"] == 0.0
+    assert all(p["reference_frames"] == 3 for p in sweep)  # frames 0, 4, 8: counted as a run counts them
+    within = [p for p in sweep if p["error_mean"] <= figures["budget"]]
+    assert figures["sweep_best"]["speedup"] == max(p["speedup"] for p in within)
+    assert set(figures["controllers"]) == {"pi", "learned", "pi + gate", "learned + gate"}
+    for landing in figures["controllers"].values():
+        assert landing["of_best"] == pytest.approx(landing["speedup"] / figures["sweep_best"]["speedup"])
+        assert 0 <= landing["frames_within_limit"] <= 1 and "skip_equal_speedup" in landing
+    assert figures["gate"]["gated_frames"] >= 0 and figures["gate"] is not None
+    assert figures["gated_frames"] == 0  # the run without the gate
+
+
+def test_run_with_the_gate_reports_its_knob_and_gated_frames(tiny, tmp_path):
+    model, clip = tiny
+    summary_path = tmp_path / "summary.json"
+    assert main(["run", str(model), str(clip), "--gate", "--summary", str(summary_path)]) == 0
+    summary = json.loads(summary_path.read_text())
+    assert summary["gate"]["schedule"][0] == [0.0, 0.0, 0.0] and summary["gate"]["threshold"] > 0
+    assert 0 <= summary["gated_frames"] < summary["frames"] and "plan_switches" in summary
+
+
+def test_best_point_within_the_budget_counts_frames_over_the_det_limit():
+    from deluceva.bench.compare import best_within
+
+    points = [{"percentage": 0.0, "speedup": 1.0, "error_mean": 0.0, "frames_within_limit": 1.0},
+              {"percentage": 0.7, "speedup": 1.2, "error_mean": 0.015, "frames_within_limit": 0.97},
+              {"percentage": 0.8, "speedup": 1.4, "error_mean": 0.019, "frames_within_limit": 0.90},
+              {"percentage": 0.9, "speedup": 1.9, "error_mean": 0.05, "frames_within_limit": 0.5}]
+    assert best_within(points, 0.02, det=True)["percentage"] == 0.7  # 0.8: 10% of frames over det 0.1
+    assert best_within(points, 0.02, det=False)["percentage"] == 0.8
+    assert best_within(points[1:], 0.01, det=False) is None
+
+
+def test_learned_controller_trained_on_the_video_stops_at_the_pis_ceiling(tiny, monkeypatch):
+    """A learned controller trained on the first frames never goes past the p where they are over
+    twice the budget (the PI's ceiling)."""
+    import deluceva.playback.calibration as calibration
+    from deluceva.playback.setup import RunOptions, build_plans, prepare
+
+    found = []
+    measure = calibration.starting_range
+    # Every plan kept: which are slower than dense is the machine's say (all of them, under load).
+    monkeypatch.setattr(calibration, "retire_slow_plans", lambda plans, frames: [1.0] * len(plans.sessions))
+    monkeypatch.setattr(calibration, "starting_range", lambda *a, **k: found.append(measure(*a, **k)) or found[-1])
+    model, clip = tiny
+    setup = prepare(RunOptions(str(model), str(clip), controller="learned", error_budget=0.002))
+    build_plans(setup, announce=lambda text: None)
+    # (The ceiling measured as the controller was made: the engine's per-frame choice of form
+    # makes a second measurement differ in the last digits, on either side of a cliff.)
+    assert len(found) == 1 and found[0].cliff is not None  # the budget is tight enough for a cliff
+    found = found[0]
+    assert setup.controller.p_max == pytest.approx(max(setup.controller.step, found.ceiling))
+    assert setup.controller.grid.max() <= setup.controller.p_max + 1e-9
 
 
 def test_compare_on_runs_with_known_figures():

@@ -14,7 +14,8 @@ import numpy as np
 from deluceva.bench.baseline import OnnxruntimeRun, PeakMemory
 from deluceva.playback.loop import change_statistics, percentile, summarise
 
-__all__ = ["DelucevaRun", "run_deluceva", "frame_skipping", "compare", "SKIP_GRID"]
+__all__ = ["DelucevaRun", "run_deluceva", "frame_skipping", "compare", "SKIP_GRID", "point", "best_within",
+           "DET_FRAME_LIMIT", "DET_FRAME_SHARE"]
 
 
 @dataclass
@@ -139,3 +140,37 @@ def compare(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
         "deluceva_peak_mib": delta_run.memory_mib,
         "memory_ratio": (delta_run.memory_mib / ort_run.memory_mib) if ort_run.memory_mib else None,
     }
+
+
+# -- the fixed-p curve and where the controllers land on it ----------------------------------
+
+# With the det metric, a point (or a controller) counts as within the budget only when this share
+# of its frames is at det <= DET_FRAME_LIMIT too: a mean within 0.02 can hide a few frames that
+# lost most of their boxes.
+DET_FRAME_LIMIT = 0.1
+DET_FRAME_SHARE = 0.95
+
+
+def point(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
+    """One run's place on the speed/error plane: `compare`'s speed and error, the share of frames
+    at error <= DET_FRAME_LIMIT, and the frames it gated, referenced and switched plans on."""
+    figures = compare(ort_run, delta_run)
+    errors = delta_run.errors[:figures["frames"]]
+    return {
+        "speedup": figures["speedup"], "deluceva_ms_mean": figures["deluceva_ms_mean"],
+        "onnxruntime_ms_mean": figures["onnxruntime_ms_mean"],
+        "error_mean": figures["error_mean"], "error_p95": figures["error_p95"], "error_max": figures["error_max"],
+        "frames_within_limit": sum(e <= DET_FRAME_LIMIT for e in errors) / len(errors),
+        "percentage_mean": figures["percentage_mean"], "reference_frames": figures["reference_frames"],
+        "gated_frames": delta_run.summary.get("gated_frames", 0),
+        "plan_switches": delta_run.summary.get("plan_switches", 0),
+        "error_trace": [round(e, 6) for e in errors],
+    }
+
+
+def best_within(points: list[dict], budget: float, det: bool) -> dict | None:
+    """The fastest point whose mean error is within `budget` (with `det`, also with at least
+    DET_FRAME_SHARE of its frames at det <= DET_FRAME_LIMIT); None when none is."""
+    within = [p for p in points if p["error_mean"] <= budget
+              and (not det or p["frames_within_limit"] >= DET_FRAME_SHARE)]
+    return max(within, key=lambda p: p["speedup"]) if within else None

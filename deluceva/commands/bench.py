@@ -12,6 +12,10 @@ machine slows both alike (on this project's shared 2-core machine, two consecuti
 the same model differed by up to 10%). The first pass gives the outputs and onnxruntime's
 memory.
 
+`--sweep P,P,...` also runs the same plans at each fixed p (p = 0 with the all-dense plan), the
+same reference interval counted, and lands the PI and learned controllers on that curve (each
+started as `run` starts it); `--gate` adds deluceva with the frame gate beside frame skipping.
+
 Peak memory of each pass is measured as `deluceva.baseline.PeakMemory` says; the measurements
 themselves are `deluceva.bench.compare`'s.
 """
@@ -22,7 +26,17 @@ import argparse
 
 import numpy as np
 
-__all__ = ["add_parser", "handle", "format_table", "plot"]
+__all__ = ["add_parser", "handle", "format_table", "format_sweep", "plot", "percentages"]
+
+
+def percentages(text: str) -> list[float]:
+    """`--sweep`'s comma-separated filtering percentages, each in [0, 1), sorted, 0 included."""
+    from deluceva.commands._types import percentage
+
+    values = {percentage(part.strip()) for part in text.split(",") if part.strip()}
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} names no percentage")
+    return sorted(values | {0.0})
 
 
 def add_parser(commands, percentage, positive_int) -> None:
@@ -35,6 +49,9 @@ def add_parser(commands, percentage, positive_int) -> None:
     parser.add_argument("--plot", metavar="OUT.png", help="plot per-frame time, error and percentage")
     parser.add_argument("--skip-curve", action="store_true",
                         help="also measure frame skipping at every threshold it tries (its speed-versus-error curve)")
+    parser.add_argument("--sweep", type=percentages, metavar="P,P,...",
+                        help="also run the run's plans at each fixed p (p = 0: the all-dense plan) and land the pi and "
+                        "learned controllers on that speed/error curve, e.g. 0.1,0.2,...,0.9")
     parser.set_defaults(handler=handle)
 
 
@@ -68,6 +85,36 @@ def format_table(figures: dict, metric: str, budget: float | None = None) -> str
                 f"{label:<23}{figures[f'{prefix}_speedup']:.2f}x  (skip under {figures[f'{prefix}_threshold']:g} of "
                 f"tiles changed: {figures[f'{prefix}_share']:.0%} skipped; {metric} error mean "
                 f"{figures[f'{prefix}_error_mean']:.4f}, max {figures[f'{prefix}_error_max']:.4f})")
+    return "\n".join(lines)
+
+
+def format_sweep(figures: dict, metric: str, budget: float) -> str:
+    """The fixed-p curve, its best point within the budget, and where each controller lands."""
+    det = metric == "det"
+    limit = "frames<=0.1" if det else ""
+
+    def row(label, point, best=None):
+        text = (f"{label:<18}{point['speedup']:>7.2f}x  {point['error_mean']:>9.4f}  {point['error_p95']:>8.4f}"
+                f"  {point['frames_within_limit']:>10.0%}" if det else
+                f"{label:<18}{point['speedup']:>7.2f}x  {point['error_mean']:>9.4f}  {point['error_p95']:>8.4f}  {'':>10}")
+        text += f"  {point['reference_frames']:>4} ref {point['gated_frames']:>4} gated {point['plan_switches']:>3} switches"
+        if best is not None:
+            text += f"  {point['speedup'] / best['speedup']:.0%} of best"
+        if "skip_equal_speedup" in point:
+            text += f"  (frame skipping at its error: {point['skip_equal_speedup']:.2f}x)"
+        return text
+
+    header = f"{'':<18}{'speedup':>8}  {'err mean':>9}  {'err p95':>8}  {limit:>10}"
+    lines = [f"fixed-p curve of this run's plans (p = 0: all dense; reference frames counted; {metric}, budget {budget:g})",
+             header]
+    lines += [row(f"p = {p['percentage']:g}", p) for p in figures["sweep"]]
+    best = figures.get("sweep_best")
+    if best is None:
+        lines.append("best within the budget: none")
+    else:
+        lines.append(f"best within the budget: p = {best['percentage']:g} at {best['speedup']:.2f}x")
+    lines.append("controllers")
+    lines += [row(name, point, best) for name, point in figures.get("controllers", {}).items()]
     return "\n".join(lines)
 
 
@@ -128,8 +175,8 @@ def handle(args: argparse.Namespace) -> int:
 
         def make_runner():
             holder["plans"] = build_plans(setup)
-            return VideoRunner(holder["plans"], setup.controller, setup.metric, args.reference_every,
-                               percentage=args.percentage or setup.start_percentage)
+            controller, start = _without_gate(args, setup, holder["plans"])
+            return VideoRunner(holder["plans"], controller, setup.metric, args.reference_every, percentage=start)
 
         paired = plain_onnxruntime(for_onnxruntime(args.model, setup.options.layout), args.threads)
         bar = progress(len(ort_run.ms), "deluceva")
@@ -154,7 +201,16 @@ def handle(args: argparse.Namespace) -> int:
             })
         if args.skip_curve:
             figures["skip_curve"] = frame_skipping(frames, ort_run, ort_ms, setup.metric, None)["curve"]
+        if setup.gate is not None or args.sweep:
+            figures.update(_curve_and_landings(args, setup, holder["plans"], ort_run, paired, frames))
         print(format_table(figures, args.metric, setup.budget))
+        if "gate" in figures:
+            gate = figures["gate"]
+            print(f"deluceva + gate        {gate['speedup']:.2f}x  ({gate['gated_frames']} frames gated; {args.metric} "
+                  f"error mean {gate['error_mean']:.4f}, max {gate['error_max']:.4f}); frame skipping at that error: "
+                  f"{gate['skip_equal_speedup']:.2f}x (error mean {gate['skip_equal_error_mean']:.4f})")
+        if args.sweep:
+            print(format_sweep(figures, args.metric, setup.budget))
         if args.json:
             write_json(args.json, {
                 **run_info(setup, delta_run.plans), **figures,
@@ -167,9 +223,79 @@ def handle(args: argparse.Namespace) -> int:
                 "percentage_trace": delta_run.summary["percentage_trace"],
                 "density_trace": delta_run.summary["density_trace"],
                 "reference_error_trace": delta_run.summary["error_trace"],
+                "gated_frames": delta_run.summary["gated_frames"],
+                "plan_switches": delta_run.summary["plan_switches"],
             })
         if args.plot:
             plot(args.plot, ort_run, delta_run, args.metric, setup.budget)
     finally:
         ort_run.close()
     return 0
+
+
+def _curve_and_landings(args, setup, plans, ort_run, paired, frames) -> dict:
+    """`--sweep`'s fixed-p points and the pi and learned controllers on the same plans; with
+    `--gate`, the run's controller with the gate (and, with --sweep, each controller with it).
+    Each point is a fresh pass over the frames, timed beside plain onnxruntime."""
+    from deluceva.bench.compare import best_within, frame_skipping, point, run_deluceva
+    from deluceva.controller import FixedController
+    from deluceva.playback.loop import SessionsByPercentage, VideoRunner
+    from deluceva.playback.setup import _warm_up, controller_for
+    from deluceva.session import Session, calibrate_sessions
+
+    def land(on, controller, start, gate=None, percentage=None) -> dict:
+        def make_runner():
+            for session in on.sessions:
+                session.reset()
+            return VideoRunner(on, controller, setup.metric, args.reference_every, percentage=start, gate=gate)
+
+        run = run_deluceva(make_runner, frames(), ort_run, setup.metric, paired=paired)
+        figures = point(ort_run, run)
+        if percentage is not None:
+            figures["percentage"] = percentage
+        # Frame skipping tuned on these very frames to this run's own mean error (equal error).
+        skipping = frame_skipping(frames, ort_run, run.paired_ms or ort_run.ms, setup.metric, figures["error_mean"])
+        figures.update(skip_equal_speedup=skipping["speedup"], skip_equal_error_mean=skipping["error_mean"],
+                       skip_equal_threshold=skipping["threshold"])
+        return figures
+
+    out: dict = {}
+    if setup.gate is not None:  # the run's own controller, started on the gate's knob
+        out["gate"] = land(plans, setup.controller, args.percentage or setup.start_percentage, gate=setup.gate)
+    if not args.sweep:
+        return out
+    dense = Session(setup.model, plan="dense", threads=setup.options.threads)
+    dense_plans = SessionsByPercentage([dense], [0.0], description="dense")
+    calibrate_sessions(dense_plans.sessions, setup.calibration_frames)
+    _warm_up(dense_plans, setup.calibration_frames)
+    # The curve of the plans themselves, retired ones included (the controllers never run those:
+    # where a plan is slower than dense, dense is the point to beat anyway).
+    retired, plans.retired = plans.retired, set()
+    try:
+        out["sweep"] = [land(dense_plans if p == 0 else plans, FixedController(p), p, percentage=p) for p in args.sweep]
+    finally:
+        plans.retired = retired
+    out["sweep_best"] = best_within(out["sweep"], setup.budget, args.metric == "det")
+    controllers = out["controllers"] = {}
+    for name in ("pi", "learned"):
+        controllers[name] = land(plans, *controller_for(setup, plans, name))
+        if setup.gate is not None:
+            controllers[f"{name} + gate"] = land(plans, *controller_for(setup, plans, name, setup.gate), gate=setup.gate)
+    best = out["sweep_best"]
+    for figures in controllers.values():
+        figures["of_best"] = figures["speedup"] / best["speedup"] if best else None
+    return out
+
+
+def _without_gate(args, setup, plans):
+    """The main run's controller and start: the run's own, or with --gate (whose controller was
+    started on the gate's knob, for the gated run) one started as it would be without the gate."""
+    from deluceva.controller import make_controller
+    from deluceva.playback.setup import controller_for
+
+    if setup.gate is None:
+        return setup.controller, args.percentage or setup.start_percentage
+    if args.controller == "fixed" or args.percentage is not None or args.learned_model:
+        return (make_controller(args.controller, percentage=args.percentage, budget=setup.budget,
+                                learned_path=args.learned_model), args.percentage or 0.0)
+    return controller_for(setup, plans, args.controller)

@@ -84,6 +84,9 @@ def add_run_options(parser: argparse.ArgumentParser, percentage, positive_int, o
     parser.add_argument("--every", type=positive_int, default=1, metavar="K", help="keep one frame in K")
     parser.add_argument("--learned-model", help="learned controller JSON from `deluceva profile --controller-out` "
                         "(for --controller learned; without it one is trained on the video's first frames)")
+    parser.add_argument("--gate", action="store_true",
+                        help="also reuse the last outputs on frames where few 8x8 tiles changed since the last frame "
+                        "that ran; the controller moves p and that share on one knob, calibrated on the first frames")
 
 
 def add_parser(commands, percentage, positive_int) -> None:
@@ -134,7 +137,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
                       preset=args.preset, preprocessing=generic_preprocessing(args),
                       reference_every=args.reference_every, threads=args.threads, frames=args.frames,
                       start=args.start, every=args.every, learned_model=args.learned_model,
-                      detector=detector_options(args), layout=getattr(args, "layout", None))
+                      detector=detector_options(args), layout=getattr(args, "layout", None),
+                      gate=getattr(args, "gate", False))
 
 
 # -- printing and writing, shared with bench -------------------------------------------------

@@ -27,6 +27,8 @@ CONTROLLERS = ("fixed", "pi", "learned")
 # `det` (300 frames, reference every 10): aiming at the budget itself gave a mean of 0.030-0.035
 # against 0.02, because the error jumps from 0 to 20+ budgets at p ~ 0.5.
 RUN_SETPOINT = 0.8
+# The run's PI gains (kp, ki) once the error has crossed the setpoint: see PIController.steady_kp.
+STEADY_GAINS = (0.05, 0.05)
 
 
 def make_controller(name: str, percentage: float | None = None, budget: float | None = None,
@@ -35,7 +37,8 @@ def make_controller(name: str, percentage: float | None = None, budget: float | 
 
     - "fixed": always `percentage` (default 0).
     - "pi": holds the mean error at `RUN_SETPOINT` x `budget`, starting from `percentage`
-      (default 0), never above `ceiling` (default 0.99).
+      (default 0), never above `ceiling` (default 0.99), with the STEADY_GAINS once the error
+      has crossed that aim.
     - "learned": loaded from `learned_path` (JSON); `budget` overrides the saved one.
 
     Raises:
@@ -54,7 +57,8 @@ def make_controller(name: str, percentage: float | None = None, budget: float | 
         if not 0.0 <= start <= 0.99:
             raise DelucevaError(f"percentage {start} must be in [0, 0.99] for the pi controller")
         p_max = 0.99 if ceiling is None else float(ceiling)
-        return PIController(float(budget), p_start=min(start, p_max), p_max=p_max, setpoint=RUN_SETPOINT)
+        return PIController(float(budget), p_start=min(start, p_max), p_max=p_max, setpoint=RUN_SETPOINT,
+                            steady_kp=STEADY_GAINS[0], steady_ki=STEADY_GAINS[1])
     if name == "learned":
         if learned_path is None:
             raise DelucevaError("controller learned needs a saved controller file (JSON)")

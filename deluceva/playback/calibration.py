@@ -4,6 +4,7 @@ video's first frames, both measured through the run's own (calibrated) sessions.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from deluceva.playback.loop import ErrorFunction, SessionsByPercentage, VideoRunner
 
-__all__ = ["StartingRange", "starting_range", "CLIFF", "calibration_samples", "train_learned_controller", "LEARNING_FRAMES"]
+__all__ = ["StartingRange", "starting_range", "CLIFF", "calibration_samples", "train_learned_controller", "LEARNING_FRAMES",
+           "plan_speeds", "retire_slow_plans"]
 
 
 CLIFF = 2.0  # a grid p whose calibration error exceeds CLIFF x the budget bounds the PI controller's range
@@ -77,12 +79,13 @@ def starting_range(plans: SessionsByPercentage, metric: ErrorFunction, frames: S
 
 def calibration_samples(plans: SessionsByPercentage, metric: ErrorFunction, frames: Sequence[np.ndarray],
                         percentages: Sequence[float] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95),
-                        reference_every: int = 4) -> list:
+                        reference_every: int = 4, gate=None) -> list:
     """Observations with measured errors, for fitting a learned controller: `frames` run once
     per fixed percentage, with a reference every `reference_every` frames.
 
     Sessions without filter thresholds are calibrated first on the first frames, as `deluceva
-    run` calibrates them, so the errors learned are the ones a run will see.
+    run` calibrates them, so the errors learned are the ones a run will see. With `gate` (a
+    `GateSchedule`), each percentage is a setting of its knob.
 
     Example:
         >>> samples = calibration_samples(plans, metric, inputs)                # doctest: +SKIP
@@ -106,7 +109,7 @@ def calibration_samples(plans: SessionsByPercentage, metric: ErrorFunction, fram
     for percentage in percentages:
         for session in plans.sessions:
             session.reset()
-        runner = VideoRunner(plans, Recording(percentage), metric, reference_every, percentage)
+        runner = VideoRunner(plans, Recording(percentage), metric, reference_every, percentage, gate=gate)
         for frame in frames:
             runner.step(frame)
     return [s for s in samples if s.error is not None]
@@ -115,16 +118,57 @@ def calibration_samples(plans: SessionsByPercentage, metric: ErrorFunction, fram
 LEARNING_FRAMES = 30  # a video's first frames a learned controller is trained on, without a file
 
 
-def train_learned_controller(plans: SessionsByPercentage, metric: ErrorFunction, frames: Sequence[np.ndarray], budget: float):
+def train_learned_controller(plans: SessionsByPercentage, metric: ErrorFunction, frames: Sequence[np.ndarray], budget: float,
+                             gate=None):
     """A learned controller fitted on `frames` run through `plans` (the run's own plans, already
     calibrated) at several fixed percentages: what `run --controller learned` does without a
-    file, and `profile --controller-out` saves."""
+    file, and `profile --controller-out` saves. With `gate`, it learns the gate's knob."""
     from deluceva.controller import RUN_SETPOINT, LearnedController
 
-    samples = calibration_samples(plans, metric, frames)
+    samples = calibration_samples(plans, metric, frames, gate=gate)
     for session in plans.sessions:
         session.reset()
     # Aimed, as the PI controller is, at RUN_SETPOINT x the budget: aimed at the budget itself,
     # its runs' mean error sat on the budget and over it in half of them (0.0505 and 0.053
     # against 0.05 on P-Net, 0.021 against 0.02 on YOLOX-nano).
     return LearnedController(budget=budget, margin=1 - RUN_SETPOINT).fit(samples)
+
+
+def plan_speeds(plans: SessionsByPercentage, frames: Sequence[np.ndarray]) -> list[float]:
+    """Each plan's time per delta frame over a dense run's on the same frame, the median over
+    `frames` (after a keyframe on the first), at the middle of the plan's range of p (the first
+    plan: 1.0). The dense run is timed right after each delta run, so a busy machine slows both
+    alike. The sessions are reset afterwards."""
+    ratios = [1.0]
+    ends = [*plans.percentages[1:], 0.99]
+    for index in range(1, len(plans.sessions)):
+        session = plans.sessions[index]
+        percentage = (plans.percentages[index] + max(ends[index], plans.percentages[index])) / 2
+        session.run(frames[0], percentage, keyframe=True)
+        per_frame = []
+        for frame in frames[1:]:
+            start = time.perf_counter()
+            session.run(frame, percentage)
+            middle = time.perf_counter()
+            session.reference(frame)
+            per_frame.append((middle - start) / max(time.perf_counter() - middle, 1e-9))
+        ratios.append(statistics.median(per_frame) if per_frame else 1.0)
+    for session in plans.sessions:
+        session.reset()
+    return ratios
+
+
+def retire_slow_plans(plans: SessionsByPercentage, frames: Sequence[np.ndarray]) -> list[float]:
+    """Retire the plans measured slower than dense on `frames` (`plan_speeds`): their range of p
+    runs the first plan at p = 0, exact, and as fast as dense. Only where the first plan is all
+    dense. Returns the measured ratios.
+
+    Why: on YOLOX-nano the compiled plans for p = 0.3-0.7 ran at 0.71-0.91x of dense on busy
+    scenes (issue 15); a controller there paid for a mixed plan where dense was both exact and
+    faster, and its reference frames measured an error worth nothing in speed.
+    """
+    if len(plans.sessions) < 2 or plans.flops[0].delta or len(frames) < 2:
+        return [1.0] * len(plans.sessions)
+    ratios = plan_speeds(plans, frames)
+    plans.retire(i for i, ratio in enumerate(ratios) if ratio > 1.0)
+    return ratios

@@ -210,7 +210,7 @@ def run_video(setup, plans, files: RunFiles, on_frame: Callable | None = None) -
 
     options = setup.options
     runner = VideoRunner(plans, setup.controller, setup.metric, options.reference_every,
-                         percentage=options.percentage or setup.start_percentage)
+                         percentage=options.percentage or setup.start_percentage, gate=setup.gate)
     earlier = read_frame_log(files.frame_log, files.first_frame) if files.frame_log and files.resume else []
     recorder = FrameRecorder(files.outputs, resume=files.resume, frames=files.first_frame) if files.outputs else None
     detections = None

@@ -21,7 +21,8 @@ from deluceva.errors import DelucevaError, check_percentage
 from deluceva.runtime.thresholds import CALIBRATION_FRAMES
 
 __all__ = ["RunOptions", "Setup", "prepare", "preprocessor", "build_plans", "compile_plans", "run_info",
-           "ON_THE_FLY_PERCENTAGES", "PROFILE_FRAMES"]
+           "ON_THE_FLY_PERCENTAGES", "PROFILE_FRAMES", "calibrate_gate",
+           "controller_for"]
 
 # Without --plan: percentages compiled on the fly, and frames profiled for them; `deluceva
 # compile` makes a finer plan once and for all. The grid is dense below 0.5 because that is where
@@ -56,6 +57,8 @@ class RunOptions:
         learned_model: a learned controller JSON (None with "learned": trained on the video).
         calibration_start: where the first frames that profile, calibrate and train are read
             (None: `start`). A resumed stream reads the ones its first run read.
+        gate: add the frame gate (`deluceva.playback.gate`): the controller's setting moves p and
+            the gate's share g together, as calibrated on the first frames.
     """
 
     model: str
@@ -76,6 +79,7 @@ class RunOptions:
     calibration_start: int | None = None
     detector: object | None = None
     layout: str | None = None
+    gate: bool = False
 
     @property
     def first_frames_start(self) -> int:
@@ -100,6 +104,7 @@ class Setup:
     # When `prepare` began: the summary's seconds to the first output count from here (loading,
     # calibration, profiling and compiling, the sessions and their kernels).
     started: float = field(default_factory=time.perf_counter)
+    gate: object = None  # a GateSchedule with RunOptions.gate, once calibrated (build_plans)
 
 
 def prepare(options: RunOptions, models: dict | None = None) -> Setup:
@@ -209,14 +214,53 @@ def build_plans(setup: Setup, announce=None, plans=None):
                 counts.update(dict.fromkeys(counts, 0))  # in place: the steps' calls hold these dicts
     else:
         _warm_up(plans, frames)
+        _retire_slow_plans(plans, frames, announce)
     _calibrate_metric(setup, plans, frames, announce)
-    _start_controller(setup, plans, announce)
+    if options.gate:  # before the controller: it starts on the gate's knob
+        setup.gate = calibrate_gate(setup, plans, announce)
+    _start_controller(setup, plans, announce, setup.gate)
     if setup.controller is None:
-        _train_controller(setup, plans, announce)
+        _train_controller(setup, plans, announce, setup.gate)
     return plans
 
 
-def _train_controller(setup: Setup, plans, announce) -> None:
+def controller_for(setup: Setup, plans, name: str, gate=None, announce=None):
+    """A `name` controller ("pi" or "learned") started on `plans` (and on `gate`'s knob when
+    given) as a run with that controller and no --percentage would start it; returns
+    (controller, starting setting). `setup` is unchanged (`bench` lands several controllers on
+    the same plans)."""
+    from dataclasses import replace
+
+    announce = announce or (lambda text: None)
+    other = replace(setup, options=replace(setup.options, controller=name, percentage=None, learned_model=None),
+                    controller=None, start_percentage=0.0, notes=[])
+    if name == "learned":
+        _train_controller(other, plans, announce, gate)
+    else:
+        _start_controller(other, plans, announce, gate)
+    return other.controller, other.start_percentage
+
+
+def calibrate_gate(setup: Setup, plans, announce=None):
+    """The frame gate's schedule, measured on the video's first frames (see
+    `deluceva.playback.gate.calibrate_gate`); said on stderr through `announce`."""
+    from deluceva.controller import RUN_SETPOINT
+    from deluceva.media.video import open_video
+    from deluceva.playback.calibration import CLIFF, LEARNING_FRAMES
+    from deluceva.playback.gate import calibrate_gate as measure
+
+    options = setup.options
+    video = open_video(options.video, frames=LEARNING_FRAMES, start=options.first_frames_start, every=options.every)
+    frames = [setup.preprocess(rgb) for rgb in video]
+    schedule = measure(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, CLIFF * setup.budget)
+    if announce is not None:
+        announce(f"frame gate calibrated on the first {len(frames)} frames: tile threshold {schedule.threshold:.4g}; "
+                 f"setting -> (p, g): {schedule.describe()}; controllers start at {schedule.start:.2f}, at most "
+                 f"{schedule.ceiling:.2f}")
+    return schedule
+
+
+def _train_controller(setup: Setup, plans, announce, gate=None) -> None:
     """`--controller learned` without a file: trained on the video's first frames, through the
     run's own plans (as `deluceva profile --controller-out` would save one)."""
     from deluceva.media.video import open_video
@@ -227,7 +271,34 @@ def _train_controller(setup: Setup, plans, announce) -> None:
     frames = [setup.preprocess(rgb) for rgb in video]
     announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
              "(save one with `deluceva profile --controller-out`)")
-    setup.controller = train_learned_controller(plans, setup.metric, frames, setup.budget)
+    controller = train_learned_controller(plans, setup.metric, frames, setup.budget, gate=gate)
+    # The PI's ceiling holds for the learned controller too: past the first p whose calibration
+    # error is over CLIFF x the budget, one frame costs more than the speed pays for (on
+    # YOLOX-nano / intersection_cctv it went to p = 0.8 and ran at det 0.026 against 0.02).
+    ceiling = gate.ceiling if gate is not None else _ceiling(setup, plans)
+    controller.p_max = max(controller.step, min(controller.p_max, ceiling))
+    controller._curves.clear()  # predictions were over the old grid
+    setup.controller = controller
+
+
+def _ceiling(setup: Setup, plans) -> float:
+    """The PI's ceiling (see `starting_range`) on the calibration frames."""
+    from deluceva.controller import RUN_SETPOINT
+    from deluceva.playback.calibration import starting_range
+
+    frames = setup.calibration_frames
+    return starting_range(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, setup.budget).ceiling
+
+
+def _retire_slow_plans(plans, frames: list, announce) -> None:
+    """Plans slower than the all-dense one on the first frames never run (see
+    `deluceva.playback.calibration.retire_slow_plans`); said on stderr."""
+    from deluceva.playback.calibration import retire_slow_plans
+
+    ratios = retire_slow_plans(plans, frames)
+    if plans.retired:
+        ranges = ", ".join(f"{plans.percentages[i]:g} ({ratios[i]:.2f}x the time)" for i in sorted(plans.retired))
+        announce(f"plans slower than dense on the first {len(frames)} frames run dense instead: the plans from p = {ranges}")
 
 
 def _calibrate_metric(setup: Setup, plans, frames: list, announce) -> None:
@@ -257,14 +328,19 @@ def _warm_up(plans, frames: list) -> None:
         session.reset()
 
 
-def _start_controller(setup: Setup, plans, announce) -> None:
+def _start_controller(setup: Setup, plans, announce, gate=None) -> None:
     """A PI controller without --percentage starts at the p the calibration frames say holds the
-    budget, and stays below the first p where they are far over it (see `starting_range`)."""
+    budget, and stays below the first p where they are far over it (see `starting_range`); on a
+    gate's knob, where its calibration says."""
     from deluceva.controller import RUN_SETPOINT, make_controller
     from deluceva.playback.calibration import CLIFF, starting_range
 
     options = setup.options
     if options.controller != "pi" or options.percentage is not None:
+        return
+    if gate is not None:
+        setup.controller = make_controller("pi", percentage=gate.start, budget=setup.budget, ceiling=gate.ceiling)
+        setup.start_percentage = gate.start
         return
     frames = setup.calibration_frames
     found = starting_range(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, setup.budget)
@@ -341,4 +417,6 @@ def run_info(setup: Setup, plans) -> dict:
         "threads": options.threads,
         "reference_every": options.reference_every,
         "plan": plans.description,
+        "retired_plans": [plans.percentages[i] for i in sorted(plans.retired)],
+        "gate": None if setup.gate is None else {"threshold": setup.gate.threshold, "schedule": setup.gate.points},
     }

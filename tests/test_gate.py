@@ -1,0 +1,269 @@
+"""The frame gate (`deluceva.playback.gate`) in the run loop: which frames it holds, drift since
+the last frame that ran, exactness and no cost at the setting 0, what reference frames measure,
+and the knob calibrated on first frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deluceva.controller import FixedController
+from deluceva.demo import build_demo_model
+from deluceva.metrics import rel_l2
+from deluceva.playback.gate import FrameGate, GateSchedule, calibrate_gate
+from deluceva.playback.loop import SessionsByPercentage, VideoRunner, summarise
+
+HEIGHT, WIDTH = 32, 48  # 4 x 6 = 24 tiles of 8 x 8
+
+
+def _rel_l2(outputs, references):
+    return rel_l2(list(outputs), list(references))
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    """The demo CNN at 32 x 48, one dense and one delta plan (p from 0.2), calibrated."""
+    import onnx
+
+    from deluceva.planner import load_model
+    from deluceva.session import Session, calibrate_sessions
+
+    path = tmp_path_factory.mktemp("gate") / "tiny.onnx"
+    onnx.save(build_demo_model(HEIGHT, WIDTH), path)
+    model = load_model(str(path))
+    plans = SessionsByPercentage([Session(model, plan="dense"), Session(model, plan="delta")], [0.0, 0.2])
+    calibrate_sessions(plans.sessions, _drifting(6, seed=1))
+    return plans
+
+
+def _base(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((1, 3, HEIGHT, WIDTH), dtype=np.float32)
+
+
+def _with_tiles(frame: np.ndarray, tiles) -> np.ndarray:
+    """`frame` with each (row, column) 8 x 8 tile brightened by 0.5."""
+    out = frame.copy()
+    for row, column in tiles:
+        out[..., row * 8:(row + 1) * 8, column * 8:(column + 1) * 8] += 0.5
+    return out
+
+
+def _drifting(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Each frame one more tile changed than the one before (a slow drift: one tile per frame)."""
+    frames, tiles = [], []
+    base = _base(seed)
+    for index in range(count):
+        frames.append(_with_tiles(base, tiles))
+        tiles = tiles + [(index // 6 % 4, index % 6)]
+    return frames
+
+
+def _run(plans, frames, schedule, controller=None, reference_every=100):
+    for session in plans.sessions:
+        session.reset()
+    setting = schedule.points[-1][0] if schedule is not None else 0.0
+    runner = VideoRunner(plans, controller or FixedController(setting), _rel_l2, reference_every, setting, gate=schedule)
+    return [runner.step(frame) for frame in frames]
+
+
+def test_gate_counts_tiles_changed_beyond_its_threshold():
+    gate = FrameGate(0.3)
+    base = _base()
+    gate.ran(base)
+    assert gate.share(base) == 0.0
+    assert gate.share(_with_tiles(base, [(0, 0), (3, 5)])) == pytest.approx(2 / 24)
+    small = base + 0.2  # every pixel moved, but under the threshold
+    assert gate.share(small) == 0.0
+    assert gate.share(_with_tiles(small, [(1, 1)])) == pytest.approx(1 / 24)
+
+
+def test_gated_frames_reuse_the_last_outputs_and_are_counted(plans):
+    """g = 0.1 of 24 tiles: frames with 1 or 2 tiles changed since the last frame that ran are
+    held, 3 run."""
+    base = _base()
+    frames = [base, _with_tiles(base, [(0, 0)]), _with_tiles(base, [(0, 0), (0, 1)]),
+              _with_tiles(base, [(0, 0), (0, 1), (0, 2)]), _with_tiles(base, [(0, 0), (0, 1), (0, 2), (1, 0)])]
+    schedule = GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.5, 0.1)])
+    results = _run(plans, frames, schedule)
+    assert [r.gated for r in results] == [False, True, True, False, True]
+    assert summarise(results, plans)["gated_frames"] == 3
+    for index in (1, 2):
+        assert all(np.array_equal(a, b) for a, b in zip(results[index].outputs, results[0].outputs))
+    assert all(np.array_equal(a, b) for a, b in zip(results[4].outputs, results[3].outputs))
+    assert results[1].flops == 0.0 and results[3].flops > 0
+    assert results[1].percentage == 0.5 and results[1].setting == 0.5
+
+
+def test_gate_compares_with_the_last_frame_that_ran_so_drift_triggers(plans):
+    """One more tile per frame: against the previous frame every frame changed 1 tile of 24 and
+    would be held for ever; against the last frame that ran, the third tile runs it."""
+    frames = _drifting(9)
+    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.5, 0.1)]))
+    assert [r.gated for r in results] == [False, True, True, False, True, True, False, True, True]
+
+
+def test_setting_zero_is_exact_and_never_reads_the_gate(plans, monkeypatch):
+    """At the setting 0 the pair is (0, 0): every frame runs exactly, and the gate's statistic is
+    never computed (it costs nothing there)."""
+    def forbidden(self, frame):
+        raise AssertionError("the gate was read at the setting 0")
+
+    monkeypatch.setattr(FrameGate, "share", forbidden)
+    frames = _drifting(8)
+    schedule = GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.5, 0.4)])
+    for session in plans.sessions:
+        session.reset()
+    runner = VideoRunner(plans, FixedController(0.0), _rel_l2, 3, 0.0, gate=schedule)
+    for frame in frames:
+        result = runner.step(frame)
+        assert not result.gated and result.percentage == 0.0
+        assert _rel_l2(result.outputs, plans.sessions[0].reference(frame)) < 1e-5
+
+
+def test_a_gated_reference_measures_what_the_user_received(plans):
+    """On a gated frame that is due for a reference, the error is the reused outputs' against the
+    dense run, the frame gets the dense outputs, and later frames are gated against it."""
+    base = _base()
+    frames = [base, _with_tiles(base, [(0, 0)]), _with_tiles(base, [(0, 0), (1, 1)]),
+              _with_tiles(base, [(0, 0), (1, 1), (2, 2)])]
+    # The gate over the dense plan: a run would be exact, so only the reused outputs have an error.
+    # K = 6: frame 2 is the second gated frame since the reference at 0, K // 3 = 2: a reference.
+    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=6)
+    first, held = results[0], results[2]
+    assert results[1].gated and not results[1].reference
+    assert held.gated and held.reference
+    dense = plans.sessions[0].reference(frames[2])
+    assert held.error == pytest.approx(_rel_l2(first.outputs, dense)) and held.error > 0
+    assert _rel_l2(held.outputs, dense) < 1e-5
+    # Frame 3 differs by one tile from frame 2 (delivered exactly), by three from frame 0: held.
+    assert results[3].gated
+
+
+def test_schedule_maps_settings_to_pairs():
+    schedule = GateSchedule(0.1, [(0.5, 0.5, 0.0), (0.8, 0.7, 0.05)])
+    assert schedule.points[0] == (0.0, 0.0, 0.0)  # always exact at 0
+    assert schedule.pair(0.0) == (0.0, 0.0) and schedule.pair(0.49) == (0.0, 0.0)
+    assert schedule.pair(0.6) == (0.5, 0.0)
+    assert schedule.pair(0.85) == (0.7, 0.05)
+
+
+def _noisy_still(count: int, seed: int = 4) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = _base()
+    return [base + rng.normal(0, 0.002, base.shape).astype(np.float32) for _ in range(count)]
+
+
+def test_calibration_picks_the_gate_on_a_still_scene_and_nothing_at_zero(plans):
+    """A still scene with sensor noise: reusing outputs costs no error within the budget and
+    saves the runs, so the knob's next point after (0, 0) gates; the setting 0 never does."""
+    frames = _noisy_still(12)
+    schedule = calibrate_gate(plans, _rel_l2, frames, target=0.04, limit=0.1, percentages=(0.0, 0.5))
+    assert schedule.points[0] == (0.0, 0.0, 0.0)
+    assert len(schedule.points) > 1 and schedule.points[1][2] > 0
+    assert schedule.start >= schedule.points[1][0] and schedule.ceiling == schedule.points[-1][0]
+    # The noise is under the chosen pixel threshold: a frame of it is held.
+    gate = FrameGate(schedule.threshold)
+    gate.ran(frames[0])
+    assert gate.share(frames[1]) == 0.0
+
+
+def test_the_knob_is_the_cheapest_pair_at_each_error_level(plans):
+    """Along the knob the calibration error never falls and the cost always does; every pair
+    measured that is not on it is beaten by a point of no more error and lower cost; nothing past
+    the limit is on it."""
+    frames = _drifting(4, seed=2) + _noisy_still(8)
+    limit = 0.3
+    schedule = calibrate_gate(plans, _rel_l2, frames, target=0.05, limit=limit, percentages=(0.0, 0.5, 0.9))
+    measured = {(row["percentage"], row["gate"]): (row["error"], row["cost_ms"]) for row in schedule.table}
+    knob = [measured[(p, g)] for _, p, g in schedule.points]
+    assert len(knob) > 2
+    assert all(a[0] <= b[0] and a[1] > b[1] for a, b in zip(knob, knob[1:]))
+    assert all(error <= limit for error, _ in knob)
+    for pair, (error, cost) in measured.items():
+        if error <= limit and pair not in {(p, g) for _, p, g in schedule.points}:
+            assert any(e <= error and c <= cost for e, c in knob)
+    settings = [k for k, _, _ in schedule.points]
+    assert settings == sorted(settings) and settings[-1] == pytest.approx(0.95)
+
+
+# -- plans slower than dense are never run -----------------------------------------------------
+
+
+def test_a_plan_measured_slower_than_dense_is_retired_and_its_range_runs_dense(plans, monkeypatch):
+    """The delta plan made 20 ms slower a frame: measured slower than dense on the first frames,
+    retired; a controller at p in its range then runs the dense plan, exactly, and its reference
+    frames need no dense run."""
+    import time
+
+    from deluceva.playback.calibration import retire_slow_plans
+
+    slow = plans.sessions[1]
+    run = slow.run
+
+    def slower(frame, percentage=0.0, keyframe=False):
+        time.sleep(0.02)
+        return run(frame, percentage, keyframe)
+
+    frames = _drifting(6)
+    monkeypatch.setattr(slow, "run", slower)
+    try:
+        ratios = retire_slow_plans(plans, frames)
+        assert ratios[1] > 1.0 and plans.retired == {1}
+        assert plans.index_below(0.5) == 0 and plans.effective(0.5) == 0.0
+        references = []
+        reference = plans.sessions[0].reference
+        monkeypatch.setattr(plans.sessions[0], "reference", lambda frame: references.append(frame) or reference(frame))
+        results = _run(plans, frames, None, controller=FixedController(0.5), reference_every=2)
+        assert all(r.plan == 0 and r.percentage == 0.0 for r in results)
+        assert all(r.setting == 0.5 for r in results[1:])  # the first frame at the start, 0
+        # One plain dense run a frame after the first (the frame's answer), none more for a reference.
+        assert [r.error for r in results if r.reference][1:] == [0.0, 0.0] and len(references) == len(frames) - 1
+        monkeypatch.undo()
+        for result, frame in zip(results, frames):
+            assert _rel_l2(result.outputs, plans.sessions[0].reference(frame)) < 1e-5
+    finally:
+        plans.retire([])
+
+
+def test_a_plan_faster_than_dense_is_kept(plans, monkeypatch):
+    import time
+
+    from deluceva.playback.calibration import retire_slow_plans
+
+    dense = plans.sessions[1].reference
+
+    def slower_dense(frame):
+        time.sleep(0.02)
+        return dense(frame)
+
+    monkeypatch.setattr(plans.sessions[1], "reference", slower_dense)
+    ratios = retire_slow_plans(plans, _drifting(6))
+    assert ratios[1] < 1.0 and plans.retired == set()
+
+
+def test_p_in_an_all_dense_first_plans_range_runs_at_zero(plans, monkeypatch):
+    """Below the first delta plan the all-dense plan runs at p = 0: exact, and its references
+    need no dense run (at p > 0 it paid one on every reference for nothing)."""
+    assert plans.effective(0.1) == 0.0 and plans.effective(0.3) == 0.3
+    references, runs = [], []
+    reference, run = plans.sessions[0].reference, plans.sessions[0].run
+    monkeypatch.setattr(plans.sessions[0], "reference", lambda frame: references.append(frame) or reference(frame))
+    monkeypatch.setattr(plans.sessions[0], "run", lambda *a, **k: runs.append(k) or run(*a, **k))
+    frames = _drifting(6)
+    results = _run(plans, frames, None, controller=FixedController(0.1), reference_every=2)
+    assert all(r.percentage == 0.0 and r.plan == 0 for r in results)
+    assert [r.error for r in results if r.reference][1:] == [0.0, 0.0]
+    # After the first frame's keyframe, each frame is one plain onnxruntime run: exact, and no
+    # second dense run on a reference.
+    assert runs == [{"keyframe": True}] and len(references) == len(frames) - 1
+    for result, frame in zip(results, frames):
+        assert _rel_l2(result.outputs, reference(frame)) < 1e-5
+
+
+def test_a_reference_comes_after_a_third_of_k_gated_frames(plans):
+    """Reused outputs age: with K = 9, a reference after every 3 gated frames, not only every 9."""
+    base = _base()
+    frames = [base] + [_with_tiles(base, [(0, 0)]) for _ in range(8)]
+    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=9)
+    assert all(r.gated for r in results[1:])
+    assert [r.index for r in results if r.reference] == [0, 3, 6]
