@@ -92,7 +92,13 @@ def _on_ray(streams, options, out: Path, address: str) -> float:
                                 address=None if address == "local" else address)
     if report.failed or len(first) < len(streams):
         raise DelucevaError(f"{options.video}: streams failed in the Ray throughput run: {', '.join(report.failed)}")
-    return _aggregate([(last[name][1] - first[name][1], first[name][0], last[name][0]) for name in first])
+    spans = [(last[name][1] - first[name][1], first[name][0], last[name][0]) for name in first]
+    if all(frames > 0 for frames, _, _ in spans):
+        return _aggregate(spans)
+    # A stream shorter than the progress interval reports once: its span is empty. Then the
+    # actors' own pace (the mean time of their frames, set-up not counted), added up.
+    paces = [row["frames_per_second"] for row in report.streams if row.get("frames_per_second")]
+    return float(sum(paces)) if paces else float("nan")
 
 
 def _aggregate(spans) -> float:
