@@ -503,7 +503,16 @@ def _thread_lock_for_progress_bars() -> None:
     tqdm.set_lock(threading.RLock())
 
 
+_STOPPING = []
+
+
 def _interrupt(signum, frame):
+    """A worker's SIGTERM: stop once. A second signal (Ctrl-C reaches the whole process group,
+    then the parent asks again) must not raise inside the cleanup, such as a video's
+    decoder closing when its generator is collected, where Python can only print it."""
+    if _STOPPING:
+        return
+    _STOPPING.append(signum)
     raise KeyboardInterrupt
 
 
