@@ -207,23 +207,11 @@ def change_statistics(frame: np.ndarray, previous: np.ndarray | None, tile: int 
     """
     if previous is None:
         return {"mean_abs_change": 0.0, "changed_tiles": 1.0}
-    stride = 4 if tile % 4 == 0 else 1
+    from deluceva.playback.gate import strided_change, tile_maxima
+
+    diff, stride = strided_change(frame, previous, tile)
+    per_tile = tile_maxima(diff.max(axis=0), tile // stride)
     now = frame.reshape(frame.shape[-3:])[:, ::stride, ::stride]
-    diff = np.abs(now - previous.reshape(previous.shape[-3:])[:, ::stride, ::stride])
-    largest = diff.max(axis=0)
-    height, width = largest.shape
-    step = tile // stride
-    th, tw = -(-height // step), -(-width // step)
-    if (th * step, tw * step) != (height, width):
-        padded = np.zeros((th * step, tw * step), np.float32)
-        padded[:height, :width] = largest
-        largest = padded
-    # Max over each step x step block as a few strided maxima: numpy's multi-axis max is 10x slower.
-    per_tile = largest[::step, ::step].copy()
-    for dy in range(step):
-        for dx in range(step):
-            if dy or dx:
-                np.maximum(per_tile, largest[dy::step, dx::step], out=per_tile)
     span = float(now.max() - now.min()) or 1.0
     return {
         "mean_abs_change": float(diff.mean()),
