@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-__all__ = ["session_options", "inference_session"]
+__all__ = ["session_options", "inference_session", "shared_arena_options"]
 
 
 def session_options(threads: int, log_level: int = 3) -> ort.SessionOptions:
@@ -22,15 +22,42 @@ def session_options(threads: int, log_level: int = 3) -> ort.SessionOptions:
     return options
 
 
+_SHARED_ARENA = []
+
+
+def shared_arena_options(threads: int):
+    """Session options that take memory from one arena for the whole process (a run's dense forms,
+    keyframe and reference sessions).
+
+    A step's intermediates (its NCHW input and output, onnxruntime's blocked copies) are
+    megabytes on high-resolution layers. With an arena per session they would stay allocated
+    for every step of the model (gigabytes on a 1280x736 detector); without one, each call
+    maps and faults in fresh pages (P-Net at 1280x720 ran 1.5x slower). One arena shared by
+    every dense form holds what the largest step needs, once.
+    """
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # Grown by what is asked, not by powers of two (which left half of a 1280x736 model's
+        # largest block unused).
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+        _SHARED_ARENA.append(info)
+    options = session_options(threads)
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    return options
+
+
 def inference_session(model, threads: int = 1, *, arena: bool = True, log_level: int = 3,
-                      options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+                      options: ort.SessionOptions | None = None, shared_arena: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session on `model` (a path, serialised bytes or an onnx.ModelProto).
 
     Args:
         arena: keep onnxruntime's memory arena; without it a session returns its outputs'
             memory after each run (for sessions that run rarely and output much).
         options: session options to use as they are (instead of `session_options(threads)`).
+        shared_arena: take memory from the process's one shared arena (`shared_arena_options`).
     """
+    if options is None and shared_arena:
+        options = shared_arena_options(threads)
     if options is None:
         options = session_options(threads, log_level)
         options.enable_cpu_mem_arena = arena

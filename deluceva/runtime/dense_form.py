@@ -24,15 +24,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from deluceva.onnxruntime_session import inference_session, session_options
+from deluceva.onnxruntime_session import inference_session
 from deluceva.operators import DeltaTensor
 from deluceva.operators._kernels import emit_rows
 
-__all__ = ["DenseForm", "dense_form_model", "dense_form_session", "either_form", "break_even_share", "FormCounts", "DENSE_FORM_OP_TYPES",
-           "shared_arena_options"]
+__all__ = ["DenseForm", "dense_form_model", "dense_form_session", "either_form", "break_even_share", "FormCounts", "DENSE_FORM_OP_TYPES"]
 
 # Steps that have a dense form: Conv. Elementwise nodes, Add and the copies cost the delta
 # kernels less than onnxruntime even with every position changed (a fused Relu + Add: 0.78x);
@@ -84,35 +82,10 @@ def _list_all(changed, count, positions) -> None:
     count[0] = positions
 
 
-_SHARED_ARENA = []
-
-
-def shared_arena_options(threads: int):
-    """Session options that take memory from one arena for the whole process (the dense forms'
-    and the keyframe session's).
-
-    A step's intermediates (its NCHW input and output, onnxruntime's blocked copies) are
-    megabytes on high-resolution layers. With an arena per session they would stay allocated
-    for every step of the model (gigabytes on a 1280x736 detector); without one, each call
-    maps and faults in fresh pages (P-Net at 1280x720 ran 1.5x slower). One arena shared by
-    every dense form holds what the largest step needs, once.
-    """
-    if not _SHARED_ARENA:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        # Grown by what is asked, not by powers of two (which left half of a 1280x736 model's
-        # largest block unused).
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
-        _SHARED_ARENA.append(info)
-    options = session_options(threads)
-    options.add_session_config_entry("session.use_env_allocators", "1")
-    return options
-
-
 def dense_form_session(segment: onnx.ModelProto, inputs: list[tuple[str, DeltaTensor, bool]], output: str,
                        out_layout, threads: int):
     """onnxruntime's session on `dense_form_model(...)`, its memory from the shared arena."""
-    return inference_session(dense_form_model(segment, inputs, output, out_layout), threads,
-                             options=shared_arena_options(threads))
+    return inference_session(dense_form_model(segment, inputs, output, out_layout), threads, shared_arena=True)
 
 
 def dense_form_model(segment: onnx.ModelProto, inputs: list[tuple[str, DeltaTensor, bool]], output: str,

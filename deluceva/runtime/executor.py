@@ -32,7 +32,7 @@ from deluceva.planner.physical import DeltaStep, DenseSegment, PhysicalPlan
 from deluceva.runtime.boundaries import Entry, exceeds, mirror_step, same_values
 from deluceva.runtime.copy_tail import TAIL_OP_TYPES, CopyTail, scatter_step
 from deluceva.runtime.dense_form import (DENSE_FORM_OP_TYPES, DenseForm, FormCounts, break_even_share,
-                                         dense_form_session, either_form, shared_arena_options)
+                                         dense_form_session, either_form)
 from deluceva.runtime.thresholds import Thresholds
 
 __all__ = ["Executor", "StepError"]
@@ -413,8 +413,7 @@ class Executor:
         frame = self._check_frame(frame)
         # Its intermediates in the arena the keyframe session and the dense forms share: a run
         # keeps one model's worth of them, not one per session (100 MiB on YuNet at 1280x736).
-        plain = self.buffers.shared("plain", lambda: inference_session(
-            self.model.onnx, self.threads, options=shared_arena_options(self.threads)))
+        plain = self.buffers.shared("plain", lambda: inference_session(self.model.onnx, self.threads, shared_arena=True))
         return plain.run(self.model.output_names, {self.model.input_name: frame})
 
     @property
@@ -466,7 +465,7 @@ class Executor:
             # onnxruntime's own, in the arena the dense forms share (exposing every tensor, as
             # outputs onnxruntime allocates, made a keyframe of YuNet at 1280x736 cost 4.3x a
             # dense run).
-            keyframes["session"] = inference_session(exposing, self.threads, options=shared_arena_options(self.threads))
+            keyframes["session"] = inference_session(exposing, self.threads, shared_arena=True)
         return keyframes["session"]
 
     def _bind_keyframe(self, session):
