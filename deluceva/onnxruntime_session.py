@@ -25,15 +25,22 @@ def session_options(threads: int, log_level: int = 3) -> ort.SessionOptions:
 _SHARED_ARENA = []
 
 
-def shared_arena_options(threads: int):
-    """Session options that take memory from one arena for the whole process (a run's dense forms,
-    keyframe and reference sessions).
+def shared_arena_options(threads: int, whole_model: bool = False):
+    """Session options that take memory from one arena for the whole process (a run's dense
+    segments and forms, keyframe, reference and calibration sessions).
 
     A step's intermediates (its NCHW input and output, onnxruntime's blocked copies) are
     megabytes on high-resolution layers. With an arena per session they would stay allocated
     for every step of the model (gigabytes on a 1280x736 detector); without one, each call
     maps and faults in fresh pages (P-Net at 1280x720 ran 1.5x slower). One arena shared by
-    every dense form holds what the largest step needs, once.
+    every session holds what the largest run needs, once.
+
+    whole_model: for the sessions on the whole model that run rarely (keyframes, references,
+    calibration): each tensor gets its own block, as on a session's first run. With memory
+    patterns the second run asks for one block the size of all of them, which the first run's
+    blocks (each its own region: the arena grows by what is asked) cannot hold, and a second
+    keyframe of YuNet at 1280x736 grew the arena by 166 MiB. The sessions that run every frame
+    keep their patterns (without, P-Net's all-dense plan ran 9% slower).
     """
     if not _SHARED_ARENA:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
@@ -43,21 +50,24 @@ def shared_arena_options(threads: int):
         _SHARED_ARENA.append(info)
     options = session_options(threads)
     options.add_session_config_entry("session.use_env_allocators", "1")
+    options.enable_mem_pattern = not whole_model
     return options
 
 
 def inference_session(model, threads: int = 1, *, arena: bool = True, log_level: int = 3,
-                      options: ort.SessionOptions | None = None, shared_arena: bool = False) -> ort.InferenceSession:
+                      options: ort.SessionOptions | None = None, shared_arena: bool = False,
+                      whole_model: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session on `model` (a path, serialised bytes or an onnx.ModelProto).
 
     Args:
         arena: keep onnxruntime's memory arena; without it a session returns its outputs'
             memory after each run (for sessions that run rarely and output much).
         options: session options to use as they are (instead of `session_options(threads)`).
-        shared_arena: take memory from the process's one shared arena (`shared_arena_options`).
+        shared_arena: take memory from the process's one shared arena (`shared_arena_options`);
+            whole_model: a rare run of the whole model there, without memory patterns.
     """
     if options is None and shared_arena:
-        options = shared_arena_options(threads)
+        options = shared_arena_options(threads, whole_model)
     if options is None:
         options = session_options(threads, log_level)
         options.enable_cpu_mem_arena = arena

@@ -353,6 +353,30 @@ def test_dense_segments_are_skipped_when_nothing_they_read_changed():
         assert len(calls) == {0: 0, 1: 1, 2: 1, 3: 2}[index], index
 
 
+def test_plans_sharing_buffers_share_the_sessions_of_their_common_dense_segments():
+    """A run's compiled plans cut many of the same dense segments: each is one onnxruntime
+    session for all of them (a session per plan kept its memory for the whole run)."""
+    from deluceva.operators._buffers import Buffers
+    from deluceva.session import Session
+
+    graph = build_dag(load_model(backbone()))
+    delta = [n for n, d in graph.nodes(data=True) if d["delta_reason"] is None]
+    stem_dense = {n: ("dense" if n in ("stem", "Sigmoid_1", "Mul_2") else "delta") for n in delta}
+    buffers = Buffers()
+    first = Session(backbone(), plan=stem_dense, buffers=buffers)
+    second = Session(backbone(), plan=dict(stem_dense), buffers=buffers)
+    apart = Session(backbone(), plan=dict(stem_dense))
+    assert len(first.executor._sessions) == 1
+    assert second.executor._sessions[0] is first.executor._sessions[0]
+    assert apart.executor._sessions[0] is not first.executor._sessions[0]
+    frames = sparse_frames((1, 3, 45, 61), 3, seed=3)
+    reference = Session(backbone(), plan="dense")
+    for session in (first, second):
+        session.reset()
+        for frame in frames:
+            np.testing.assert_allclose(session.run(frame)[0], reference.run(frame)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_sessions_sharing_buffers_stay_exact_across_plan_switches():
     """Plans of one run share their tensors' state; a switch is a keyframe, so each plan runs
     exactly on state the other left."""

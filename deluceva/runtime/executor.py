@@ -35,7 +35,7 @@ from deluceva.runtime.dense_form import (DENSE_FORM_OP_TYPES, DenseForm, FormCou
                                          dense_form_session, either_form)
 from deluceva.runtime.thresholds import Thresholds
 
-__all__ = ["Executor", "StepError"]
+__all__ = ["Executor", "StepError", "segment_model"]
 
 
 def _spans(state: DeltaTensor) -> bool:
@@ -51,7 +51,7 @@ class _NotFinite(Exception):
     """A dense value entering the delta steps holds a NaN or an infinity."""
 
 
-def _subgraph(model: Model, nodes: list[str], inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+def segment_model(model: Model, nodes: list[str], inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
     """The model restricted to `nodes`, reading `inputs` and producing `outputs`."""
     wanted = set(nodes)
     graph_nodes = [n for n in model.onnx.graph.node if n.name in wanted]
@@ -155,9 +155,9 @@ class Executor:
                 self._made_of[name] = [self.tensors[t].count for t in tail.inputs]
         self._calls: list[tuple[Callable, tuple]] = []
         self._names: list[str] = []
+        self._sessions: list[ort.InferenceSession] = []  # its dense segments'
         self._operators = {}
         self.entries: dict[str, Entry] = {}
-        self._sessions: list[ort.InferenceSession] = []
         self._frame_entry = self.entries[model.input_name] = Entry(self.tensors[model.input_name], self.buffers,
                                                                    model.input_name)
         self._last_frame = self.buffers.state(("last frame",), model.input_shape, np.float32)
@@ -278,7 +278,7 @@ class Executor:
         key = ("dense form", tuple(step.nodes), tuple(names), step.outputs[0], placement)
 
         def make():
-            segment = _subgraph(self.model, step.nodes, names, [step.outputs[0]])
+            segment = segment_model(self.model, step.nodes, names, [step.outputs[0]])
             described = [(n, t, p is not None) for n, t, p in zip(names, inputs, planar)]
             return dense_form_session(segment, described, step.outputs[0], out.layout, self.threads)
 
@@ -339,7 +339,7 @@ class Executor:
         shapes = self.model.shapes
 
         def probe() -> CopyTail | None:
-            session = _session(_subgraph(self.model, step.nodes, step.inputs, step.outputs), threads)
+            session = _session(segment_model(self.model, step.nodes, step.inputs, step.outputs), threads)
             return CopyTail.probe(session, {t: shapes[t] for t in step.inputs}, list(step.outputs),
                                   {t: shapes[t] for t in step.outputs})
 
@@ -358,7 +358,12 @@ class Executor:
     def _add_dense(self, step: DenseSegment, threads: int) -> None:
         """The segment runs in onnxruntime on what its inputs' consumers have seen (the filtered
         frame, mirrors of delta tensors), and is skipped when none of them changed."""
-        session = _session(_subgraph(self.model, step.nodes, step.inputs, step.outputs), threads)
+        # One session per distinct segment for every plan sharing `buffers` (the plans of a run
+        # cut many of the same segments), its memory from the process's shared arena: an arena
+        # per session kept each one's largest intermediates for the whole run.
+        key = ("dense segment", tuple(step.nodes), tuple(step.inputs), tuple(step.outputs), threads)
+        session = self.buffers.shared(key, lambda: inference_session(
+            segment_model(self.model, step.nodes, step.inputs, step.outputs), threads, shared_arena=True))
         self._sessions.append(session)
         dense, fresh, inputs, outputs = self._dense, self._fresh, list(step.inputs), list(step.outputs)
         counts = [c for t in inputs for c in self._made_of.get(t, [])]
@@ -413,8 +418,11 @@ class Executor:
         frame = self._check_frame(frame)
         # Its intermediates in the arena the keyframe session and the dense forms share: a run
         # keeps one model's worth of them, not one per session (100 MiB on YuNet at 1280x736).
-        plain = self.buffers.shared("plain", lambda: inference_session(self.model.onnx, self.threads, shared_arena=True))
-        return plain.run(self.model.output_names, {self.model.input_name: frame})
+        # The outputs are copied out of it: one kept (the caller's reference) would pin its chunk
+        # there, and the next keyframe, finding no room between pinned chunks, grew the arena.
+        plain = self.buffers.shared("plain", lambda: inference_session(self.model.onnx, self.threads, shared_arena=True,
+                                                                         whole_model=True))
+        return [np.array(output) for output in plain.run(self.model.output_names, {self.model.input_name: frame})]
 
     @property
     def densities(self) -> dict[str, float]:
@@ -465,7 +473,7 @@ class Executor:
             # onnxruntime's own, in the arena the dense forms share (exposing every tensor, as
             # outputs onnxruntime allocates, made a keyframe of YuNet at 1280x736 cost 4.3x a
             # dense run).
-            keyframes["session"] = inference_session(exposing, self.threads, shared_arena=True)
+            keyframes["session"] = inference_session(exposing, self.threads, shared_arena=True, whole_model=True)
         return keyframes["session"]
 
     def _bind_keyframe(self, session):
@@ -473,8 +481,8 @@ class Executor:
 
         Every state whose tensor spans its storage (a Concat's parts live in the Concat's, and
         are written with it) is written by onnxruntime as rows, in place; entries' and mirrors'
-        (C, H*W) copies and copy tails' outputs likewise. Only dense segments' and the model's
-        outputs that none of those hold are allocated. Before, the session returned every tensor
+        (C, H*W) copies and copy tails' outputs likewise; dense segments' and the model's outputs
+        that none of those hold, into arrays of the keyframe's own. Before, the session returned every tensor
         as a new array and each was then copied into its state: on a 1280x736 detector that
         doubled the states' 453 MiB at every keyframe, and cost a pass over them.
         """
@@ -500,21 +508,27 @@ class Executor:
             for name in tail.outputs:
                 if name not in held:
                     bind(name, self._dense[name], self._dense[name].shape)
-        allocated = []
+        # The rest (dense segments' and the model's outputs) into arrays of their own, rewritten
+        # by each keyframe: onnxruntime's would be chunks of the shared arena kept between
+        # keyframes, and the next keyframe, finding no room between them, grew the arena (by
+        # 160 MiB on YuNet at 1280x736).
+        own = {}
         for name in dict.fromkeys([*self._segment_outputs, *self.model.output_names]):
             if name not in held:
-                binding.bind_output(name, "cpu")
-                allocated.append(name)
-        self._keyframe_binding = (session, binding, held, allocated)
-        return binding, held, allocated
+                shape = self.model.shapes[name]
+                dtype = helper.tensor_dtype_to_np_dtype(self.model.dtypes.get(name, onnx.TensorProto.FLOAT))
+                own[name] = self.buffers.state(("keyframe output", name), shape, dtype)
+                binding.bind_output(name, "cpu", 0, dtype, list(shape), own[name].ctypes.data)
+        self._keyframe_binding = (session, binding, held, own)
+        return binding, held, own
 
     def _run_keyframe(self, frame: np.ndarray) -> list[np.ndarray]:
         start = time.perf_counter()
         session = self._keyframe_session()
-        binding, held, allocated = self._bind_keyframe(session)
+        binding, held, own = self._bind_keyframe(session)
         binding.bind_input(self.model.input_name, "cpu", 0, np.float32, list(frame.shape), frame.ctypes.data)
         session.run_with_iobinding(binding)
-        values = dict(zip(allocated, (value.numpy() for value in binding.get_outputs()[-len(allocated):]))) if allocated else {}
+        values = dict(own)
         for name, array in held.items():
             if not name.endswith("__rows"):
                 values.setdefault(name, array.reshape(self.model.shapes[name]))
@@ -526,10 +540,10 @@ class Executor:
                 if held.get(name) is not self._dense[name]:
                     np.copyto(self._dense[name], values[name])
         for name in self._segment_outputs:  # a segment skipped next frame leaves these as they are
-            self._dense[name] = values[name] if name in allocated else np.array(values[name])
+            self._dense[name] = values[name] if name in own else np.array(values[name])
         np.copyto(self._last_frame, frame)
         # Outputs held in state arrays are updated in place by later frames: returned as copies.
-        outputs = [values[name] if name in allocated else np.array(values[name]) for name in self.model.output_names]
+        outputs = [values[name] if name in own else np.array(values[name]) for name in self.model.output_names]
         self._last_outputs = outputs
         # After a frame with a NaN or an infinity, the caches hold it: the next frame is a
         # keyframe too, until the video is finite again.
