@@ -9,7 +9,7 @@ from pathlib import Path
 import deluceva
 
 LAYERS = [
-    {"errors", "files", "machine", "onnxruntime_session"},
+    {"errors", "files", "machine", "memory", "onnxruntime_session"},
     {"operators"},
     {"planner"},
     {"runtime"},

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from deluceva.errors import DelucevaError, check_percentage
+from deluceva.memory import release_freed_memory
 from deluceva.runtime.thresholds import CALIBRATION_FRAMES
 
 __all__ = ["RunOptions", "Setup", "prepare", "preprocessor", "build_plans", "compile_plans", "run_info",
@@ -221,6 +222,7 @@ def build_plans(setup: Setup, announce=None, plans=None):
     _start_controller(setup, plans, announce, setup.gate)
     if setup.controller is None:
         _train_controller(setup, plans, announce, setup.gate)
+    release_freed_memory()  # what the first frames' measurements left, before the run's own peak
     return plans
 
 

@@ -37,10 +37,11 @@ from deluceva.planner.partition_dense import partition_dense
 from deluceva.planner.physical import DenseSegment, PhysicalPlan
 from deluceva.planner.pipeline import build_dag
 from deluceva.machine import machine_fingerprint
+from deluceva.memory import release_freed_memory
 from deluceva.profiles.profile import DEFAULT_PERCENTAGES, Profile
 from deluceva.runtime.boundaries import Entry, mirror_step
-from deluceva.runtime.executor import Executor, _session
-from deluceva.runtime.thresholds import Thresholds, tensor_layouts, tensor_values
+from deluceva.runtime.executor import Executor, _session, segment_model
+from deluceva.runtime.thresholds import Thresholds, tensor_groups, tensor_layouts, tensor_values
 
 __all__ = ["measure_profile", "session_call_overhead", "DENSE_METHOD"]
 
@@ -143,6 +144,7 @@ def measure_profile(
         node_dense, dense_model = _measure_dense(model, graph, inputs[:dense_frames], threads, bar)
         thresholds = Thresholds.calibrate(model, fit, grids)
         delta = _measure_delta(model, graph, fit, heldout, percentages, threads, thresholds, bar)
+        release_freed_memory()  # the all-delta executor's states, before the conversions' values
         conversions = _measure_conversions(model, grids, fit[: conversion_pairs + 1], percentages, thresholds, bar)
     finally:
         bar.close()
@@ -200,22 +202,38 @@ def measure_profile(
             session.run(None, {model.input_name: frame})
             times.append((time.perf_counter() - start) * 1e3)
         profile.validation = validate(profile, graph, measured=delta["heldout"], measured_dense=float(np.median(times)))
+    release_freed_memory()  # the per-node sessions, the all-delta executor's states, the tensors' values
     return profile
 
 
 def _measure_dense(model, graph, frames, threads, bar):
-    """Per-node seconds (one session per node) and the whole model's seconds, averaged."""
-    executor = Executor(model, graph, _per_node_plan(graph), threads=threads, profile=True)
-    executor.run(frames[0])  # keyframe: warms the sessions
-    executor.run(frames[0])
-    executor.step_times.clear()
-    for frame in frames:
-        executor.run(frame)
-        bar.update(1)
-    per_node = {}
-    for step in executor.plan.steps:
-        # Medians: a busy machine's stalls hit a few frames hard and would inflate means.
-        per_node[step.nodes[0]] = float(np.median(executor.step_times[step.name]))
+    """Per-node seconds (one session per node) and the whole model's seconds, as medians.
+
+    Each value is dropped after its last reader: the node sessions' outputs live in the run's
+    shared arena, which keeps the largest set of values ever alive at once for the rest of the
+    process (every tensor of YuNet at 1280x736, 630 MiB, when they were all kept).
+    """
+    steps = _per_node_plan(graph).steps
+    sessions = [inference_session(segment_model(model, s.nodes, s.inputs, s.outputs), threads, shared_arena=True)
+                for s in steps]
+    last_reader = {t: i for i, s in enumerate(steps) for t in s.inputs}
+    kept = set(model.output_names)
+    times = [[] for _ in steps]
+    for number, frame in enumerate([frames[0], *frames]):  # the first run warms the sessions
+        values = {model.input_name: frame}
+        for i, (step, session) in enumerate(zip(steps, sessions)):
+            feeds = {t: values[t] for t in step.inputs}
+            start = time.perf_counter()
+            values.update(zip(step.outputs, session.run(step.outputs, feeds)))
+            times[i].append(time.perf_counter() - start)
+            for t in [*step.inputs, *step.outputs]:
+                if last_reader.get(t, -1) <= i and t not in kept:
+                    values.pop(t, None)
+        if number:
+            bar.update(1)
+    # Medians: a busy machine's stalls hit a few frames hard and would inflate means.
+    per_node = {step.nodes[0]: float(np.median(t[1:])) for step, t in zip(steps, times)}
+    del sessions, values
     session = _session(model.onnx, threads)
     session.run(None, {model.input_name: frames[0]})
     times = []
@@ -285,28 +303,35 @@ def _measure_delta(model, graph, fit, heldout, percentages, threads, thresholds,
 def _measure_conversions(model, layouts, frames, percentages, thresholds, bar):
     """Per tensor and percentage: ms of turning its dense value into a change, of mirroring the
     change back into a dense copy, and the density of that change."""
-    values = list(tensor_values(model, frames, layouts))
     result = {}
-    for tensor, layout in layouts.items():
-        to_delta_ms, to_dense_ms, density = [], [], []
-        state = DeltaTensor(layout)
-        entry = Entry(state)
-        mirror = np.zeros((layout.channels, layout.positions), np.float32)
-        for p in percentages:
-            a, b, d = [], [], []
-            state.threshold[0] = thresholds.threshold(tensor, p) if p > 0 else 0.0
-            for before, after in zip(values, values[1:]):
-                entry.load(before[tensor])
-                start = time.perf_counter()
-                entry(after[tensor])
-                a.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                mirror_step(state.storage, state.offset, state.changed, state.count, mirror)
-                b.append(time.perf_counter() - start)
-                d.append(state.density)
-            to_delta_ms.append(float(np.mean(a)) * 1e3 if a else 0.0)
-            to_dense_ms.append(float(np.mean(b)) * 1e3 if b else 0.0)
-            density.append(float(np.mean(d)) if d else 1.0)
-            bar.update(1)
-        result[tensor] = {"to_delta_ms": to_delta_ms, "to_dense_ms": to_dense_ms, "density": density}
+    for group in tensor_groups(model, list(layouts)):
+        # One group's values at a time (all of YOLOX-nano's tensors on 4 frames: 500 MiB).
+        values = list(tensor_values(model, frames, group))
+        for tensor in group:
+            result[tensor] = _conversion_costs(values, tensor, layouts[tensor], percentages, thresholds)
+            bar.update(len(percentages))
     return result
+
+
+def _conversion_costs(values, tensor, layout, percentages, thresholds) -> dict:
+    """`tensor`'s conversion times and densities per percentage, over the frame pairs of `values`."""
+    to_delta_ms, to_dense_ms, density = [], [], []
+    state = DeltaTensor(layout)
+    entry = Entry(state)
+    mirror = np.zeros((layout.channels, layout.positions), np.float32)
+    for p in percentages:
+        a, b, d = [], [], []
+        state.threshold[0] = thresholds.threshold(tensor, p) if p > 0 else 0.0
+        for before, after in zip(values, values[1:]):
+            entry.load(before[tensor])
+            start = time.perf_counter()
+            entry(after[tensor])
+            a.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            mirror_step(state.storage, state.offset, state.changed, state.count, mirror)
+            b.append(time.perf_counter() - start)
+            d.append(state.density)
+        to_delta_ms.append(float(np.mean(a)) * 1e3 if a else 0.0)
+        to_dense_ms.append(float(np.mean(b)) * 1e3 if b else 0.0)
+        density.append(float(np.mean(d)) if d else 1.0)
+    return {"to_delta_ms": to_delta_ms, "to_dense_ms": to_dense_ms, "density": density}

@@ -20,10 +20,11 @@ import numpy as np
 
 from deluceva.errors import DelucevaError
 from deluceva.operators import Layout
+from deluceva.memory import release_freed_memory
 from deluceva.onnxruntime_session import inference_session
 from deluceva.runtime.boundaries import change_magnitudes
 
-__all__ = ["Thresholds", "QUANTILE_POINTS", "CALIBRATION_FRAMES", "tensor_values", "tensor_layouts"]
+__all__ = ["Thresholds", "QUANTILE_POINTS", "CALIBRATION_FRAMES", "tensor_values", "tensor_groups", "tensor_layouts"]
 
 QUANTILE_POINTS = 201  # quantiles stored per tensor, at p = 0, 0.005, ..., 1
 _POSITIONS = np.linspace(0.0, 1.0, QUANTILE_POINTS)
@@ -40,15 +41,17 @@ GROUP_VALUES = 1 << 22
 def tensor_values(model, frames: Iterable[np.ndarray], tensors: Iterable[str]):
     """For each frame, {tensor: value} for `tensors` (and the model input), from one onnxruntime run."""
     wanted = [t for t in dict.fromkeys(tensors) if t != model.input_name]
-    # Without an arena: its outputs are freed after each frame, not kept.
-    session = inference_session(model.exposing(wanted), 1, arena=False)
+    # In the run's shared arena: the whole model's intermediates take what the keyframes will
+    # take again there (an arena of its own, or none, added them to the set-up's peak). The
+    # values are copied out of it, so that none held pins a chunk there while the next runs.
+    session = inference_session(model.exposing(wanted), 1, shared_arena=True, whole_model=True)
     for frame in frames:
-        values = dict(zip(wanted, session.run(wanted, {model.input_name: frame}))) if wanted else {}
+        values = {t: np.array(v) for t, v in zip(wanted, session.run(wanted, {model.input_name: frame}))} if wanted else {}
         values[model.input_name] = frame
         yield values
 
 
-def _groups(model, tensors: list[str]) -> list[list[str]]:
+def tensor_groups(model, tensors: list[str]) -> list[list[str]]:
     """`tensors` in order, cut into groups of at most GROUP_VALUES values (one tensor at least)."""
     groups, size = [[]], 0
     for tensor in tensors:
@@ -98,7 +101,7 @@ class Thresholds:
         if not tensors:
             return cls({}, frames=len(frames))
         samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
-        for group in _groups(model, tensors):
+        for group in tensor_groups(model, tensors):
             previous = None
             for values in tensor_values(model, frames, group):
                 if previous is not None:
@@ -112,4 +115,5 @@ class Thresholds:
             magnitudes = np.concatenate(parts).astype(np.float64)
             magnitudes = magnitudes[magnitudes > 0]
             quantiles[tensor] = np.quantile(magnitudes, _POSITIONS) if len(magnitudes) else np.zeros(QUANTILE_POINTS)
+        release_freed_memory()  # every tensor's values, group by group, were allocated and freed
         return cls(quantiles, frames=len(frames))
