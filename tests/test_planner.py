@@ -213,6 +213,9 @@ class FakeCosts:
     def to_delta_ms(self, tensor, p):
         return 0.1
 
+    def boundary_ms(self, tensor):
+        return 0.0
+
     def to_dense_ms(self, tensor, p):
         return 0.1
 

@@ -184,6 +184,36 @@ def test_cost_model_fits_time_against_density():
     assert costs.dense_ms("n") == pytest.approx(1.0 - 0.01)
 
 
+def test_dense_costs_split_alone_time_into_share_and_boundary():
+    """A node alone costs its share of the whole model plus its tensors' values at a session's
+    boundary; the per-value cost is the one that makes the shares add up to the whole model."""
+    from types import SimpleNamespace
+
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    graph.add_node("a", inputs=["x"], outputs=["y"])
+    graph.add_node("b", inputs=["y", "w"], outputs=["z"])
+    graph.add_edge("a", "b")
+    graph.graph["model"] = SimpleNamespace(shapes={"x": (1, 1, 1000, 1000), "y": (1, 1, 1000, 1000),
+                                                   "z": (1, 1, 500, 1000), "w": (8, 1, 3, 3)},
+                                           constants={"w": None})
+    node = {"op_type": "Conv", "flops": 1, "output_shape": None, "delta_reason": None, "delta_ms": None}
+    profile = Profile(model={"path": "m", "sha256": "0" * 64, "input_shape": [1, 1, 1000, 1000]}, machine={},
+                      settings={}, percentages=[0.0], dense_model_ms=2.01, segment_overhead_ms=0.01,
+                      nodes={"a": {**node, "dense_ms": 3.0}, "b": {**node, "dense_ms": 1.0}}, tensors={})
+    costs = CostModel(profile, graph)
+    assert costs.dense_ms("a") + costs.dense_ms("b") == pytest.approx(2.0)
+    per_value = (4.0 - 2.0) / 3.5e6  # the excess over the values a and b read and write (not w's)
+    assert costs.boundary_ms("y") == pytest.approx(1e6 * per_value)
+    assert costs.boundary_ms("w") == 0.0
+    for name, tensors, alone in (("a", "xy", 3.0), ("b", "yz", 1.0)):
+        assert costs.dense_ms(name) + sum(costs.boundary_ms(t) for t in tensors) == pytest.approx(alone)
+    # without the DAG: every node scaled by one factor
+    plain = CostModel(profile)
+    assert plain.dense_ms("a") == pytest.approx(1.5) and plain.boundary_ms("y") == 0.0
+
+
 def test_compile_plan_and_run_it(model, profile, tmp_path):
     plan = compile_plan(model, profile)
     # the measured percentages, and those between them that the cost model interpolates

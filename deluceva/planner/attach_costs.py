@@ -45,7 +45,10 @@ def attach_costs(graph: nx.DiGraph, cost_model, percentage: float) -> bool:
                       stacklevel=2)
     tensors = {t for _, d in graph.nodes(data=True) for t in d["inputs"] + d["outputs"] if t}
     tensors.add(graph.graph.get("input_name"))
-    conversion = {t: (cost_model.to_delta_ms(t, percentage), cost_model.to_dense_ms(t, percentage))
+    # A tensor crossing between a dense segment and a delta step is also a boundary of the
+    # segment's session, which writes or reads it as a plain array of its own.
+    conversion = {t: (cost_model.to_delta_ms(t, percentage) + cost_model.boundary_ms(t),
+                      cost_model.to_dense_ms(t, percentage) + cost_model.boundary_ms(t))
                   for t in sorted(x for x in tensors if x) if cost_model.knows_tensor(t)}
     segment = cost_model.segment_ms
     if graph.graph.get("conversion") != conversion or graph.graph.get("segment_ms") != segment:

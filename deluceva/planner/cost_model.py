@@ -1,9 +1,16 @@
 """The cost model: predicted ms per node and variant at a filtering percentage, from a profile.
 
 - dense cost of a node: measured (the profile's `dense_ms`, the node alone in its own session),
-  scaled by one factor per profile so that all nodes together cost what the whole model costs
-  in one session (`dense_model_ms`): alone, a node pays for output allocation and misses the
-  fusions onnxruntime makes across nodes, which inflates the sum (2.7x on YOLOX-nano);
+  less what crossing a session's boundary costs it. Alone, a node reads and writes its tensors
+  as plain NCHW arrays of their own (onnxruntime's blocked layout, its fused activations, its
+  reuse of cache-hot memory all stop at a session's edge): the nodes alone sum to 2.1x the
+  whole model on YOLOX-nano. Given the model's DAG, that excess is spread over the values every
+  node reads and writes (one cost per value, fitted so that all nodes together cost what the
+  whole model costs in one session, `dense_model_ms`), and each tensor that crosses between a
+  dense segment and a delta step pays it again (`boundary_ms`). Scaling every node by one
+  factor instead made the dense segments of YOLOX-nano's compiled plans cost 1.2-1.9x their
+  prediction, and the plans slower than the all-delta plan they were chosen over. Without the
+  DAG, the one factor;
 - delta cost of a node: a non-decreasing function of its input density, fitted per node with
   scikit-learn's isotonic regression on the profile's per-frame samples (all percentages
   together). A straight line (fixed part + part per changed tile) was tried first and
@@ -37,15 +44,14 @@ class CostModel:
         True
     """
 
-    def __init__(self, profile):  # a deluceva.profiles.Profile (the planner does not import profiles)
+    def __init__(self, profile, graph=None):  # a deluceva.profiles.Profile (the planner does not import profiles)
         from sklearn.isotonic import IsotonicRegression
 
         self.profile = profile
         self.percentages = np.asarray(profile.percentages, float)
         self.segment_ms = float(profile.segment_overhead_ms)
-        alone = sum(float(n["dense_ms"]) for n in profile.nodes.values())
-        whole = float(profile.dense_model_ms) - self.segment_ms
-        self.dense_scale = whole / alone if alone > 0 and whole > 0 else 1.0
+        self._values = _tensor_values(graph) if graph is not None else {}
+        self._dense, self.value_ms = _split_dense(profile, graph, self._values, self.segment_ms)
         self._fits: dict[str, object] = {}
         for name, node in profile.nodes.items():
             if node.get("delta_ms") is None:
@@ -72,7 +78,13 @@ class CostModel:
         return tensor in self.profile.tensors
 
     def dense_ms(self, node: str) -> float:
-        return float(self.profile.nodes[node]["dense_ms"]) * self.dense_scale
+        """What `node` costs inside a dense segment (see the module docstring)."""
+        return self._dense[node]
+
+    def boundary_ms(self, tensor: str) -> float:
+        """What `tensor` costs a dense segment that writes it for a delta step, or reads it
+        from one: its values at the fitted cost per value (0 without the DAG)."""
+        return self._values.get(tensor, 0) * self.value_ms
 
     def density(self, node: str, p: float) -> float | None:
         """Expected input density of `node` at p (None when the profile never saw it as delta)."""
@@ -100,6 +112,41 @@ class CostModel:
         return 0.0 if entry is None else self._interp(entry["to_dense_ms"], p)
 
 
+def _tensor_values(graph) -> dict[str, int]:
+    """Every tensor's number of values, from the model's shapes (constants left out)."""
+    model = graph.graph["model"]
+    values = {}
+    for _, data in graph.nodes(data=True):
+        for t in [*data["inputs"], *data["outputs"]]:
+            shape = model.shapes.get(t) if t and t not in model.constants else None
+            if shape and all(isinstance(d, int) and d > 0 for d in shape):
+                values[t] = math.prod(shape)
+    return values
+
+
+def _split_dense(profile, graph, values: dict[str, int], segment_ms: float) -> tuple[dict[str, float], float]:
+    """({node: its cost inside a dense segment}, ms per value crossing a segment's boundary).
+
+    A node alone costs its share of the whole model plus its values read and written at a
+    session's boundary; the cost per value is the one that makes the shares add up to the
+    whole model (shares clamped at 0, then scaled to the whole). Without a graph, or where
+    alone costs no more than together, every node is scaled by one factor.
+    """
+    alone = {n: float(entry["dense_ms"]) for n, entry in profile.nodes.items()}
+    whole = float(profile.dense_model_ms) - segment_ms
+    total = sum(alone.values())
+    node_values = {}
+    if graph is not None:
+        for n, data in graph.nodes(data=True):
+            node_values[n] = sum(values.get(t, 0) for t in dict.fromkeys([*data["inputs"], *data["outputs"]]) if t)
+    crossing = sum(node_values.get(n, 0) for n in alone)
+    value_ms = (total - whole) / crossing if crossing and whole > 0 and total > whole else 0.0
+    shares = {n: max(0.0, ms - value_ms * node_values.get(n, 0)) for n, ms in alone.items()}
+    kept = sum(shares.values())
+    scale = whole / kept if kept > 0 and whole > 0 else 1.0
+    return {n: ms * scale for n, ms in shares.items()}, value_ms
+
+
 def _error_pct(predicted: float, measured: float) -> float:
     return 100.0 * (predicted - measured) / measured if measured > 0 else 0.0
 
@@ -120,7 +167,7 @@ def validate(profile, graph, measured: list[list[float]], measured_dense: float 
     from deluceva.planner.attach_costs import attach_costs
     from deluceva.planner.choose_variants import frame_cost
 
-    costs = CostModel(profile)
+    costs = CostModel(profile, graph)
     # The all-delta plan as the profile measured it (kernels added since then stay dense).
     all_delta = {v: "delta" if profile.nodes.get(v, {}).get("delta_ms") is not None else "dense"
                  for v in graph.nodes}

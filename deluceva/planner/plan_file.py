@@ -186,7 +186,7 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
         raise DelucevaError("no percentage to compile for")
     threads = int(profile.machine.get("threads", 1))
     graph = build_dag(model)
-    costs = CostModel(profile)
+    costs = CostModel(profile, graph)
     nodes = {name: {"name": name, "op_type": d["op_type"],
                     "output_shape": list(d["output_shapes"][0]) if d["output_shapes"] and d["output_shapes"][0] else None,
                     "delta_reason": d["delta_reason"], "dense_ms": None,
