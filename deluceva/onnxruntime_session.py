@@ -25,7 +25,7 @@ def session_options(threads: int, log_level: int = 3) -> ort.SessionOptions:
 _SHARED_ARENA = []
 
 
-def shared_arena_options(threads: int, whole_model: bool = False):
+def shared_arena_options(threads: int, memory_pattern: bool = True):
     """Session options that take memory from one arena for the whole process (a run's dense
     segments and forms, keyframe, reference and calibration sessions).
 
@@ -35,12 +35,13 @@ def shared_arena_options(threads: int, whole_model: bool = False):
     maps and faults in fresh pages (P-Net at 1280x720 ran 1.5x slower). One arena shared by
     every session holds what the largest run needs, once.
 
-    whole_model: for the sessions on the whole model that run rarely (keyframes, references,
-    calibration): each tensor gets its own block, as on a session's first run. With memory
-    patterns the second run asks for one block the size of all of them, which the first run's
-    blocks (each its own region: the arena grows by what is asked) cannot hold, and a second
-    keyframe of YuNet at 1280x736 grew the arena by 166 MiB. The sessions that run every frame
-    keep their patterns (without, P-Net's all-dense plan ran 9% slower).
+    memory_pattern: False for the whole-model sessions that run rarely (keyframes, references,
+    calibration) and the dense forms: each tensor then gets its own block, as on a session's
+    first run. With memory patterns, the second run asks for one block the size of all of
+    them, which the first run's blocks (each its own region: the arena grows by what is asked)
+    cannot hold: a second keyframe of YuNet at 1280x736 grew the arena by 166 MiB, and the
+    dense forms' blocks another 30 MiB (at the same speed without). The dense segments, which
+    run every frame, keep their patterns (without, P-Net's all-dense plan ran 9% slower).
     """
     if not _SHARED_ARENA:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
@@ -50,24 +51,24 @@ def shared_arena_options(threads: int, whole_model: bool = False):
         _SHARED_ARENA.append(info)
     options = session_options(threads)
     options.add_session_config_entry("session.use_env_allocators", "1")
-    options.enable_mem_pattern = not whole_model
+    options.enable_mem_pattern = memory_pattern
     return options
 
 
 def inference_session(model, threads: int = 1, *, arena: bool = True, log_level: int = 3,
                       options: ort.SessionOptions | None = None, shared_arena: bool = False,
-                      whole_model: bool = False) -> ort.InferenceSession:
+                      memory_pattern: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session on `model` (a path, serialised bytes or an onnx.ModelProto).
 
     Args:
         arena: keep onnxruntime's memory arena; without it a session returns its outputs'
             memory after each run (for sessions that run rarely and output much).
         options: session options to use as they are (instead of `session_options(threads)`).
-        shared_arena: take memory from the process's one shared arena (`shared_arena_options`);
-            whole_model: a rare run of the whole model there, without memory patterns.
+        shared_arena: take memory from the process's one shared arena (`shared_arena_options`,
+            which says when `memory_pattern` is False).
     """
     if options is None and shared_arena:
-        options = shared_arena_options(threads, whole_model)
+        options = shared_arena_options(threads, memory_pattern)
     if options is None:
         options = session_options(threads, log_level)
         options.enable_cpu_mem_arena = arena

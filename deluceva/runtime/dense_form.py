@@ -84,8 +84,10 @@ def _list_all(changed, count, positions) -> None:
 
 def dense_form_session(segment: onnx.ModelProto, inputs: list[tuple[str, DeltaTensor, bool]], output: str,
                        out_layout, threads: int):
-    """onnxruntime's session on `dense_form_model(...)`, its memory from the shared arena."""
-    return inference_session(dense_form_model(segment, inputs, output, out_layout), threads, shared_arena=True, whole_model=True)
+    """onnxruntime's session on `dense_form_model(...)`, its memory from the shared arena (without
+    memory patterns: see `shared_arena_options`)."""
+    return inference_session(dense_form_model(segment, inputs, output, out_layout), threads, shared_arena=True,
+                             memory_pattern=False)
 
 
 def dense_form_model(segment: onnx.ModelProto, inputs: list[tuple[str, DeltaTensor, bool]], output: str,

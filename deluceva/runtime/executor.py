@@ -418,10 +418,10 @@ class Executor:
         frame = self._check_frame(frame)
         # Its intermediates in the arena the keyframe session and the dense forms share: a run
         # keeps one model's worth of them, not one per session (100 MiB on YuNet at 1280x736).
-        # The outputs are copied out of it: one kept (the caller's reference) would pin its chunk
-        # there, and the next keyframe, finding no room between pinned chunks, grew the arena.
-        plain = self.buffers.shared("plain", lambda: inference_session(self.model.onnx, self.threads, shared_arena=True,
-                                                                         whole_model=True))
+        # The outputs are copied out of it: one kept by the caller (`starting_range` keeps nine)
+        # would hold its chunk of the arena, between the blocks the next keyframe reuses.
+        plain = self.buffers.shared("plain", lambda: inference_session(
+            self.model.onnx, self.threads, shared_arena=True, memory_pattern=False))
         return [np.array(output) for output in plain.run(self.model.output_names, {self.model.input_name: frame})]
 
     @property
@@ -473,7 +473,7 @@ class Executor:
             # onnxruntime's own, in the arena the dense forms share (exposing every tensor, as
             # outputs onnxruntime allocates, made a keyframe of YuNet at 1280x736 cost 4.3x a
             # dense run).
-            keyframes["session"] = inference_session(exposing, self.threads, shared_arena=True, whole_model=True)
+            keyframes["session"] = inference_session(exposing, self.threads, shared_arena=True, memory_pattern=False)
         return keyframes["session"]
 
     def _bind_keyframe(self, session):

@@ -44,7 +44,7 @@ def tensor_values(model, frames: Iterable[np.ndarray], tensors: Iterable[str]):
     # In the run's shared arena: the whole model's intermediates take what the keyframes will
     # take again there (an arena of its own, or none, added them to the set-up's peak). The
     # values are copied out of it, so that none held pins a chunk there while the next runs.
-    session = inference_session(model.exposing(wanted), 1, shared_arena=True, whole_model=True)
+    session = inference_session(model.exposing(wanted), 1, shared_arena=True, memory_pattern=False)
     for frame in frames:
         values = {t: np.array(v) for t, v in zip(wanted, session.run(wanted, {model.input_name: frame}))} if wanted else {}
         values[model.input_name] = frame
