@@ -41,6 +41,24 @@ def _exact_options(model, **more):
     return ["--model", str(model), "--plan", "delta", "--controller", "fixed", "--percentage", "0", *more]
 
 
+def _exact_run_options(model) -> RunOptions:
+    """`_exact_options` as the library takes them: all delta at p = 0 (outputs are onnxruntime's)."""
+    return RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+
+
+def _kill_worker_once(after_frames: int):
+    """(an on_event callback that SIGKILLs the worker once, at its stream's frame `after_frames`,
+    the list of the frame counts it killed at)."""
+    killed = []
+
+    def kill_once(kind, state):
+        if kind == "frame" and not killed and state.frames >= after_frames:
+            killed.append(state.frames)
+            os.kill(state.worker, signal.SIGKILL)
+
+    return kill_once, killed
+
+
 # -- sources ---------------------------------------------------------------------------------
 
 
@@ -94,14 +112,8 @@ def test_killed_worker_resumes_after_its_last_written_frame(clips, tmp_path):
     without output, every frame is written once, and at p = 0 the outputs are onnxruntime's."""
     model, videos = clips
     video = videos[0]
-    killed = []
-
-    def kill_once(kind, state):
-        if kind == "frame" and not killed and state.frames >= 12:
-            killed.append(state.frames)
-            os.kill(state.worker, signal.SIGKILL)
-
-    options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+    kill_once, killed = _kill_worker_once(12)
+    options = _exact_run_options(model)
     report = run_streams([Stream("cam", str(video))], options, tmp_path / "out", StreamFiles(outputs=True),
                          workers=1, retries=2, on_event=kill_once)
     assert killed and report.failed == []
@@ -291,14 +303,8 @@ def test_a_stream_cannot_take_the_runs_summary_name(clips, tmp_path, capsys):
 def test_a_dead_worker_does_not_spend_the_sources_retries(clips, tmp_path):
     """--retries 0: the source gets no second try, but a killed worker's stream still resumes."""
     model, videos = clips
-    killed = []
-
-    def kill_once(kind, state):
-        if kind == "frame" and not killed and state.frames >= 8:
-            killed.append(state.frames)
-            os.kill(state.worker, signal.SIGKILL)
-
-    options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+    kill_once, killed = _kill_worker_once(8)
+    options = _exact_run_options(model)
     report = run_streams([Stream("cam", str(videos[0]))], options, tmp_path / "out", StreamFiles(outputs=True),
                          workers=1, retries=0, on_event=kill_once)
     assert killed and report.failed == [] and report.streams[0]["frames"] == 40
@@ -351,7 +357,7 @@ def test_a_workers_next_stream_reuses_its_model_and_plans(clips, tmp_path, monke
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(deluceva.session.Session, "__init__", init)
-    options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+    options = _exact_run_options(model)
     out = tmp_path / "out"
     summaries = []
     for video in videos[:2]:
@@ -516,7 +522,7 @@ def test_ray_streams_with_more_streams_than_cpus_survive_a_killed_actor(clips, t
                 killed.append(state.frames)
                 ray.kill(state.worker, no_restart=False)
 
-        options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+        options = _exact_run_options(model)
         streams = [Stream(v.stem, str(v)) for v in videos]
         report = run_streams_on_ray(streams, options, tmp_path / "out", StreamFiles(outputs=True), retries=2,
                                     on_event=kill_once)
@@ -622,7 +628,7 @@ def test_ray_two_node_cluster_loses_a_node_and_its_streams_resume_on_the_other(c
                 cluster.remove_node(second, allow_graceful=False)
 
         seen = {}
-        options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+        options = _exact_run_options(model)
         streams = [Stream(v.stem, str(v)) for v in videos]
         report = run_streams_on_ray(streams, options, tmp_path / "out", StreamFiles(outputs=True), retries=0,
                                     on_event=remove_second_node)
@@ -696,16 +702,10 @@ def test_a_live_source_resumes_at_its_current_frame_and_counts_what_it_missed(cl
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    killed = []
-
-    def kill_once(kind, state):
-        if kind == "frame" and not killed and state.frames >= 20:
-            killed.append(state.frames)
-            os.kill(state.worker, signal.SIGKILL)
-
+    kill_once, killed = _kill_worker_once(20)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/live.mp4"
-        options = RunOptions(model=str(model), video="", plan="delta", controller="fixed", percentage=0.0)
+        options = _exact_run_options(model)
         report = run_streams([Stream("cam", url)], options, tmp_path / "out", StreamFiles(outputs=True), workers=1,
                              retries=1, on_event=kill_once)
     finally:
