@@ -90,9 +90,10 @@ class Session:
         """Make the next frame an exact keyframe that refreshes every cache."""
         self.executor.reset()
 
-    def reference(self, frame: np.ndarray) -> list[np.ndarray]:
-        """Exact outputs for `frame` from plain onnxruntime, leaving every cache as it is."""
-        return self.executor.reference(frame)
+    def reference(self, frame: np.ndarray, copy: bool = True) -> list[np.ndarray]:
+        """Exact outputs for `frame` from plain onnxruntime, leaving every cache as it is (copy:
+        see `Executor.reference`)."""
+        return self.executor.reference(frame, copy)
 
     def explain(self) -> str:
         return self.plan.explain()

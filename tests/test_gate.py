@@ -212,12 +212,13 @@ def test_a_plan_measured_slower_than_dense_is_retired_and_its_range_runs_dense(p
         assert plans.index_below(0.5) == 0 and plans.effective(0.5) == 0.0
         references = []
         reference = plans.sessions[0].reference
-        monkeypatch.setattr(plans.sessions[0], "reference", lambda frame: references.append(frame) or reference(frame))
+        monkeypatch.setattr(plans.sessions[0], "reference",
+                            lambda frame, copy=True: references.append(frame) or reference(frame, copy))
         results = _run(plans, frames, None, controller=FixedController(0.5), reference_every=2)
         assert all(r.plan == 0 and r.percentage == 0.0 for r in results)
         assert all(r.setting == 0.5 for r in results[1:])  # the first frame at the start, 0
-        # One plain dense run a frame after the first (the frame's answer), none more for a reference.
-        assert [r.error for r in results if r.reference][1:] == [0.0, 0.0] and len(references) == len(frames) - 1
+        # One plain dense run a frame (the frame's answer), none more for a reference.
+        assert [r.error for r in results if r.reference][1:] == [0.0, 0.0] and len(references) == len(frames)
         monkeypatch.undo()
         for result, frame in zip(results, frames):
             assert _rel_l2(result.outputs, plans.sessions[0].reference(frame)) < 1e-5
@@ -247,15 +248,16 @@ def test_p_in_an_all_dense_first_plans_range_runs_at_zero(plans, monkeypatch):
     assert plans.effective(0.1) == 0.0 and plans.effective(0.3) == 0.3
     references, runs = [], []
     reference, run = plans.sessions[0].reference, plans.sessions[0].run
-    monkeypatch.setattr(plans.sessions[0], "reference", lambda frame: references.append(frame) or reference(frame))
+    monkeypatch.setattr(plans.sessions[0], "reference",
+                        lambda frame, copy=True: references.append(frame) or reference(frame, copy))
     monkeypatch.setattr(plans.sessions[0], "run", lambda *a, **k: runs.append(k) or run(*a, **k))
     frames = _drifting(6)
     results = _run(plans, frames, None, controller=FixedController(0.1), reference_every=2)
     assert all(r.percentage == 0.0 and r.plan == 0 for r in results)
     assert [r.error for r in results if r.reference][1:] == [0.0, 0.0]
-    # After the first frame's keyframe, each frame is one plain onnxruntime run: exact, and no
-    # second dense run on a reference.
-    assert runs == [{"keyframe": True}] and len(references) == len(frames) - 1
+    # Each frame, the first included (an all-dense plan has no state for a keyframe to fill), is
+    # one plain onnxruntime run: exact, and no second dense run on a reference.
+    assert runs == [] and len(references) == len(frames)
     for result, frame in zip(results, frames):
         assert _rel_l2(result.outputs, reference(frame)) < 1e-5
 
@@ -267,3 +269,30 @@ def test_a_reference_comes_after_a_third_of_k_gated_frames(plans):
     results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=9)
     assert all(r.gated for r in results[1:])
     assert [r.index for r in results if r.reference] == [0, 3, 6]
+
+
+def test_an_all_dense_plan_runs_the_reference_session_itself(monkeypatch, tmp_path):
+    """An all-dense plan's one segment is the whole model: it is the session references use (one
+    whole-model session, not two, in the shared arena), and its outputs, copied or not, are
+    plain onnxruntime's."""
+    import onnx
+    import onnxruntime as ort
+
+    from deluceva.runtime import executor
+    from deluceva.session import Session
+
+    built = []
+    make = executor.inference_session
+    monkeypatch.setattr(executor, "inference_session", lambda *a, **k: built.append(a) or make(*a, **k))
+    path = tmp_path / "tiny.onnx"
+    onnx.save(build_demo_model(HEIGHT, WIDTH), path)
+    session = Session(str(path), plan="dense")
+    frames = _drifting(3)
+    outputs = [session.run(frame) for frame in frames]
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for frame, ran in zip(frames, outputs):
+        expected = plain.run(None, {plain.get_inputs()[0].name: frame})
+        for copied in (session.reference(frame), session.reference(frame, copy=False), ran):
+            assert all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(copied, expected))
+    # The first run's keyframe session, and one whole-model session for the segment and references.
+    assert len(built) == 2

@@ -312,7 +312,12 @@ class VideoRunner:
                 self.gate.ran(frame)
         elif self.index == 0:
             self.current = wanted
-            outputs = self.session.run(frame, percentage, keyframe=True)
+            if percentage == 0 and not self.plans.flops[wanted].delta:
+                # An all-dense plan has no state to fill: onnxruntime's run answers (as below),
+                # and a later switch to a delta plan runs its keyframe (2x a dense run).
+                outputs = self.session.reference(frame, copy=False)
+            else:
+                outputs = self.session.run(frame, percentage, keyframe=True)
             self.held_at = percentage
             flops, density, reference = self.plans.flops[self.current].total, 1.0, True
             used = self.current
@@ -322,8 +327,9 @@ class VideoRunner:
                 # An all-dense plan at p = 0 is plain onnxruntime's answer, and there it is
                 # onnxruntime's run that gives it (no delta state to keep; a switch to a delta
                 # plan runs a keyframe): on YuNet the compiled all-dense plan ran at 0.78x where
-                # plain onnxruntime's session ran at 0.91x.
-                outputs = self.session.reference(frame)
+                # plain onnxruntime's session ran at 0.91x. Not copied: kept until the next
+                # frame ran (or, gated, until one does), as onnxruntime's own outputs would be.
+                outputs = self.session.reference(frame, copy=False)
             else:
                 outputs = self.session.run(frame, percentage)
             self.held_at = max(self.held_at, percentage)

@@ -362,8 +362,11 @@ class Executor:
         # cut many of the same segments), its memory from the process's shared arena: an arena
         # per session kept each one's largest intermediates for the whole run.
         key = ("dense segment", tuple(step.nodes), tuple(step.inputs), tuple(step.outputs), threads)
-        session = self.buffers.shared(key, lambda: inference_session(
-            segment_model(self.model, step.nodes, step.inputs, step.outputs), threads, shared_arena=True))
+        if self._is_whole_model(step):
+            session = self._plain_session()  # an all-dense plan: the reference's session is the same model
+        else:
+            session = self.buffers.shared(key, lambda: inference_session(
+                segment_model(self.model, step.nodes, step.inputs, step.outputs), threads, shared_arena=True))
         self._sessions.append(session)
         dense, fresh, inputs, outputs = self._dense, self._fresh, list(step.inputs), list(step.outputs)
         counts = [c for t in inputs for c in self._made_of.get(t, [])]
@@ -413,16 +416,17 @@ class Executor:
         except _NotFinite:
             return self._run_keyframe(frame)
 
-    def reference(self, frame: np.ndarray) -> list[np.ndarray]:
-        """Exact outputs from plain onnxruntime on the whole model; caches untouched."""
+    def reference(self, frame: np.ndarray, copy: bool = True) -> list[np.ndarray]:
+        """Exact outputs from plain onnxruntime on the whole model; caches untouched.
+
+        copy: copy the outputs out of the shared arena, for a caller that keeps them
+            (`starting_range` keeps nine): each would hold its chunk of the arena, between the
+            blocks the next keyframe reuses. False where they are dropped within a frame or two
+            (a run's dense frames): the copy cost 0.13 ms of YOLOX-nano's 10.
+        """
         frame = self._check_frame(frame)
-        # Its intermediates in the arena the keyframe session and the dense forms share: a run
-        # keeps one model's worth of them, not one per session (100 MiB on YuNet at 1280x736).
-        # The outputs are copied out of it: one kept by the caller (`starting_range` keeps nine)
-        # would hold its chunk of the arena, between the blocks the next keyframe reuses.
-        plain = self.buffers.shared("plain", lambda: inference_session(
-            self.model.onnx, self.threads, shared_arena=True, memory_pattern=False))
-        return [np.array(output) for output in plain.run(self.model.output_names, {self.model.input_name: frame})]
+        outputs = self._plain_session().run(self.model.output_names, {self.model.input_name: frame})
+        return [np.array(output) for output in outputs] if copy else outputs
 
     @property
     def densities(self) -> dict[str, float]:
@@ -442,6 +446,19 @@ class Executor:
                 f"{self.model.path}: frame has shape {tuple(frame.shape)}, the model takes {self.model.input_shape}"
             )
         return np.ascontiguousarray(frame, dtype=np.float32)
+
+    def _plain_session(self):
+        """The whole model in onnxruntime, one session for every plan sharing `buffers`: references,
+        and the frames a run answers densely (an all-dense plan at p = 0, whose one segment is this
+        session too). Its memory is from the shared arena, with onnxruntime's memory pattern: it
+        runs on most frames of a run within a tight budget, and without the pattern those frames
+        ran 8-13% slower than plain onnxruntime on YOLOX-nano (each intermediate a block of its
+        own in an arena the keyframes had fragmented) against 3-4% with it."""
+        return self.buffers.shared("plain", lambda: inference_session(self.model.onnx, self.threads, shared_arena=True))
+
+    def _is_whole_model(self, step: DenseSegment) -> bool:
+        return (list(step.inputs) == [self.model.input_name] and set(step.outputs) == set(self.model.output_names)
+                and len(step.nodes) == len(self.model.onnx.graph.node))
 
     def _set_percentage(self, percentage: float) -> None:
         if percentage == self._percentage:
