@@ -77,6 +77,35 @@ def test_gate_counts_tiles_changed_beyond_its_threshold():
     assert gate.share(_with_tiles(small, [(1, 1)])) == pytest.approx(1 / 24)
 
 
+def test_gate_keeps_its_own_copy_of_the_last_frame_that_ran():
+    """The gate compares with the frame as it ran, even when the caller reuses that buffer."""
+    gate = FrameGate(0.3)
+    frame = _base()
+    kept = frame.copy()
+    gate.ran(frame)
+    frame += 0.5  # the caller decodes the next frame into the same buffer
+    assert gate.share(kept) == 0.0 and gate.share(frame) == 1.0
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 32, 48), (1, 3, 30, 45), (1, 1, 17, 9), (3, 21, 64)])
+def test_gate_share_is_the_share_of_tiles_changed_beyond_the_threshold(shape):
+    """On frames whose sides are not whole tiles too: the share equals the tiles of
+    `tile_changes` (the largest change in each tile, read every 4th row and column) over the
+    threshold."""
+    from deluceva.playback.gate import tile_changes
+
+    rng = np.random.default_rng(sum(shape))
+    base = rng.random(shape, dtype=np.float32)
+    gate = FrameGate(0.6)
+    gate.ran(base)
+    shares = []
+    for scale in (0.3, 0.62, 0.65, 0.7, 2.0):
+        frame = base + rng.random(shape, dtype=np.float32) * scale
+        shares.append(float((tile_changes(frame, base) > 0.6).mean()))
+        assert gate.share(frame) == shares[-1]
+    assert shares[0] == 0.0 and shares[-1] == 1.0 and any(0.0 < share < 1.0 for share in shares)
+
+
 def test_gated_frames_reuse_the_last_outputs_and_are_counted(plans):
     """g = 0.1 of 24 tiles: frames with 1 or 2 tiles changed since the last frame that ran are
     held, 3 run."""

@@ -580,6 +580,31 @@ def test_change_statistics_counts_changed_tiles():
     assert change_statistics(before, None)["changed_tiles"] == 1.0
 
 
+def test_frame_change_measures_against_the_frame_kept():
+    """A run keeps every frame, frame skipping only those that ran: either way each measurement
+    is `change_statistics` against the frame last kept, though only its subsample is kept."""
+    from deluceva.playback.gate import FrameChange
+    from deluceva.playback.loop import change_statistics
+
+    rng = np.random.default_rng(3)
+    frames = [rng.random((1, 3, 40, 56), dtype=np.float32)]
+    for _ in range(8):
+        frame = frames[-1].copy()
+        row, column = rng.integers(0, 5), rng.integers(0, 7)
+        frame[..., row * 8:row * 8 + 8, column * 8:column * 8 + 8] += rng.random()
+        frames.append(frame)
+    for kept in ([True] * 9, [True, False, False, True, False, True, True, False, False]):
+        change, last = FrameChange(), None
+        for frame, keep in zip(frames, kept):
+            assert change.measure(frame) == change_statistics(frame, last)
+            if keep:
+                change.keep(frame)
+                last = frame
+    change = FrameChange()
+    change.keep(frames[0])  # kept without being measured first
+    assert change.measure(frames[3]) == change_statistics(frames[3], frames[0])
+
+
 def test_calibration_samples_fit_a_learned_controller(tiny, tmp_path):
     from deluceva.controller import LearnedController, make_controller
     from deluceva.planner import load_model

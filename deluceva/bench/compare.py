@@ -12,7 +12,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from deluceva.bench.baseline import OnnxruntimeRun, PeakMemory
-from deluceva.playback.loop import change_statistics, percentile, summarise
+from deluceva.playback.gate import FrameChange
+from deluceva.playback.loop import percentile, summarise
 
 __all__ = ["DelucevaRun", "run_deluceva", "frame_skipping", "compare", "SKIP_GRID", "point", "best_within",
            "DET_FRAME_LIMIT", "DET_FRAME_SHARE"]
@@ -69,7 +70,7 @@ def frame_skipping(frames: Callable[[], Iterable[np.ndarray]], ort_run: Onnxrunt
     """Plain onnxruntime that reuses its last outputs while the frame barely changed.
 
     A frame is skipped when the share of 8x8 tiles changed by more than 1% of the input's range
-    since the last frame onnxruntime ran on (`change_statistics`) is under k. k is the largest on
+    since the last frame onnxruntime ran on (`FrameChange`) is under k. k is the largest on
     SKIP_GRID whose mean error stays within `target` on the first `calibration` frames (as a
     user would tune it, and as deluceva's controller is started), or, without `calibration`, on
     all the frames (tuned on the very frames it is measured on: the best skipping can do at that
@@ -79,16 +80,17 @@ def frame_skipping(frames: Callable[[], Iterable[np.ndarray]], ort_run: Onnxrunt
     """
     def simulate(k: float, count: int) -> tuple[list[float], list[float], int]:
         errors, ms, skipped = [], [], 0
-        last_input, last_index = None, None
+        change, last_index = FrameChange(), None
         for index, tensor in zip(range(count), frames()):
             start = time.perf_counter()
-            share = change_statistics(tensor, last_input)["changed_tiles"]
+            share = change.measure(tensor)["changed_tiles"]
             spent = (time.perf_counter() - start) * 1000
-            if last_input is not None and share < k:
+            if last_index is not None and share < k:
                 skipped += 1
                 errors.append(float(metric(ort_run.outputs(last_index), ort_run.outputs(index))))
             else:
-                last_input, last_index = tensor, index
+                change.keep(tensor)
+                last_index = index
                 spent += ort_ms[index]
                 errors.append(0.0)
             ms.append(spent)

@@ -199,24 +199,15 @@ class SessionsByPercentage:
 
 
 def change_statistics(frame: np.ndarray, previous: np.ndarray | None, tile: int = 8) -> dict[str, float]:
-    """Frame-level change of the model input: mean |change| and the share of tile x tile tiles
-    whose largest change exceeds 1% of the input's range (scale-free, so presets do not matter).
+    """Frame-level change of the model input against `previous`: mean |change| and the share of
+    tile x tile tiles whose largest change exceeds 1% of the input's range (see
+    `deluceva.playback.gate.FrameChange`, which a run keeps instead of the previous frame)."""
+    from deluceva.playback.gate import FrameChange
 
-    Read on every 4th row and column (about 0.1 ms at 416x416, against ~0.7 ms for every pixel):
-    frame-level numbers for the controller, not the executor's exact change.
-    """
-    if previous is None:
-        return {"mean_abs_change": 0.0, "changed_tiles": 1.0}
-    from deluceva.playback.gate import strided_change, tile_maxima
-
-    diff, stride = strided_change(frame, previous, tile)
-    per_tile = tile_maxima(diff.max(axis=0), tile // stride)
-    now = frame.reshape(frame.shape[-3:])[:, ::stride, ::stride]
-    span = float(now.max() - now.min()) or 1.0
-    return {
-        "mean_abs_change": float(diff.mean()),
-        "changed_tiles": float((per_tile > 0.01 * span).mean()),
-    }
+    change = FrameChange(tile)
+    if previous is not None:
+        change.keep(previous)
+    return change.measure(frame)
 
 
 class VideoRunner:
@@ -258,7 +249,7 @@ class VideoRunner:
         self.index = 0
         self.since_reference = 0
         self.probing = False  # measure the next frame: the plan just switched
-        self.previous: np.ndarray | None = None
+        self.change = _frame_change()  # since the previous frame, for controllers that read it
         self.held_at = 0.0  # the largest p since the last keyframe: the caches hold back up to it
         self.schedule = gate
         self.gate = None if gate is None else _frame_gate(gate.threshold)
@@ -274,8 +265,8 @@ class VideoRunner:
         start = time.perf_counter()  # the controller's statistics are deluceva's work too
         stats = {}
         if getattr(self.controller, "uses_statistics", False):
-            stats = change_statistics(frame, self.previous)
-            self.previous = frame
+            stats = self.change.measure(frame)
+            self.change.keep(frame)
         setting = self.percentage
         percentage, share = (setting, 0.0) if self.schedule is None else self.schedule.pair(setting)
         percentage = self.plans.effective(percentage)
@@ -407,6 +398,12 @@ def _may_switch(current: int, wanted: int, probe: bool) -> bool:
     made every frame a probe, a keyframe and a reference: 141 references in 150 frames, 311
     against 64 ms a frame."""
     return wanted < current or not probe
+
+
+def _frame_change():
+    from deluceva.playback.gate import FrameChange
+
+    return FrameChange()
 
 
 def _frame_gate(threshold: float):
