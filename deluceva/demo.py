@@ -101,7 +101,7 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
     plan at `percentage` (what the planner weighed), on the demo clip.
 
     Returns one row per run: name, ms_per_frame, beside (onnxruntime's ms/frame, timed on each
-    frame right after deluceva), speedup, error_mean, error_max (relative L2 against
+    frame beside deluceva's run, as `bench` times it), speedup, error_mean, error_max (relative L2 against
     onnxruntime, the largest over the two outputs, on every frame).
     """
     from deluceva.bench.baseline import plain_onnxruntime, run_onnxruntime
@@ -124,7 +124,7 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
         reference = run_onnxruntime(proto.SerializeToString(), tensors, threads)
         try:
             model = load_model(proto)
-            # Onnxruntime is timed on each frame right after deluceva (as `bench` does), so the
+            # Onnxruntime is timed on each frame beside deluceva (as `bench` does), so the
             # machine's drift slows both alike; its row shows the mean over all runs.
             paired = plain_onnxruntime(proto.SerializeToString(), threads)
             ort_row = dict(name="onnxruntime", ms_per_frame=0.0, speedup=1.0, error_mean=0.0, error_max=0.0)

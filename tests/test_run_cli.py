@@ -522,6 +522,33 @@ def test_compare_on_runs_with_known_figures():
     assert figures["percentage_mean"] == pytest.approx(0.6) and figures["memory_ratio"] == pytest.approx(2.5)
 
 
+def test_paired_onnxruntime_alternates_before_and_after_deluceva():
+    """Whichever runs second finds the frame warmer in cache: the paired baseline runs after
+    deluceva on even frames and before it on odd ones, and each call is timed on its own."""
+    from deluceva.bench.baseline import OnnxruntimeRun
+    from deluceva.bench.compare import run_deluceva
+    from deluceva.playback.loop import FrameResult
+
+    calls = []
+
+    class Runner:
+        plans = SessionsByPercentage.__new__(SessionsByPercentage)
+
+        def step(self, tensor):
+            calls.append(("deluceva", int(tensor)))
+            return FrameResult(int(tensor), [], 0.001, False, None, 0.0, 1.0, 1.0)
+
+    Runner.plans.sessions, Runner.plans.percentages, Runner.plans.flops = [], [0.0], []
+    Runner.plans.variant_counts, Runner.plans.step_forms = lambda: [{}], lambda: {}
+    reference = OnnxruntimeRun(ms=[1.0] * 4, store={}, names=[], memory_mib=None, folder=None)
+    reference.outputs = lambda index: []
+    run = run_deluceva(Runner, [np.float32(i) for i in range(4)], reference, lambda a, b: 0.0,
+                       paired=lambda tensor: calls.append(("onnxruntime", int(tensor))))
+    assert calls == [("deluceva", 0), ("onnxruntime", 0), ("onnxruntime", 1), ("deluceva", 1),
+                     ("deluceva", 2), ("onnxruntime", 2), ("onnxruntime", 3), ("deluceva", 3)]
+    assert len(run.paired_ms) == 4
+
+
 def test_demo_prints_table(capsys):
     assert main(["demo", "--frames", "8"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -35,18 +35,25 @@ def run_deluceva(make_runner: Callable, tensors: Iterable[np.ndarray], reference
                  error_metric: Callable, progress=None, paired: Callable | None = None) -> DelucevaRun:
     """Run deluceva on each frame; `make_runner()` builds the sessions inside the memory count.
 
-    `paired(tensor)`, when given, runs plain onnxruntime on the same frame right after deluceva,
-    timed on its own (see the module docstring).
+    `paired(tensor)`, when given, runs plain onnxruntime on the same frame, timed on its own:
+    after deluceva on even frames, before it on odd ones. Whichever runs second finds the frame
+    and its own weights warmer in cache; always second, onnxruntime gained 2-3% on YOLOX-nano.
     """
     results, errors, paired_ms = [], [], []
+
+    def run_paired(tensor) -> None:
+        start = time.perf_counter()
+        paired(tensor)
+        paired_ms.append((time.perf_counter() - start) * 1000)
+
     with PeakMemory() as memory:
         runner = make_runner()
         for index, tensor in enumerate(tensors):
+            if paired is not None and index % 2:
+                run_paired(tensor)
             result = runner.step(tensor)
-            if paired is not None:
-                start = time.perf_counter()
-                paired(tensor)
-                paired_ms.append((time.perf_counter() - start) * 1000)
+            if paired is not None and not index % 2:
+                run_paired(tensor)
             # Outside the timed region: deluceva's error against plain onnxruntime on this frame.
             errors.append(float(error_metric(result.outputs, reference.outputs(index))))
             result.outputs = None

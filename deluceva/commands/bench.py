@@ -7,7 +7,8 @@ preprocessing, identical for both, are left out). Onnxruntime's outputs are kept
 file and deluceva's error against them is computed on every frame outside deluceva's timing.
 
 The times compared are interleaved: during deluceva's pass, a second plain onnxruntime session
-runs each frame right after deluceva does, outside deluceva's timing, so a busy or drifting
+runs each frame right after deluceva does (right before, on odd frames: the second to run finds
+the frame warmer in cache), outside deluceva's timing, so a busy or drifting
 machine slows both alike (on this project's shared 2-core machine, two consecutive passes of
 the same model differed by up to 10%). The first pass gives the outputs and onnxruntime's
 memory.
