@@ -35,15 +35,15 @@ def shared_arena_options(threads: int, memory_pattern: bool = True):
     maps and faults in fresh pages (P-Net at 1280x720 ran 1.5x slower). One arena shared by
     every session holds what the largest run needs, once.
 
-    memory_pattern: False for the whole-model sessions that run rarely (keyframes,
+    memory_pattern: False for the whole-model sessions that run rarely (keyframes, references,
     calibration) and the dense forms: each tensor then gets its own block, as on a session's
     first run. With memory patterns, the second run asks for one block the size of all of
     them, which the first run's blocks (each its own region: the arena grows by what is asked)
     cannot hold: a second keyframe of YuNet at 1280x736 grew the arena by 166 MiB, and the
-    dense forms' blocks another 30 MiB (at the same speed without). The dense segments and the
-    plain whole-model session (references, and every frame a run answers densely), which run
-    on most frames, keep their patterns (without, P-Net's all-dense plan ran 9% slower, and
-    YOLOX-nano's dense frames 8-13% slower than plain onnxruntime).
+    dense forms' blocks another 30 MiB (at the same speed without). The dense segments, which
+    run every frame, keep their patterns (without, P-Net's all-dense plan ran 9% slower), and
+    so does the whole-model session where an all-dense plan answers frames with it
+    (`Executor._plain_session`).
     """
     if not _SHARED_ARENA:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)

@@ -312,7 +312,7 @@ def test_an_all_dense_plan_runs_the_reference_session_itself(monkeypatch, tmp_pa
 
     built = []
     make = executor.inference_session
-    monkeypatch.setattr(executor, "inference_session", lambda *a, **k: built.append(a) or make(*a, **k))
+    monkeypatch.setattr(executor, "inference_session", lambda *a, **k: built.append(k) or make(*a, **k))
     path = tmp_path / "tiny.onnx"
     onnx.save(build_demo_model(HEIGHT, WIDTH), path)
     session = Session(str(path), plan="dense")
@@ -323,5 +323,10 @@ def test_an_all_dense_plan_runs_the_reference_session_itself(monkeypatch, tmp_pa
         expected = plain.run(None, {plain.get_inputs()[0].name: frame})
         for copied in (session.reference(frame), session.reference(frame, copy=False), ran):
             assert all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(copied, expected))
-    # The first run's keyframe session, and one whole-model session for the segment and references.
-    assert len(built) == 2
+    # One whole-model session for the segment and references, with onnxruntime's memory pattern
+    # (it answers every frame), and the first run's keyframe session, without.
+    assert [k["memory_pattern"] for k in built] == [True, False]
+    # A plan with delta steps runs its reference rarely: no pattern (its one block grows the arena).
+    built.clear()
+    Session(str(path), plan="delta").reference(frames[0])
+    assert [k["memory_pattern"] for k in built] == [False]

@@ -362,8 +362,8 @@ class Executor:
         # cut many of the same segments), its memory from the process's shared arena: an arena
         # per session kept each one's largest intermediates for the whole run.
         key = ("dense segment", tuple(step.nodes), tuple(step.inputs), tuple(step.outputs), threads)
-        if self._is_whole_model(step):
-            session = self._plain_session()  # an all-dense plan: the reference's session is the same model
+        if self._is_whole_model(step):  # an all-dense plan: the reference's session is the same model
+            session = self._plain_session(memory_pattern=True)
         else:
             session = self.buffers.shared(key, lambda: inference_session(
                 segment_model(self.model, step.nodes, step.inputs, step.outputs), threads, shared_arena=True))
@@ -447,14 +447,20 @@ class Executor:
             )
         return np.ascontiguousarray(frame, dtype=np.float32)
 
-    def _plain_session(self):
+    def _plain_session(self, memory_pattern: bool = False):
         """The whole model in onnxruntime, one session for every plan sharing `buffers`: references,
         and the frames a run answers densely (an all-dense plan at p = 0, whose one segment is this
-        session too). Its memory is from the shared arena, with onnxruntime's memory pattern: it
-        runs on most frames of a run within a tight budget, and without the pattern those frames
-        ran 8-13% slower than plain onnxruntime on YOLOX-nano (each intermediate a block of its
-        own in an arena the keyframes had fragmented) against 3-4% with it."""
-        return self.buffers.shared("plain", lambda: inference_session(self.model.onnx, self.threads, shared_arena=True))
+        session too). Its memory is from the shared arena.
+
+        memory_pattern: asked by an all-dense plan (built with the run's other plans, before any
+        reference), whose frames it answers: without the pattern, the session ran at 10.42 ms
+        against plain onnxruntime's 9.69 on YOLOX-nano (each intermediate a block of its own in
+        an arena the keyframes had fragmented), with it 9.74-9.85. Without an all-dense plan it
+        runs only on references, where the pattern's one block grew the arena by 78 MiB on P-Net
+        at 1280x720 for no speed that counts.
+        """
+        return self.buffers.shared("plain", lambda: inference_session(
+            self.model.onnx, self.threads, shared_arena=True, memory_pattern=memory_pattern))
 
     def _is_whole_model(self, step: DenseSegment) -> bool:
         return (list(step.inputs) == [self.model.input_name] and set(step.outputs) == set(self.model.output_names)
