@@ -202,6 +202,7 @@ def test_learned_matches_sklearn(calibration):
     with threadpool_limits(1):  # OpenMP threads on a busy 2-core machine: 20x slower
         model = HistGradientBoostingRegressor(max_iter=30, monotonic_cst=[1, 0, 0], random_state=0).fit(X, y)
     assert np.allclose(TreeEnsemble.from_sklearn(model).predict(X), model.predict(X), rtol=0, atol=1e-12)
+    assert np.array_equal(TreeEnsemble(0.25, []).predict(X), np.full(len(X), 0.25))  # no trees: the baseline
 
 
 @pytest.mark.parametrize("damage,word", [

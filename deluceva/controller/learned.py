@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numba
 import numpy as np
 
 from deluceva.controller.base import FEATURES, Observation, clamp
@@ -27,15 +28,36 @@ FORMAT = "deluceva-learned-controller"
 VERSION = 1
 ERROR_FLOOR = 1e-4  # the model predicts log(error + ERROR_FLOOR)
 _TREE_KEYS = ("feature", "threshold", "missing_left", "left", "right", "leaf", "value")
+_TREE_DTYPES = {"feature": np.int64, "threshold": np.float64, "missing_left": bool, "left": np.int64,
+                "right": np.int64, "leaf": bool, "value": np.float64}
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk_trees(X, roots, feature, threshold, missing_left, left, right, leaf, value, baseline):
+    """baseline + the sum over trees of the leaf each row of X reaches (NaN goes where the tree
+    sends missing values)."""
+    out = np.empty(X.shape[0])
+    for row in range(X.shape[0]):
+        total = baseline
+        for root in roots:
+            node = root
+            while not leaf[node]:
+                x = X[row, feature[node]]
+                go_left = missing_left[node] if np.isnan(x) else x <= threshold[node]
+                node = left[node] if go_left else right[node]
+            total += value[node]
+        out[row] = total
+    return out
 
 
 @dataclass
 class TreeEnsemble:
     """A fitted regression tree ensemble as plain arrays: prediction = baseline + sum of leaves.
 
-    All trees are walked together, one level per step, over (rows x trees) node indices: a
-    controller evaluates ~100 grid points through ~100 trees on every frame, and a Python loop
-    over trees would cost ~10 ms a frame.
+    Walked by a compiled loop (`_walk_trees`): a controller evaluates ~100 grid points through
+    ~100 trees on every frame; walked level by level in numpy over (rows x trees) node indices,
+    that cost 0.35 ms a frame on YOLOX-nano (3.5% of its dense run), and a Python loop over
+    trees ~10 ms.
     """
 
     baseline: float
@@ -63,7 +85,8 @@ class TreeEnsemble:
     def _flatten(self) -> dict[str, np.ndarray]:
         if self._flat is None:
             offsets = np.cumsum([0] + [len(t["leaf"]) for t in self.trees])
-            flat = {k: np.concatenate([t[k] for t in self.trees]) if self.trees else np.zeros(0) for k in _TREE_KEYS}
+            flat = {k: np.concatenate([t[k] for t in self.trees]) if self.trees else np.zeros(0, _TREE_DTYPES[k])
+                    for k in _TREE_KEYS}
             for k in ("left", "right"):
                 flat[k] = flat[k] + np.repeat(offsets[:-1], [len(t["leaf"]) for t in self.trees])
             flat["roots"] = offsets[:-1]
@@ -72,21 +95,10 @@ class TreeEnsemble:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predictions for rows of X (n, features)."""
-        X = np.asarray(X, np.float64)
+        X = np.ascontiguousarray(X, np.float64)
         f = self._flatten()
-        if len(f["roots"]) == 0:
-            return np.full(len(X), self.baseline)
-        node = np.broadcast_to(f["roots"], (len(X), len(f["roots"]))).copy()
-        rows = np.broadcast_to(np.arange(len(X))[:, None], node.shape)
-        while True:
-            inner = ~f["leaf"][node]
-            if not inner.any():
-                break
-            n = node[inner]
-            x = X[rows[inner], f["feature"][n]]
-            go_left = np.where(np.isnan(x), f["missing_left"][n], x <= f["threshold"][n])
-            node[inner] = np.where(go_left, f["left"][n], f["right"][n])
-        return self.baseline + f["value"][node].sum(axis=1)
+        return _walk_trees(X, f["roots"], f["feature"], f["threshold"], f["missing_left"], f["left"], f["right"],
+                           f["leaf"], f["value"], float(self.baseline))
 
     def to_dict(self) -> dict:
         return {
