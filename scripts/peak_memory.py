@@ -8,7 +8,7 @@ loaded as in `deluceva run`). Each figure is the child process's own peak (`os.w
 ru_maxrss).
 
 Usage:
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/peak_memory.py [--frames 60]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/peak_memory.py [--frames 60] [--rows 0 1 2 3]
 """
 
 from __future__ import annotations
@@ -66,10 +66,11 @@ def peak_mib(command: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--rows", type=int, nargs="+", default=list(range(len(ROWS))), help="which rows (0-based)")
     args = parser.parse_args()
     print("| model / video | onnxruntime lean | with deluceva's imports | run, compiled | run --plan delta | target (lean) |")
     print("|---|---|---|---|---|---|")
-    for model, video, preset, height, width in ROWS:
+    for model, video, preset, height, width in (ROWS[i] for i in args.rows):
         m, v, n = str(DATA / "models" / model), str(DATA / "videos" / video), str(args.frames)
         lean = peak_mib([sys.executable, "-c", LEAN, m, v, str(height), str(width), n])
         heavy = peak_mib([sys.executable, "-c", WITH_DELUCEVA, m, v, preset, n])
