@@ -324,9 +324,33 @@ def test_an_all_dense_plan_runs_the_reference_session_itself(monkeypatch, tmp_pa
         for copied in (session.reference(frame), session.reference(frame, copy=False), ran):
             assert all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(copied, expected))
     # One whole-model session for the segment and references, with onnxruntime's memory pattern
-    # (it answers every frame), and the first run's keyframe session, without.
-    assert [k["memory_pattern"] for k in built] == [True, False]
-    # A plan with delta steps runs its reference rarely: no pattern (its one block grows the arena).
+    # and its spinning pool (it answers every frame, alone), and the first run's keyframe
+    # session, without either.
+    assert [(k["memory_pattern"], k.get("spinning", False)) for k in built] == [(True, True), (False, False)]
+    # A plan with delta steps runs its reference rarely: no pattern (its one block grows the
+    # arena), and no spinning (its pool would take the cores the next session needs).
     built.clear()
     Session(str(path), plan="delta").reference(frames[0])
-    assert [k["memory_pattern"] for k in built] == [False]
+    assert [(k["memory_pattern"], k.get("spinning", False)) for k in built] == [(False, False)]
+
+
+def test_only_the_baseline_and_a_session_answering_alone_spin(monkeypatch):
+    """onnxruntime's pools spin after a run by default; deluceva's sessions, run one after
+    another, do not (with 2 threads on 2 cores the spinning made YOLOX-nano's delta plans 3-4x
+    slower), and the plain onnxruntime baseline keeps the default, as users run it."""
+    from deluceva.bench.baseline import plain_onnxruntime
+    from deluceva.onnxruntime_session import inference_session, session_options, shared_arena_options
+
+    key = "session.intra_op.allow_spinning"
+    assert session_options(2).get_session_config_entry(key) == "0"
+    assert shared_arena_options(2).get_session_config_entry(key) == "0"
+    assert session_options(2, spinning=True).get_session_config_entry(key) == "1"
+    model = build_demo_model(HEIGHT, WIDTH).SerializeToString()
+    assert inference_session(model, 2, shared_arena=True, spinning=True).get_session_options() \
+        .get_session_config_entry(key) == "1"
+    from deluceva.bench import baseline
+
+    built = []
+    monkeypatch.setattr(baseline, "inference_session", lambda *a, **k: built.append(inference_session(*a, **k)) or built[-1])
+    plain_onnxruntime(model, 2)
+    assert built[0].get_session_options().get_session_config_entry(key) == "1"

@@ -99,7 +99,8 @@ def run_onnxruntime(model: str | bytes, tensors: Iterable[np.ndarray], threads: 
     store: dict = {}
     ms: list[float] = []
     with PeakMemory() as memory:
-        session = inference_session(model, threads)  # intra-op = threads, inter-op 1, default optimisation
+        # intra-op = threads, inter-op 1, default optimisation, onnxruntime's default spinning
+        session = inference_session(model, threads, spinning=True)
         input_name = session.get_inputs()[0].name
         names = [o.name for o in session.get_outputs()]
         for tensor in tensors:
@@ -119,6 +120,6 @@ def run_onnxruntime(model: str | bytes, tensors: Iterable[np.ndarray], threads: 
 def plain_onnxruntime(model: str | bytes, threads: int) -> Callable[[np.ndarray], list]:
     """tensor -> outputs through plain onnxruntime, configured as the baseline is, for timing it
     frame by frame beside deluceva."""
-    session = inference_session(model, threads)
+    session = inference_session(model, threads, spinning=True)
     input_name = session.get_inputs()[0].name
     return lambda tensor: session.run(None, {input_name: tensor})

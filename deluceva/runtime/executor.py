@@ -457,10 +457,12 @@ class Executor:
         against plain onnxruntime's 9.69 on YOLOX-nano (each intermediate a block of its own in
         an arena the keyframes had fragmented), with it 9.74-9.85. Without an all-dense plan it
         runs only on references, where the pattern's one block grew the arena by 78 MiB on P-Net
-        at 1280x720 for no speed that counts.
+        at 1280x720 for no speed that counts. The same plan lets its thread pool spin between
+        runs, as plain onnxruntime's does (see `session_options`): with 2 threads, not spinning,
+        it ran YOLOX-nano at 0.56x onnxruntime's speed; spinning, 1.02x.
         """
         return self.buffers.shared("plain", lambda: inference_session(
-            self.model.onnx, self.threads, shared_arena=True, memory_pattern=memory_pattern))
+            self.model.onnx, self.threads, shared_arena=True, memory_pattern=memory_pattern, spinning=memory_pattern))
 
     def _is_whole_model(self, step: DenseSegment) -> bool:
         return (list(step.inputs) == [self.model.input_name] and set(step.outputs) == set(self.model.output_names)
