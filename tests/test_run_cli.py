@@ -434,6 +434,18 @@ def test_bench_reports_and_writes_json_and_plot(tiny, tmp_path, capsys):
     assert picture.stat().st_size > 1000
 
 
+def test_bench_with_threads_times_onnxruntime_alone(tiny, tmp_path, capsys):
+    """With more than one thread, sessions interleaved in one process slow each other (a pool
+    spins after its run): onnxruntime's own pass is the baseline, and the JSON says so."""
+    model, clip = tiny
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(model), str(clip), "--plan", "delta", "--controller", "fixed", "--percentage", "0",
+                 "--threads", "2", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["threads"] == 2 and figures["timing"] == "separate passes"
+    assert figures["error_max"] < 1e-3 and len(figures["onnxruntime_ms_trace"]) == 12
+
+
 def test_bench_sweep_lands_the_controllers_on_the_fixed_p_curve(tiny, tmp_path, capsys):
     """`--sweep`: each p run on the run's plans (p = 0 all dense, exact), the best point within the
     budget, the pi and learned controllers and, with --gate, the gated run beside frame skipping."""

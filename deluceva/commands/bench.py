@@ -6,12 +6,14 @@ one inter-op thread), then deluceva. Each frame's time is the model work alone (
 preprocessing, identical for both, are left out). Onnxruntime's outputs are kept in a temporary
 file and deluceva's error against them is computed on every frame outside deluceva's timing.
 
-The times compared are interleaved: during deluceva's pass, a second plain onnxruntime session
-runs each frame right after deluceva does (right before, on odd frames: the second to run finds
-the frame warmer in cache), outside deluceva's timing, so a busy or drifting
+With one thread, the times compared are interleaved: during deluceva's pass, a second plain
+onnxruntime session runs each frame right after deluceva does (right before, on odd frames: the
+second to run finds the frame warmer in cache), outside deluceva's timing, so a busy or drifting
 machine slows both alike (on this project's shared 2-core machine, two consecutive passes of
 the same model differed by up to 10%). The first pass gives the outputs and onnxruntime's
-memory.
+memory. With more threads, that first pass is also the baseline's time: two sessions
+interleaved in one process slow each other (a pool spins after its run while the other's needs
+the cores), so deluceva is timed against onnxruntime run alone, in separate passes.
 
 `--sweep P,P,...` also runs the same plans at each fixed p (p = 0 with the all-dense plan), the
 same reference interval counted, and lands the PI and learned controllers on that curve (each
@@ -179,7 +181,12 @@ def handle(args: argparse.Namespace) -> int:
             controller, start = _without_gate(args, setup, holder["plans"])
             return VideoRunner(holder["plans"], controller, setup.metric, args.reference_every, percentage=start)
 
-        paired = plain_onnxruntime(for_onnxruntime(args.model, setup.options.layout), args.threads)
+        # With more than one thread, two sessions interleaved in one process slow each other: an
+        # onnxruntime pool spins after its run while the other's needs the cores (YOLOX-nano at
+        # 2 threads on 2 cores: 6.9 ms alone, 15.5 ms interleaved). There onnxruntime's own
+        # first pass is the baseline (separate passes).
+        paired = plain_onnxruntime(for_onnxruntime(args.model, setup.options.layout), args.threads) \
+            if args.threads == 1 else None
         bar = progress(len(ort_run.ms), "deluceva")
         try:
             frames = (preprocess(rgb) for rgb, _ in zip(setup.video, range(len(ort_run.ms))))
