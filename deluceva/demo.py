@@ -126,7 +126,9 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
             model = load_model(proto)
             # Onnxruntime is timed on each frame beside deluceva (as `bench` does), so the
             # machine's drift slows both alike; its row shows the mean over all runs.
-            paired = plain_onnxruntime(proto.SerializeToString(), threads)
+            # With more threads, interleaved sessions slow each other (see `deluceva bench`):
+            # onnxruntime's own first pass is the baseline then.
+            paired = plain_onnxruntime(proto.SerializeToString(), threads) if threads == 1 else None
             ort_row = dict(name="onnxruntime", ms_per_frame=0.0, speedup=1.0, error_mean=0.0, error_max=0.0)
             rows.append(ort_row)
             ort_times = []
@@ -145,8 +147,8 @@ def run_demo(frames: int = 60, threads: int = 1, percentage: float = DEMO_PERCEN
 
                 run = run_deluceva(make_runner, tensors, reference, metric, paired=paired)
                 ms = float(np.mean([r.seconds * 1000 for r in run.results]))
-                ort_times += run.paired_ms
-                beside = float(np.mean(run.paired_ms))
+                ort_times += run.paired_ms or reference.ms
+                beside = float(np.mean(run.paired_ms or reference.ms))
                 rows.append(dict(name=f"{label} p={p:g}", ms_per_frame=ms, beside=beside, speedup=beside / ms,
                                  error_mean=float(np.mean(run.errors)), error_max=float(np.max(run.errors)),
                                  density=run.summary["density_mean"], bound=run.summary["flop_reduction_bound"]))

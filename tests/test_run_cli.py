@@ -561,6 +561,18 @@ def test_paired_onnxruntime_alternates_before_and_after_deluceva():
     assert len(run.paired_ms) == 4
 
 
+def test_demo_with_threads_times_onnxruntime_alone():
+    """With 2 threads the demo's baseline is onnxruntime's own pass, not a session interleaved
+    with deluceva's (they slow each other): every row is beside that same pass."""
+    from deluceva.demo import run_demo
+
+    rows = run_demo(frames=6, threads=2)
+    assert [row["name"] for row in rows][:2] == ["onnxruntime", "deluceva p=0"]
+    besides = {row["beside"] for row in rows[1:]}
+    assert len(besides) == 1 and rows[0]["ms_per_frame"] == pytest.approx(besides.pop())
+    assert rows[1]["error_max"] < 1e-3  # p = 0 is exact
+
+
 def test_demo_prints_table(capsys):
     assert main(["demo", "--frames", "8"]) == 0
     lines = capsys.readouterr().out.splitlines()
