@@ -49,12 +49,6 @@ def subsample(frame: np.ndarray, tile: int = TILE) -> tuple[np.ndarray, int]:
     return frame.reshape(frame.shape[-3:])[:, ::stride, ::stride], stride
 
 
-def strided_change(frame: np.ndarray, base: np.ndarray, tile: int = TILE) -> tuple[np.ndarray, int]:
-    """(|frame - base| on every 4th row and column of the model input, as (C, h, w); the stride)."""
-    now, stride = subsample(frame, tile)
-    return np.abs(now - subsample(base, tile)[0]), stride
-
-
 def tile_maxima(largest: np.ndarray, step: int) -> np.ndarray:
     """The maximum of each step x step block of a (h, w) map (zero-padded to whole blocks), as a
     few strided maxima: numpy's multi-axis max is 10x slower."""
@@ -73,10 +67,25 @@ def tile_maxima(largest: np.ndarray, step: int) -> np.ndarray:
 
 
 def tile_changes(frame: np.ndarray, base: np.ndarray, tile: int = TILE) -> np.ndarray:
-    """Largest |frame - base| over channels in each tile x tile tile of the model input (read as
-    `strided_change` reads it)."""
-    change, stride = strided_change(frame, base, tile)
-    return tile_maxima(change.max(axis=0), tile // stride)
+    """Largest |frame - base| over channels in each tile x tile tile of the model input (read on
+    `subsample`)."""
+    now, stride = subsample(frame, tile)
+    return _changes_per_tile(now, subsample(base, tile)[0], tile // stride)[1]
+
+
+def _changes_per_tile(now: np.ndarray, base: np.ndarray, step: int, out: np.ndarray | None = None):
+    """(|now - base|, written into `out` when given; its largest value over channels per
+    step x step block) for two subsamples."""
+    change = np.subtract(now, base, out=out)
+    np.abs(change, out=change)
+    return change, tile_maxima(change.max(axis=0), step)
+
+
+def _buffer_like(buffer: np.ndarray | None, array: np.ndarray) -> np.ndarray:
+    """`buffer` when it has `array`'s shape and type, else a new one that has."""
+    if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
+        return np.empty(array.shape, array.dtype)
+    return buffer
 
 
 class FrameGate:
@@ -108,17 +117,14 @@ class FrameGate:
         if self.base is None:
             return 1.0
         now, stride = subsample(frame, self.tile)
-        if self._change is None or self._change.shape != now.shape or self._change.dtype != now.dtype:
-            self._change = np.empty(now.shape, now.dtype)
-        change = np.subtract(now, self.base, out=self._change)
-        np.abs(change, out=change)
-        return float((tile_maxima(change.max(axis=0), self.tile // stride) > self.threshold).mean())
+        self._change = _buffer_like(self._change, now)
+        _, per_tile = _changes_per_tile(now, self.base, self.tile // stride, self._change)
+        return float((per_tile > self.threshold).mean())
 
     def ran(self, frame: np.ndarray) -> None:
         """`frame` ran (or its exact outputs were delivered): later frames are compared with it."""
         now, _ = subsample(frame, self.tile)
-        if self.base is None or self.base.shape != now.shape or self.base.dtype != now.dtype:
-            self.base = np.empty(now.shape, now.dtype)
+        self.base = _buffer_like(self.base, now)
         np.copyto(self.base, now)
 
 
@@ -150,30 +156,24 @@ class FrameChange:
 
     def measure(self, frame: np.ndarray) -> dict[str, float]:
         view, stride = subsample(frame, self.tile)
-        if self._now is None or self._now.shape != view.shape or self._now.dtype != view.dtype:
-            self._now = np.empty(view.shape, view.dtype)
-            self._change = np.empty(view.shape, view.dtype)
-        now = self._now
+        now = self._now = _buffer_like(self._now, view)
         np.copyto(now, view)
         self._measured = frame
         if self.base is None or self.base.shape != now.shape:
             return {"mean_abs_change": 0.0, "changed_tiles": 1.0}
-        change = np.subtract(now, self.base, out=self._change)
-        np.abs(change, out=change)
+        self._change = _buffer_like(self._change, now)
+        change, per_tile = _changes_per_tile(now, self.base, self.tile // stride, self._change)
         span = float(now.max() - now.min()) or 1.0
-        per_tile = tile_maxima(change.max(axis=0), self.tile // stride)
         return {"mean_abs_change": float(change.mean()), "changed_tiles": float((per_tile > 0.01 * span).mean())}
 
     def keep(self, frame: np.ndarray) -> None:
-        """Later frames are measured against `frame` (the one just measured, usually)."""
-        if frame is self._measured and self._now is not None:
-            self.base, self._now = self._now, self.base  # the measured subsample becomes the base
-            if self._now is None or self._now.shape != self.base.shape:
-                self._now = np.empty_like(self.base)
+        """Later frames are measured against `frame` (the one just measured, usually: then its
+        subsample becomes the base, and the old base's buffer takes the next measurement)."""
+        if frame is self._measured:
+            self.base, self._now = self._now, self.base
             self._measured = None
-            return
-        view, _ = subsample(frame, self.tile)
-        self.base = np.array(view)
+        else:
+            self.base = np.array(subsample(frame, self.tile)[0])
 
 
 @dataclass
