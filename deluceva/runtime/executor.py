@@ -363,7 +363,7 @@ class Executor:
         # per session kept each one's largest intermediates for the whole run.
         key = ("dense segment", tuple(step.nodes), tuple(step.inputs), tuple(step.outputs), threads)
         if self._is_whole_model(step):  # an all-dense plan: the reference's session is the same model
-            session = self._plain_session(memory_pattern=True)
+            session = self._plain_session(answers_frames=True)
         else:
             session = self.buffers.shared(key, lambda: inference_session(
                 segment_model(self.model, step.nodes, step.inputs, step.outputs), threads, shared_arena=True))
@@ -447,22 +447,22 @@ class Executor:
             )
         return np.ascontiguousarray(frame, dtype=np.float32)
 
-    def _plain_session(self, memory_pattern: bool = False):
+    def _plain_session(self, answers_frames: bool = False):
         """The whole model in onnxruntime, one session for every plan sharing `buffers`: references,
         and the frames a run answers densely (an all-dense plan at p = 0, whose one segment is this
         session too). Its memory is from the shared arena.
 
-        memory_pattern: asked by an all-dense plan (built with the run's other plans, before any
-        reference), whose frames it answers: without the pattern, the session ran at 10.42 ms
+        answers_frames: asked by an all-dense plan (built with the run's other plans, before any
+        reference), whose frames the session answers: it then has onnxruntime's memory pattern
+        and a spinning thread pool, as plain onnxruntime has. Without the pattern, the session ran at 10.42 ms
         against plain onnxruntime's 9.69 on YOLOX-nano (each intermediate a block of its own in
         an arena the keyframes had fragmented), with it 9.74-9.85. Without an all-dense plan it
         runs only on references, where the pattern's one block grew the arena by 78 MiB on P-Net
-        at 1280x720 for no speed that counts. The same plan lets its thread pool spin between
-        runs, as plain onnxruntime's does (see `session_options`): with 2 threads, not spinning,
-        it ran YOLOX-nano at 0.56x onnxruntime's speed; spinning, 1.02x.
+        at 1280x720 for no speed that counts. Not spinning (see `session_options`), it ran
+        YOLOX-nano with 2 threads at 0.56x onnxruntime's speed; spinning, 1.02x.
         """
         return self.buffers.shared("plain", lambda: inference_session(
-            self.model.onnx, self.threads, shared_arena=True, memory_pattern=memory_pattern, spinning=memory_pattern))
+            self.model.onnx, self.threads, shared_arena=True, memory_pattern=answers_frames, spinning=answers_frames))
 
     def _is_whole_model(self, step: DenseSegment) -> bool:
         return (list(step.inputs) == [self.model.input_name] and set(step.outputs) == set(self.model.output_names)
