@@ -454,9 +454,9 @@ class Executor:
 
         answers_frames: asked by an all-dense plan (built with the run's other plans, before any
         reference), whose frames the session answers: it then has onnxruntime's memory pattern
-        and a spinning thread pool, as plain onnxruntime has. Without the pattern, the session ran at 10.42 ms
-        against plain onnxruntime's 9.69 on YOLOX-nano (each intermediate a block of its own in
-        an arena the keyframes had fragmented), with it 9.74-9.85. Without an all-dense plan it
+        and a spinning thread pool, as plain onnxruntime has. Without the pattern, the session
+        ran at 10.42 ms against plain onnxruntime's 9.69 on YOLOX-nano (each intermediate a block
+        of its own in an arena the keyframes had fragmented), with it 9.74-9.85. Without an all-dense plan it
         runs only on references, where the pattern's one block grew the arena by 78 MiB on P-Net
         at 1280x720 for no speed that counts. Not spinning (see `session_options`), it ran
         YOLOX-nano with 2 threads at 0.56x onnxruntime's speed; spinning, 1.02x.
