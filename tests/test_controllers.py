@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deluceva.controller import (
     FixedController,
@@ -139,6 +141,19 @@ def test_learned_picks_largest_p_under_budget(learned):
     p_still = learned.choose(Observation(changed_tiles=0.02))
     p_busy = learned.choose(Observation(changed_tiles=0.3))
     assert p_busy < p_still
+
+
+@settings(max_examples=200, deadline=None)
+@given(changed=st.floats(0, 0.3), magnitude=st.floats(0, 5), offset=st.floats(-0.2, 0.2), p_max=st.floats(0.05, 0.99))
+def test_learned_bisection_chooses_what_scanning_the_whole_grid_would(learned, changed, magnitude, offset, p_max):
+    """`choose` bisects the grid (the predictions rise with p); scanning every grid point for the
+    largest one within the aim gives the same p, whatever the correction and the grid's end."""
+    c = LearnedController(budget=0.05, model=learned.model, p_max=p_max)
+    c.state.correction = offset
+    obs = Observation(changed_tiles=changed, mean_abs_change=magnitude)
+    within = np.flatnonzero(c.curve(obs) + offset <= c.aim)
+    scanned = float(c.grid[within[-1]]) if len(within) else 0.0
+    assert c.choose(obs) == pytest.approx(scanned, abs=1e-12)
 
 
 def test_learned_is_monotone_in_p(learned):

@@ -222,6 +222,7 @@ def build_plans(setup: Setup, announce=None, plans=None):
     _start_controller(setup, plans, announce, setup.gate)
     if setup.controller is None:
         _train_controller(setup, plans, announce, setup.gate)
+    _warm_controller(setup.controller)
     release_freed_memory()  # what the first frames' measurements left, before the run's own peak
     return plans
 
@@ -240,7 +241,17 @@ def controller_for(setup: Setup, plans, name: str, gate=None, announce=None):
         _train_controller(other, plans, announce, gate)
     else:
         _start_controller(other, plans, announce, gate)
+    _warm_controller(other.controller)
     return other.controller, other.start_percentage
+
+
+def _warm_controller(controller) -> None:
+    """A learned controller's first choice loads its compiled tree walk from numba's cache (or
+    compiles it, the first time on a machine: about a second): set-up time, not the first frame's."""
+    from deluceva.controller import LearnedController, Observation
+
+    if isinstance(controller, LearnedController) and controller.model is not None:
+        controller.choose(Observation())
 
 
 def calibrate_gate(setup: Setup, plans, announce=None):
@@ -279,7 +290,6 @@ def _train_controller(setup: Setup, plans, announce, gate=None) -> None:
     # YOLOX-nano / intersection_cctv it went to p = 0.8 and ran at det 0.026 against 0.02).
     ceiling = gate.ceiling if gate is not None else _ceiling(setup, plans)
     controller.p_max = max(controller.step, min(controller.p_max, ceiling))
-    controller._curves.clear()  # predictions were over the old grid
     setup.controller = controller
 
 
