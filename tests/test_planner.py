@@ -147,6 +147,40 @@ def test_session_overhead_merges_dense_neighbours():
     assert graph.nodes["n1"]["variant"] == "dense"
 
 
+def _nearly_all_delta_chain():
+    """n0 -> n1 -> n2: delta pays on n1 and n2; n0 is predicted a little cheaper dense."""
+    graph = costed_dag(3, [(0, 1), (1, 2)], random.Random(0), forced_share=0.0, outputs=["n2"])
+    for _, d in graph.nodes(data=True):
+        d.update(cost_dense=2.0, cost_delta=0.5, density=0.1)
+    graph.nodes["n0"].update(cost_dense=1.0, cost_delta=1.3)
+    graph.graph["conversion"] = {t: (0.1, 0.1) for t in graph.graph["conversion"]}
+    graph.graph["segment_ms"] = 0.0
+    return graph
+
+
+def test_a_mixed_plan_gives_way_to_all_delta_when_its_dense_segments_are_weighed_at_their_measured_cost():
+    graph = _nearly_all_delta_chain()
+    choose_variants(graph)  # per-node times only: n0 dense, 1.0 + 0.1 + 0.5 + 0.5 + 0.1 (to dense) = 2.2 ms
+    assert chosen(graph) == {"n0": "dense", "n1": "delta", "n2": "delta"}
+    mixed = frame_cost(graph, chosen(graph))
+    # All delta costs 1.3 + 0.5 + 0.5 + 0.1 (frame in) + 0.1 (output) = 2.5 ms: dearer by 0.3 ms,
+    # cheaper once the mixed plan's dense n0 counts at twice its 1.0 ms.
+    choose_variants(graph, segment_factor=2.0)
+    assert set(chosen(graph).values()) == {"delta"}
+    assert frame_cost(graph, chosen(graph)) > mixed
+    assert graph.nodes["n0"]["reason"].startswith("all delta (2.50 ms): the best mixed plan (2.20 ms, 3.20 with")
+    choose_variants(graph, segment_factor=1.2)  # 2.4 < 2.5: the mixed plan stays
+    assert chosen(graph)["n0"] == "dense"
+
+
+def test_the_all_delta_preference_leaves_all_dense_plans_alone():
+    graph = _nearly_all_delta_chain()
+    for _, d in graph.nodes(data=True):
+        d.update(cost_dense=0.3)
+    choose_variants(graph, segment_factor=10.0)
+    assert set(chosen(graph).values()) == {"dense"}
+
+
 def test_ties_go_to_dense():
     rng = random.Random(0)
     graph = costed_dag(2, [(0, 1)], rng, forced_share=0.0)

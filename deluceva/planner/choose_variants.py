@@ -191,7 +191,7 @@ def _reason(graph: nx.DiGraph, data, variant: str) -> str:
     return f"delta faster{at} {numbers} but conversions and session splits cost more"
 
 
-def choose_variants(graph: nx.DiGraph, min_gain: float = 0.0) -> bool:
+def choose_variants(graph: nx.DiGraph, min_gain: float = 0.0, segment_factor: float = 1.0) -> bool:
     """Set `variant`, `reason` and `predicted_ms` on every node; returns whether any variant changed.
 
     Needs `cost_dense`, `cost_delta` and `density` on the nodes and `conversion`/`segment_ms` on
@@ -202,6 +202,14 @@ def choose_variants(graph: nx.DiGraph, min_gain: float = 0.0) -> bool:
             all-dense time; otherwise run all dense. A prediction has an error, and a plan that
             is predicted 3% faster is as likely to be slower; all dense is never slower than
             onnxruntime.
+        segment_factor: a mixed optimum is weighed against the all-delta plan (every node that
+            has a delta variant) with its dense nodes that could be delta counted at this
+            multiple of their predicted time; where the all-delta plan is then no dearer, it
+            runs instead. Dense segments cut out of a mixed plan run at 1.3-2x their nodes'
+            times (lost fusions, one session call each, values that come in and leave cold),
+            which the per-node sum does not see: on YOLOX-nano the compiled plans for p >= 0.6,
+            all delta but for the input's SpaceToDepth and a MaxPool, ran 4-17% slower than the
+            all-delta plan at the same p.
 
     Example:
         >>> attach_costs(graph, cost_model, percentage=0.9)     # doctest: +SKIP
@@ -212,7 +220,16 @@ def choose_variants(graph: nx.DiGraph, min_gain: float = 0.0) -> bool:
         return False
     chosen = _optimal(graph)
     all_dense = {v: "dense" for v in graph.nodes}
+    all_delta = {v: "dense" if math.isinf(_delta_cost(d)) else "delta" for v, d in graph.nodes(data=True)}
     dense_ms, chosen_ms = frame_cost(graph, all_dense), frame_cost(graph, chosen)
+    instead_of = None  # the mixed optimum the all-delta plan replaced: (predicted ms, with its segments' factor)
+    if chosen not in (all_dense, all_delta):
+        could_be_delta = [d for v, d in graph.nodes(data=True) if chosen[v] == "dense" and all_delta[v] == "delta"]
+        weighed = chosen_ms + (segment_factor - 1.0) * sum(float(d["cost_dense"]) for d in could_be_delta)
+        delta_ms = frame_cost(graph, all_delta)
+        if delta_ms <= weighed:
+            instead_of = (chosen_ms, weighed)
+            chosen, chosen_ms = all_delta, delta_ms
     too_small = chosen != all_dense and chosen_ms > (1.0 - min_gain) * dense_ms
     if too_small:
         chosen = all_dense
@@ -226,5 +243,9 @@ def choose_variants(graph: nx.DiGraph, min_gain: float = 0.0) -> bool:
         if too_small and data.get("delta_reason") is None:
             data["reason"] = (f"all dense: the best mixed plan ({chosen_ms:.2f} ms) saves under {min_gain:.0%} "
                               f"of all dense ({dense_ms:.2f} ms); " + data["reason"])
+        elif instead_of is not None and data.get("delta_reason") is None:
+            data["reason"] = (f"all delta ({chosen_ms:.2f} ms): the best mixed plan ({instead_of[0]:.2f} ms, "
+                              f"{instead_of[1]:.2f} with its dense segments at {segment_factor:g}x) is not cheaper; "
+                              + data["reason"])
         data["predicted_ms"] = float(data["cost_dense"]) if variant == "dense" else _delta_cost(data)
     return changed
