@@ -312,9 +312,10 @@ class _Staircase:
     # YuNet's plans: exact up to 0.9, ten budgets at 0.95: start just below the cliff, never on it
     ({0.95: 0.5}, 0.9, 0.9, (0.95, 0.5)),
     ({}, 0.95, 0.99, None),  # no cliff: the range is the controller's own
-    # over the target at 0.7 (no start past it), over 2 x the budget only at 0.8
-    ({0.7: 0.045, 0.75: 0.03, 0.8: 0.2, 0.85: 0.01}, 0.6, 0.75, (0.8, 0.2)),
-    ({0.3: 0.11}, 0.0, 0.0, (0.3, 0.11)),  # the first grid p is already a cliff: stay at 0
+    # over the target at 0.7 (no start past it); 3 x the budget at 0.75 is noise on a few
+    # calibration frames, not a cliff; over CLIFF (4) x the budget at 0.8 is
+    ({0.7: 0.045, 0.75: 0.15, 0.8: 0.25, 0.85: 0.01}, 0.6, 0.75, (0.8, 0.25)),
+    ({0.3: 0.21}, 0.0, 0.0, (0.3, 0.21)),  # the first grid p is already a cliff: stay at 0
 ])
 def test_starting_range_stops_below_a_cliff(errors, start, ceiling, cliff):
     from deluceva.playback.calibration import starting_range

@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["TILE", "subsample", "tile_changes", "FrameGate", "FrameChange", "GateSchedule", "calibrate_gate", "GATE_SHARES", "GATE_THRESHOLDS"]
+__all__ = ["TILE", "subsample", "tile_changes", "FrameGate", "FrameChange", "GateSchedule", "calibrate_gate", "GATE_SHARES",
+           "GATE_THRESHOLDS", "GATE_CLIFF"]
 
 TILE = 8
 # g values tried per p on the calibration frames, and pixel thresholds as fractions of the
@@ -37,6 +38,10 @@ TILE = 8
 # 416 x 416 is under 1% of the tiles, and a gate above that holds the frames where it moves.
 GATE_SHARES = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 GATE_THRESHOLDS = (0.005, 0.01, 0.02, 0.04, 0.08)
+# The knob stops below the first (p, g) pair whose error on the gate's 30 calibration frames
+# exceeds GATE_CLIFF x the budget (the PI's own ceiling, on 9 frames, allows more: see
+# `deluceva.playback.calibration.CLIFF`).
+GATE_CLIFF = 2.0
 
 
 def subsample(frame: np.ndarray, tile: int = TILE) -> tuple[np.ndarray, int]:

@@ -259,13 +259,14 @@ def calibrate_gate(setup: Setup, plans, announce=None):
     `deluceva.playback.gate.calibrate_gate`); said on stderr through `announce`."""
     from deluceva.controller import RUN_SETPOINT
     from deluceva.media.video import open_video
-    from deluceva.playback.calibration import CLIFF, LEARNING_FRAMES
+    from deluceva.playback.calibration import LEARNING_FRAMES
+    from deluceva.playback.gate import GATE_CLIFF
     from deluceva.playback.gate import calibrate_gate as measure
 
     options = setup.options
     video = open_video(options.video, frames=LEARNING_FRAMES, start=options.first_frames_start, every=options.every)
     frames = [setup.preprocess(rgb) for rgb in video]
-    schedule = measure(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, CLIFF * setup.budget)
+    schedule = measure(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, GATE_CLIFF * setup.budget)
     if announce is not None:
         announce(f"frame gate calibrated on the first {len(frames)} frames: tile threshold {schedule.threshold:.4g}; "
                  f"setting -> (p, g): {schedule.describe()}; controllers start at {schedule.start:.2f}, at most "
