@@ -32,7 +32,7 @@ from typing import Mapping
 import networkx as nx
 from networkx.algorithms.flow import preflow_push
 
-__all__ = ["choose_variants", "frame_cost", "tensor_users"]
+__all__ = ["all_delta_variants", "choose_variants", "frame_cost", "tensor_users"]
 
 _SOURCE, _SINK = ("source",), ("sink",)  # tuples never collide with node names (strings)
 
@@ -62,6 +62,11 @@ def tensor_users(graph: nx.DiGraph) -> dict[str, tuple[str | None, list[str], bo
 
 def _delta_cost(data) -> float:
     return math.inf if data.get("delta_reason") is not None else float(data["cost_delta"])
+
+
+def all_delta_variants(graph: nx.DiGraph) -> dict[str, str]:
+    """The all-delta plan: every node that has a delta variant delta, the rest dense."""
+    return {v: "dense" if d.get("delta_reason") is not None else "delta" for v, d in graph.nodes(data=True)}
 
 
 def frame_cost(graph: nx.DiGraph, variants: Mapping[str, str]) -> float:
@@ -220,7 +225,7 @@ def choose_variants(graph: nx.DiGraph, min_gain: float = 0.0, segment_factor: fl
         return False
     chosen = _optimal(graph)
     all_dense = {v: "dense" for v in graph.nodes}
-    all_delta = {v: "dense" if math.isinf(_delta_cost(d)) else "delta" for v, d in graph.nodes(data=True)}
+    all_delta = all_delta_variants(graph)
     dense_ms, chosen_ms = frame_cost(graph, all_dense), frame_cost(graph, chosen)
     instead_of = None  # the mixed optimum the all-delta plan replaced: (predicted ms, with its segments' factor)
     if chosen not in (all_dense, all_delta):

@@ -29,7 +29,7 @@ from deluceva.errors import DelucevaError, check_percentage
 from deluceva.files import read_json
 from deluceva.planner.attach_costs import attach_costs
 from deluceva.planner.cost_model import CostModel
-from deluceva.planner.choose_variants import choose_variants, frame_cost
+from deluceva.planner.choose_variants import all_delta_variants, choose_variants, frame_cost
 from deluceva.planner.load_model import Model
 from deluceva.planner.pipeline import build_dag
 
@@ -202,7 +202,7 @@ def compile_plan(model: Model, profile, percentages: Iterable[float] | None = No
     for p in percentages:
         attach_costs(graph, costs, p)
         choose_variants(graph, min_gain=MIN_GAIN, segment_factor=SEGMENT_FACTOR)
-        all_delta = {v: "delta" if d["delta_reason"] is None else "dense" for v, d in graph.nodes(data=True)}
+        all_delta = all_delta_variants(graph)
         chosen = {v: d["variant"] for v, d in graph.nodes(data=True)}
         totals["plan_ms"].append(_finite(frame_cost(graph, chosen)))
         totals["all_dense_ms"].append(_finite(frame_cost(graph, all_dense)))
