@@ -748,3 +748,26 @@ def test_detections_need_a_detection_preset(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--detections needs a preset that decodes detections" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_learned_controller_starts_at_its_median_choice_but_not_above_the_calibrated_start():
+    """A run with a learned controller starts where it would choose for the first frames' changes
+    (not on the all-dense plan, which would hold it there until the first reference), capped
+    where the calibration frames put a PI's start."""
+    from deluceva.controller.learned import LearnedState
+    from deluceva.playback.setup import _learned_start
+
+    class Choosing:
+        def __init__(self, answers):
+            self.answers, self.state, self.seen = iter(answers), LearnedState(), []
+
+        def choose(self, observation):
+            self.seen.append(observation.changed_tiles)
+            return next(self.answers)
+
+    frames = [np.full((1, 3, 16, 16), k, np.float32) for k in range(6)]  # five changes
+    controller = Choosing([0.5, 0.7, 0.6, 0.9, 0.6])
+    assert _learned_start(controller, frames, 0.95) == 0.6 and controller.state.percentage == 0.6
+    assert len(controller.seen) == 5 and min(controller.seen) > 0  # each change's statistics
+    capped = Choosing([0.8] * 5)
+    assert _learned_start(capped, frames, 0.3) == 0.3 and capped.state.percentage == 0.3
