@@ -212,7 +212,7 @@ def run_video(setup, plans, files: RunFiles, on_frame: Callable | None = None) -
     runner = VideoRunner(plans, setup.controller, setup.metric, options.reference_every,
                          percentage=options.percentage or setup.start_percentage, gate=setup.gate)
     # Set-up is over: its first frames are not kept through the run (10 model inputs, 108 MiB
-    # at 1280x736; YuNet's `run --plan delta` peaked at 872 MiB with them, 836 without).
+    # at 1280x736; YuNet's `run --plan delta` peaked at 872 MiB with them, 840 without).
     setup.calibration_frames = []
     earlier = read_frame_log(files.frame_log, files.first_frame) if files.frame_log and files.resume else []
     recorder = FrameRecorder(files.outputs, resume=files.resume, frames=files.first_frame) if files.outputs else None
