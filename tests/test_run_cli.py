@@ -467,6 +467,11 @@ def test_bench_sweep_lands_the_controllers_on_the_fixed_p_curve(tiny, tmp_path, 
     for landing in figures["controllers"].values():
         assert landing["of_best"] == pytest.approx(landing["speedup"] / figures["sweep_best"]["speedup"])
         assert 0 <= landing["frames_within_limit"] <= 1 and "skip_equal_speedup" in landing
+        assert len(landing["setting_trace"]) == len(landing["error_trace"]) == 12
+        assert len(landing["reference_errors"]) == landing["reference_frames"]
+        assert landing["reference_errors"][0] == [0, None]  # the first frame: nothing to measure against
+    assert [p["setting_trace"] for p in sweep] == [[0.0] * 12, [0.5] * 12, [0.9] * 12]
+    assert all([index for index, _ in p["reference_errors"]] == [0, 4, 8] for p in sweep)
     assert figures["gate"]["gated_frames"] >= 0 and figures["gate"] is not None
     assert figures["gated_frames"] == 0  # the run without the gate
 

@@ -162,9 +162,12 @@ DET_FRAME_SHARE = 0.95
 
 def point(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
     """One run's place on the speed/error plane: `compare`'s speed and error, the share of frames
-    at error <= DET_FRAME_LIMIT, and the frames it gated, referenced and switched plans on."""
+    at error <= DET_FRAME_LIMIT, and the frames it gated, referenced and switched plans on; per
+    frame, the error against onnxruntime, the controller's setting, and (index, measured error)
+    for each reference frame: how a controller got where it landed."""
     figures = compare(ort_run, delta_run)
     errors = delta_run.errors[:figures["frames"]]
+    results = delta_run.results[:figures["frames"]]
     return {
         "speedup": figures["speedup"], "deluceva_ms_mean": figures["deluceva_ms_mean"],
         "onnxruntime_ms_mean": figures["onnxruntime_ms_mean"],
@@ -174,6 +177,9 @@ def point(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
         "gated_frames": delta_run.summary.get("gated_frames", 0),
         "plan_switches": delta_run.summary.get("plan_switches", 0),
         "error_trace": [round(e, 6) for e in errors],
+        "setting_trace": [round(float(r.setting), 4) for r in results],
+        "reference_errors": [[r.index, None if r.error is None else round(float(r.error), 6)]
+                             for r in results if r.reference],
     }
 
 
