@@ -499,7 +499,7 @@ def test_best_point_within_the_budget_counts_frames_over_the_det_limit():
 
 def test_learned_controller_trained_on_the_video_stops_at_the_pis_ceiling(tiny, monkeypatch):
     """A learned controller trained on the first frames never goes past the p where they are over
-    twice the budget (the PI's ceiling)."""
+    CLIFF x the budget (the PI's ceiling)."""
     import deluceva.playback.calibration as calibration
     from deluceva.playback.setup import RunOptions, build_plans, prepare
 
@@ -753,6 +753,30 @@ def test_detections_need_a_detection_preset(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--detections needs a preset that decodes detections" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_a_loaded_learned_controller_also_stops_at_the_pis_ceiling_and_starts_below_its_start(tiny, tmp_path,
+                                                                                              monkeypatch):
+    """--learned-model: the saved controller gets the same ceiling and start on this video as one
+    trained on it (before, it ran from p = 0 with no ceiling)."""
+    import deluceva.playback.calibration as calibration
+    from deluceva.playback.setup import RunOptions, build_plans, prepare
+
+    model, clip = tiny
+    saved = tmp_path / "controller.json"
+    assert main(["profile", str(model), "--video", str(clip), "--frames", "12", "--percentages", "0", "0.8",
+                 "-o", str(tmp_path / "p.json"), "--controller-out", str(saved)]) == 0
+    found = []
+    measure = calibration.starting_range
+    monkeypatch.setattr(calibration, "retire_slow_plans", lambda plans, frames: [1.0] * len(plans.sessions))
+    monkeypatch.setattr(calibration, "starting_range", lambda *a, **k: found.append(measure(*a, **k)) or found[-1])
+    setup = prepare(RunOptions(str(model), str(clip), controller="learned", learned_model=str(saved),
+                               error_budget=0.002))
+    build_plans(setup, announce=lambda text: None)
+    assert len(found) == 1 and found[0].cliff is not None  # the budget is tight enough for a cliff
+    assert setup.controller.p_max == pytest.approx(max(setup.controller.step, found[0].ceiling))
+    assert setup.start_percentage <= found[0].start
+    assert setup.controller.state.percentage == setup.start_percentage
 
 
 def test_learned_controller_starts_at_its_median_choice_but_not_above_the_calibrated_start():

@@ -222,6 +222,8 @@ def build_plans(setup: Setup, announce=None, plans=None):
     _start_controller(setup, plans, announce, setup.gate)
     if setup.controller is None:
         _train_controller(setup, plans, announce, setup.gate)
+    elif options.controller == "learned":  # loaded with --learned-model
+        _fit_learned_to_video(setup, plans, setup.controller, frames, setup.gate)
     _warm_controller(setup.controller)
     release_freed_memory()  # what the first frames' measurements left, before the run's own peak
     return plans
@@ -286,9 +288,16 @@ def _train_controller(setup: Setup, plans, announce, gate=None) -> None:
     announce(f"no --learned-model given: training the learned controller on the first {len(frames)} frames "
              "(save one with `deluceva profile --controller-out`)")
     controller = train_learned_controller(plans, setup.metric, frames, setup.budget, gate=gate)
-    # The PI's ceiling holds for the learned controller too: past the first p whose calibration
-    # error is over CLIFF x the budget, one frame costs more than the speed pays for (on
-    # YOLOX-nano / intersection_cctv it went to p = 0.8 and ran at det 0.026 against 0.02).
+    _fit_learned_to_video(setup, plans, controller, frames, gate)
+
+
+def _fit_learned_to_video(setup: Setup, plans, controller, frames: list, gate=None) -> None:
+    """A learned controller, trained here or loaded with --learned-model, made the run's: kept
+    below the PI's ceiling and started as `_learned_start` says.
+
+    The PI's ceiling holds for the learned controller too: past the first p whose calibration
+    error is over CLIFF x the budget, one frame costs more than the speed pays for (on
+    YOLOX-nano / intersection_cctv it went to p = 0.8 and ran at det 0.026 against 0.02)."""
     found = gate if gate is not None else _starting_range(setup, plans)
     controller.p_max = max(controller.step, min(controller.p_max, found.ceiling))
     setup.controller = controller
