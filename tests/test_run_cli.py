@@ -537,6 +537,11 @@ def test_compare_on_runs_with_known_figures():
     assert figures["efficiency"] == pytest.approx(0.625)  # 2.5x of a 4x bound
     assert figures["error_mean"] == pytest.approx(0.05) and figures["error_max"] == 0.1
     assert figures["percentage_mean"] == pytest.approx(0.6) and figures["memory_ratio"] == pytest.approx(2.5)
+    # A landed point's traces; without a gate's setting, the setting is the frame's p.
+    from deluceva.bench.compare import point
+
+    landed = point(ort_run, delta_run)
+    assert landed["setting_trace"] == [0.5, 0.7] and landed["reference_errors"] == [[0, None]]
 
 
 def test_paired_onnxruntime_alternates_before_and_after_deluceva():

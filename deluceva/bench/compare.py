@@ -177,7 +177,7 @@ def point(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
         "gated_frames": delta_run.summary.get("gated_frames", 0),
         "plan_switches": delta_run.summary.get("plan_switches", 0),
         "error_trace": [round(e, 6) for e in errors],
-        "setting_trace": [round(float(r.setting), 4) for r in results],
+        "setting_trace": [round(float(r.percentage if r.setting is None else r.setting), 4) for r in results],
         "reference_errors": [[r.index, None if r.error is None else round(float(r.error), 6)]
                              for r in results if r.reference],
     }

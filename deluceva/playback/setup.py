@@ -306,8 +306,8 @@ def _fit_learned_to_video(setup: Setup, plans, controller, frames: list, gate=No
 
 def _learned_start(controller, frames: list, highest: float) -> float:
     """Where a learned controller starts: the median of what it chooses for each change between
-    the frames it was trained on (the video's first), but no higher than `highest`, where a PI
-    controller would start (the calibration frames' error within its setpoint there).
+    `frames` (the video's first), but no higher than `highest`, where a PI controller would
+    start (the calibration frames' error within its setpoint there).
 
     Plans switch up only on reference frames, so a run starting at p = 0 ran its first reference
     interval on the all-dense plan: 30 of 120 frames on YOLOX-nano / intersection_cctv, 1.07x
