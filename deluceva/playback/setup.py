@@ -377,7 +377,7 @@ def _start_controller(setup: Setup, plans, announce, gate=None) -> None:
     budget, and stays below the first p where they are far over it (see `starting_range`); on a
     gate's knob, where its calibration says."""
     from deluceva.controller import RUN_SETPOINT, make_controller
-    from deluceva.playback.calibration import CLIFF, starting_range
+    from deluceva.playback.calibration import CLIFF
 
     options = setup.options
     if options.controller != "pi" or options.percentage is not None:
@@ -387,7 +387,7 @@ def _start_controller(setup: Setup, plans, announce, gate=None) -> None:
         setup.start_percentage = gate.start
         return
     frames = setup.calibration_frames
-    found = starting_range(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, setup.budget)
+    found = _starting_range(setup, plans)
     setup.controller = make_controller("pi", percentage=found.start, budget=setup.budget, ceiling=found.ceiling)
     setup.start_percentage = found.start
     text = (f"pi controller starts at p = {found.start:g}, where the first {len(frames)} frames "
