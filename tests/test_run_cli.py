@@ -470,6 +470,8 @@ def test_bench_sweep_lands_the_controllers_on_the_fixed_p_curve(tiny, tmp_path, 
         assert len(landing["setting_trace"]) == len(landing["error_trace"]) == 12
         assert len(landing["reference_errors"]) == landing["reference_frames"]
         assert landing["reference_errors"][0] == [0, None]  # the first frame: nothing to measure against
+        assert len(landing["gated_at"]) == landing["gated_frames"] and len(landing["ms_trace"]) == 12
+        assert 0 <= landing["skip_equal_share"] <= 1
     assert [p["setting_trace"] for p in sweep] == [[0.0] * 12, [0.5] * 12, [0.9] * 12]
     assert all([index for index, _ in p["reference_errors"]] == [0, 4, 8] for p in sweep)
     assert figures["gate"]["gated_frames"] >= 0 and figures["gate"] is not None
@@ -542,6 +544,8 @@ def test_compare_on_runs_with_known_figures():
 
     landed = point(ort_run, delta_run)
     assert landed["setting_trace"] == [0.5, 0.7] and landed["reference_errors"] == [[0, None]]
+    assert landed["ms_trace"] == [4.0, 8.0] and landed["onnxruntime_ms_trace"] == [12.0, 18.0]
+    assert landed["gated_at"] == []
 
 
 def test_paired_onnxruntime_alternates_before_and_after_deluceva():

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from deluceva.bench.baseline import OnnxruntimeRun, PeakMemory
+from deluceva.metrics import DET_FRAME_LIMIT, DET_FRAME_SHARE
 from deluceva.playback.gate import FrameChange
 from deluceva.playback.loop import percentile, summarise
 
@@ -153,18 +154,16 @@ def compare(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
 
 # -- the fixed-p curve and where the controllers land on it ----------------------------------
 
-# With the det metric, a point (or a controller) counts as within the budget only when this share
-# of its frames is at det <= DET_FRAME_LIMIT too: a mean within 0.02 can hide a few frames that
-# lost most of their boxes.
-DET_FRAME_LIMIT = 0.1
-DET_FRAME_SHARE = 0.95
+# With the det metric, a point (or a controller) counts as within the budget only when
+# DET_FRAME_SHARE of its frames are at det <= DET_FRAME_LIMIT too (`deluceva.metrics`).
 
 
 def point(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
     """One run's place on the speed/error plane: `compare`'s speed and error, the share of frames
     at error <= DET_FRAME_LIMIT, and the frames it gated, referenced and switched plans on; per
-    frame, the error against onnxruntime, the controller's setting, and (index, measured error)
-    for each reference frame: how a controller got where it landed."""
+    frame, the error against onnxruntime, the controller's setting, deluceva's and onnxruntime's
+    ms, the gated frames' indices and (index, measured error) for each reference frame: how a
+    controller got where it landed, and what its frames cost."""
     figures = compare(ort_run, delta_run)
     errors = delta_run.errors[:figures["frames"]]
     results = delta_run.results[:figures["frames"]]
@@ -180,6 +179,9 @@ def point(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
         "setting_trace": [round(float(r.percentage if r.setting is None else r.setting), 4) for r in results],
         "reference_errors": [[r.index, None if r.error is None else round(float(r.error), 6)]
                              for r in results if r.reference],
+        "gated_at": [r.index for r in results if r.gated],
+        "ms_trace": [round(r.seconds * 1000, 4) for r in results],
+        "onnxruntime_ms_trace": [round(m, 4) for m in (delta_run.paired_ms or ort_run.ms)[:figures["frames"]]],
     }
 
 

@@ -264,7 +264,7 @@ def _curve_and_landings(args, setup, plans, ort_run, paired, frames) -> dict:
         # Frame skipping tuned on these very frames to this run's own mean error (equal error).
         skipping = frame_skipping(frames, ort_run, run.paired_ms or ort_run.ms, setup.metric, figures["error_mean"])
         figures.update(skip_equal_speedup=skipping["speedup"], skip_equal_error_mean=skipping["error_mean"],
-                       skip_equal_threshold=skipping["threshold"])
+                       skip_equal_threshold=skipping["threshold"], skip_equal_share=skipping["skipped"])
         return figures
 
     out: dict = {}
