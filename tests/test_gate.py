@@ -215,6 +215,23 @@ def test_the_knob_is_the_cheapest_pair_at_each_error_level(plans):
     assert settings == sorted(settings) and settings[-1] == pytest.approx(0.95)
 
 
+def test_with_a_frame_limit_no_pair_that_loses_too_many_frames_joins_the_knob(plans):
+    """A detection-like metric: every gated frame loses a box (0.3), every frame that ran is exact.
+    With a loose limit on the mean the gated pairs join the knob; with det's frame limit they
+    are left out, since well over 5% of their frames are over it."""
+    frames = _noisy_still(12)
+
+    def missed_box(outputs, references):
+        return 0.3 if _rel_l2(outputs, references) > 1e-6 else 0.0
+
+    loose = calibrate_gate(plans, missed_box, frames, target=0.2, limit=1.0, percentages=(0.0,))
+    assert any(g > 0 for _, _, g in loose.points)
+    guarded = calibrate_gate(plans, missed_box, frames, target=0.2, limit=1.0, percentages=(0.0,), frame_limit=0.1)
+    assert guarded.points == [(0.0, 0.0, 0.0)] and guarded.ceiling == 0.0
+    gated_rows = [row for row in guarded.table if row["gate"] > 0 and row["error"] > 0]
+    assert gated_rows and all(row["frames_over_limit"] > 0.05 for row in gated_rows)
+
+
 # -- plans slower than dense are never run -----------------------------------------------------
 
 

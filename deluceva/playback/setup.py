@@ -261,6 +261,7 @@ def calibrate_gate(setup: Setup, plans, announce=None):
     `deluceva.playback.gate.calibrate_gate`); said on stderr through `announce`."""
     from deluceva.controller import RUN_SETPOINT
     from deluceva.media.video import open_video
+    from deluceva.metrics import DET_FRAME_LIMIT
     from deluceva.playback.calibration import LEARNING_FRAMES
     from deluceva.playback.gate import GATE_CLIFF
     from deluceva.playback.gate import calibrate_gate as measure
@@ -268,7 +269,9 @@ def calibrate_gate(setup: Setup, plans, announce=None):
     options = setup.options
     video = open_video(options.video, frames=LEARNING_FRAMES, start=options.first_frames_start, every=options.every)
     frames = [setup.preprocess(rgb) for rgb in video]
-    schedule = measure(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, GATE_CLIFF * setup.budget)
+    frame_limit = DET_FRAME_LIMIT if getattr(setup.metric, "name", None) == "det" else None
+    schedule = measure(plans, setup.metric, frames, RUN_SETPOINT * setup.budget, GATE_CLIFF * setup.budget,
+                       frame_limit=frame_limit)
     if announce is not None:
         announce(f"frame gate calibrated on the first {len(frames)} frames: tile threshold {schedule.threshold:.4g}; "
                  f"setting -> (p, g): {schedule.describe()}; controllers start at {schedule.start:.2f}, at most "
