@@ -150,14 +150,15 @@ def test_setting_zero_is_exact_and_never_reads_the_gate(plans, monkeypatch):
 
 
 def test_a_gated_reference_measures_what_the_user_received(plans):
-    """On a gated frame that is due for a reference, the error is the reused outputs' against the
-    dense run, the frame gets the dense outputs, and later frames are gated against it."""
+    """On a gated frame that is due for a reference (on a delta plan), the error is the reused
+    outputs' against the dense run, the frame gets the dense outputs, and later frames are gated
+    against it."""
     base = _base()
     frames = [base, _with_tiles(base, [(0, 0)]), _with_tiles(base, [(0, 0), (1, 1)]),
               _with_tiles(base, [(0, 0), (1, 1), (2, 2)])]
-    # The gate over the dense plan: a run would be exact, so only the reused outputs have an error.
+    # The gate over the delta plan; the reused outputs are frame 0's, a keyframe's: exact.
     # K = 6: frame 2 is the second gated frame since the reference at 0, K // 3 = 2: a reference.
-    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=6)
+    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.5, 0.1)]), reference_every=6)
     first, held = results[0], results[2]
     assert results[1].gated and not results[1].reference
     assert held.gated and held.reference
@@ -312,9 +313,29 @@ def test_a_reference_comes_after_a_third_of_k_gated_frames(plans):
     """Reused outputs age: with K = 9, a reference after every 3 gated frames, not only every 9."""
     base = _base()
     frames = [base] + [_with_tiles(base, [(0, 0)]) for _ in range(8)]
-    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=9)
+    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.5, 0.1)]), reference_every=9)
     assert all(r.gated for r in results[1:])
     assert [r.index for r in results if r.reference] == [0, 3, 6]
+
+
+def test_on_the_dense_plan_a_gated_reference_waits_for_the_next_frame_that_runs(plans, monkeypatch):
+    """On the all-dense plan at p = 0 a reference due on a gated frame costs no dense run there:
+    the next frame that runs (exact anyway) is the reference, and measures the reused outputs
+    against its own. A scene held 2 K frames after a reference gets the next on a gated frame."""
+    base = _base()
+    frames = [base] + [_with_tiles(base, [(0, 0)])] * 4 + [_with_tiles(base, [(0, 0), (1, 1), (2, 2)])]
+    dense = plans.sessions[0]
+    calls = []
+    reference = dense.reference
+    monkeypatch.setattr(dense, "reference", lambda frame, copy=True: calls.append(copy) or reference(frame, copy))
+    results = _run(plans, frames, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=6)
+    assert [r.gated for r in results] == [False, True, True, True, True, False]
+    assert [r.index for r in results if r.reference] == [0, 5]  # due at 2 (K // 3 gated), measured at 5
+    assert calls == [False, False]  # frame 0 and frame 5, the plain runs: no dense run on a gated frame
+    assert results[5].error == pytest.approx(_rel_l2(results[0].outputs, reference(frames[5]))) and results[5].error > 0
+    still = [base] + [_with_tiles(base, [(0, 0)])] * 14
+    results = _run(plans, still, GateSchedule(0.3, [(0.0, 0.0, 0.0), (0.5, 0.0, 0.1)]), reference_every=6)
+    assert all(r.gated for r in results[1:]) and [r.index for r in results if r.reference] == [0, 12]  # 2 K
 
 
 def test_an_all_dense_plan_runs_the_reference_session_itself(monkeypatch, tmp_path):

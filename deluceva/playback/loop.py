@@ -15,8 +15,9 @@ With a frame gate (`deluceva.playback.gate`), the controller's setting maps to a
 frame where under g of the 8x8 tiles changed since the last frame that ran reuses the outputs the
 user last received; when such a frame is due for a reference (every K frames, or after K // 3
 gated frames since the last one), the reused outputs are what is measured against the dense run,
-and the frame gets the dense outputs. At the setting 0 the gate is
-not read at all.
+and the frame gets the dense outputs. On the all-dense plan (p = 0) that measurement waits for
+the next frame that runs, whose outputs are exact anyway (no dense run on the gated frame). At
+the setting 0 the gate is not read at all.
 
 How the run starts (the controller's first p, a learned controller's training) is in
 `deluceva.playback.calibration`; writing outputs as the run goes, in `deluceva.playback.recorder`.
@@ -255,6 +256,7 @@ class VideoRunner:
         self.gate = None if gate is None else _frame_gate(gate.threshold)
         self.last_outputs: list[np.ndarray] | None = None  # what the user last received
         self.gated_since_reference = 0
+        self.reuse_pending = False  # a reference due on a gated frame waits for the next frame that runs
 
     @property
     def session(self):
@@ -286,6 +288,14 @@ class VideoRunner:
             self.gated_since_reference += 1
             reference = (asked or self.since_reference + 1 >= self.reference_every
                          or self.gated_since_reference >= max(1, self.reference_every // GATED_SHARE_OF_K))
+            if (reference and wanted == used and percentage == 0 and not self.plans.flops[used].delta
+                    and self.since_reference + 1 < 2 * self.reference_every):
+                # On the all-dense plan the next frame that runs is exact anyway: the reused
+                # outputs are measured there, against its outputs (the frame that changed most
+                # since the last run: no less than what the gated frames received), instead of
+                # paying a dense run here. (On YOLOX-nano / intersection_cctv three such runs in
+                # 120 frames were most of what the gate cost beyond frame skipping.)
+                reference, self.reuse_pending = False, True
             if reference:
                 # What the user receives here is the reused outputs: that is what is measured.
                 # The dense run gives this frame's exact outputs, so later frames are gated
@@ -314,6 +324,7 @@ class VideoRunner:
             used = self.current
         else:
             used = self.current
+            reuse_error = None
             if percentage == 0 and not self.plans.flops[used].delta:
                 # An all-dense plan at p = 0 is plain onnxruntime's answer, and there it is
                 # onnxruntime's run that gives it (no delta state to keep; a switch to a delta
@@ -321,12 +332,15 @@ class VideoRunner:
                 # plain onnxruntime's session ran at 0.91x. Not copied: kept until the next
                 # frame ran (or, gated, until one does), as onnxruntime's own outputs would be.
                 outputs = self.session.reference(frame, copy=False)
+                if self.reuse_pending and self.last_outputs is not None:
+                    # A reference deferred from a gated frame: the reused outputs against these.
+                    reuse_error = float(self.metric(self.last_outputs, outputs))
             else:
                 outputs = self.session.run(frame, percentage)
             self.held_at = max(self.held_at, percentage)
             flops, density = self.plans.flops[used].delta_frame(self.session.executor.densities)
             probe = self.probing
-            reference = asked or probe or self.since_reference + 1 >= self.reference_every
+            reference = asked or probe or self.since_reference + 1 >= self.reference_every or reuse_error is not None
             self.probing = False
             if reference:
                 # The plan switches only here: the reference's dense run fills the new plan's
@@ -360,12 +374,15 @@ class VideoRunner:
                     error = float(self.metric(outputs, dense))
                     outputs = dense
                     flops += self.plans.flops[self.current].total
+                if reuse_error is not None:
+                    error = reuse_error  # this frame's own outputs are exact: the deferred measurement
         if not gated and self.gate is not None:
             self.gate.ran(frame)
         self.last_outputs = outputs
         self.since_reference = 0 if reference else self.since_reference + 1
         if reference:
             self.gated_since_reference = 0
+            self.reuse_pending = False
         observation = self.observation(
             frame=self.index, error=error, percentage=setting, statistics={**stats, "density": density}
         )
