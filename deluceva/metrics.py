@@ -22,8 +22,8 @@ from deluceva.errors import DelucevaError
 from deluceva.presets import get_decoder
 from deluceva.presets.detections import ModelOutputs, match_f1
 
-__all__ = ["DEFAULT_BUDGETS", "DET_FRAME_LIMIT", "DET_FRAME_SHARE", "rel_l2", "norm_l2", "typical_norms", "score_outputs", "detection_error",
-           "get_metric", "Metric"]
+__all__ = ["DEFAULT_BUDGETS", "DET_FRAME_LIMIT", "DET_FRAME_SHARE", "rel_l2", "norm_l2", "typical_norms", "score_outputs",
+           "detection_error", "get_metric", "Metric"]
 
 DEFAULT_BUDGETS = {"rel-l2": 0.05, "norm-l2": 0.05, "det": 0.02}
 

@@ -78,8 +78,8 @@ def windows(result: dict, window: int, step: int, det: bool) -> list[dict]:
             points[p] = {"error_mean": statistics.fmean(errors),
                          "within_limit": float(np.mean(np.array(errors) <= DET_FRAME_LIMIT)),
                          "speedup": sum(run["onnxruntime_ms"][ms]) / sum(run["deluceva_ms"][ms])}
-        within = [p for p, f in points.items() if f["error_mean"] <= budget and (not det or f["within_limit"] >= DET_FRAME_SHARE)
-                  and f["speedup"] > 1.0]
+        within = [p for p, f in points.items()
+                  if f["error_mean"] <= budget and (not det or f["within_limit"] >= DET_FRAME_SHARE) and f["speedup"] > 1.0]
         best = max(within, key=lambda p: points[p]["speedup"]) if within else 0.0
         rows.append({"start": start, "best": best, "points": points})
     return rows
