@@ -191,21 +191,6 @@ def test_learned_holds_the_mean_error_when_the_model_is_biased_and_errors_come_i
     assert np.mean(measured) >= 0.8 * c.aim  # and not by giving up the savings
 
 
-def test_learned_takes_one_missed_box_as_one_budget_of_bias_at_most(learned):
-    """A spike of four budgets (a missed box) after quiet references counts as one budget of
-    residual in the running correction: one quantised error is not the model's bias. The
-    integral term takes it whole, so the controller still backs off, but not to p = 0."""
-    c = LearnedController(budget=0.05, model=learned.model)
-    obs = dict(changed_tiles=0.1, mean_abs_change=1.0)
-    p = c.update(Observation(**obs))
-    for k in range(3):
-        p = c.update(Observation(frame=k, error=0.0, percentage=p, **obs))
-    before, quiet_p = c.state.correction, p
-    after_p = c.update(Observation(frame=3, error=0.2, percentage=p, **obs))
-    assert c.state.correction - before == pytest.approx(c.adapt * (c.budget - before))
-    assert 0 < after_p < quiet_p
-
-
 def test_learned_json_round_trip(tmp_path, learned, calibration):
     path = tmp_path / "c.json"
     learned.to_json(path)

@@ -230,10 +230,7 @@ class LearnedController:
         model: the fitted TreeEnsemble (None until `fit` or `from_json`).
         p_max: the largest p on the grid.
         step: grid spacing in p.
-        adapt: weight of each measured error in the running correction (0 = trust the model);
-            each residual counts at most one budget either way, so one missed box (several
-            budgets on a detection metric) is not taken for the model's bias: the integral
-            term, which takes every error whole, holds the mean.
+        adapt: weight of each measured error in the running correction (0 = trust the model).
         margin: aim at budget x (1 - margin).
         ki: integral gain (0 = none); the integral stays within [-aim, 10 x budget].
 
@@ -336,7 +333,7 @@ class LearnedController:
         if observation.error is not None and self.adapt > 0 and math.isfinite(observation.error):
             # The error measured at the p used, against what the model expected there.
             expected = float(self.predict([observation.percentage], observation)[0])
-            residual = clamp(float(observation.error) - expected, -self.budget, self.budget)
+            residual = float(observation.error) - expected
             s.correction += self.adapt * (residual - s.correction)
             s.integral = clamp(s.integral + self.ki * (float(observation.error) - self.aim), -self.aim, 10 * self.budget)
             s.updates += 1
