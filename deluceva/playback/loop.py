@@ -279,6 +279,8 @@ class VideoRunner:
         # The gate is read only where g > 0 (never at the setting 0), after the first frame, and
         # not on a new plan's probe (its first delta frame must be measured).
         gated = bool(share) and self.index > 0 and not self.probing and self.gate.share(frame) < share
+        # The plan running now is all dense and p = 0: its frames are onnxruntime's exact answer.
+        exact = percentage == 0 and not self.plans.flops[self.current].delta
         if gated:
             used = self.current
             outputs, flops, density = self.last_outputs, 0.0, 0.0
@@ -288,8 +290,7 @@ class VideoRunner:
             self.gated_since_reference += 1
             reference = (asked or self.since_reference + 1 >= self.reference_every
                          or self.gated_since_reference >= max(1, self.reference_every // GATED_SHARE_OF_K))
-            if (reference and wanted == used and percentage == 0 and not self.plans.flops[used].delta
-                    and self.since_reference + 1 < 2 * self.reference_every):
+            if reference and wanted == used and exact and self.since_reference + 1 < 2 * self.reference_every:
                 # On the all-dense plan the next frame that runs is exact anyway: the reused
                 # outputs are measured there, against its outputs (the frame that changed most
                 # since the last run: no less than what the gated frames received), instead of
@@ -325,7 +326,7 @@ class VideoRunner:
         else:
             used = self.current
             reuse_error = None
-            if percentage == 0 and not self.plans.flops[used].delta:
+            if exact:
                 # An all-dense plan at p = 0 is plain onnxruntime's answer, and there it is
                 # onnxruntime's run that gives it (no delta state to keep; a switch to a delta
                 # plan runs a keyframe): on YuNet the compiled all-dense plan ran at 0.78x where
@@ -354,7 +355,7 @@ class VideoRunner:
                 if not _may_switch(used, wanted, probe):
                     wanted = used
                 self.probing = wanted > used
-                if wanted == used and not self.plans.flops[used].delta and percentage == 0:
+                if wanted == used and exact:
                     # A plan without delta steps is exact at p = 0 (above, a frame whose change
                     # stays under the frame's threshold is skipped): nothing to measure.
                     error = 0.0
