@@ -1,6 +1,6 @@
 """A delta Conv's two forms and its one-pass finish.
 
-- `finish_rows` (bias, one activation, the filter, a block of rows at a time) against float64
+- `finish_rows` (bias, one activation, the filter, a row at a time) against float64
   references, NaN and infinities included, and against `emit_rows`' filter decisions;
 - every epilogue `finish_rows` takes, and one it leaves to the program, end to end against
   onnxruntime, with each step forced into its delta kernels and into its dense form;
@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_end_to_end import Differential, sparse_frames
 
 from deluceva import Session
-from deluceva.operators._kernels import FINISH_BLOCK, FINISH_KINDS, emit_rows, finish_rows
+from deluceva.operators._kernels import FINISH_KINDS, emit_rows, finish_rows
 
 OPSET = 14
 SPECIAL = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 90.0, -90.0]
@@ -48,7 +48,7 @@ def reference(kind: str, z: np.ndarray, alpha: float, beta: float, slopes: np.nd
 @pytest.mark.parametrize("kind", list(FINISH_KINDS))
 def test_finish_rows_matches_float64(kind, channels):
     rng = np.random.default_rng(channels)
-    n = 2 * FINISH_BLOCK + 7  # whole blocks and a part
+    n = 71
     z = (rng.standard_normal((n, channels)) * 8).astype(np.float32)
     z.reshape(-1)[rng.choice(z.size, min(z.size, 40), replace=False)] = rng.choice(SPECIAL, min(z.size, 40))
     bias = rng.standard_normal(channels).astype(np.float32)
@@ -59,11 +59,10 @@ def test_finish_rows_matches_float64(kind, channels):
     positions = np.sort(rng.choice(3 * n, n, replace=False)).astype(np.int64)
     value = np.zeros((3 * n + 1, channels), np.float32)
     changed = np.zeros(3 * n, np.int64)
-    scratch = np.zeros((2 * FINISH_BLOCK + 1) * channels, np.int32)
     with np.errstate(invalid="ignore", over="ignore"):
         want = reference(kind, z.astype(np.float64) + bias, float(alpha), float(beta), slopes)
     count = finish_rows(z.copy(), n, bias, FINISH_KINDS[kind], alpha, beta, slopes, positions, 0, value, 0,
-                        np.float32(0), changed, 0, scratch)
+                        np.float32(0), changed, 0)
     got = value[positions]
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan), "NaN where onnxruntime has one, and only there"
@@ -79,7 +78,7 @@ def test_finish_rows_matches_float64(kind, channels):
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 3.0])
 def test_finish_rows_filters_as_emit_rows_does(threshold):
     rng = np.random.default_rng(7)
-    n, channels = 3 * FINISH_BLOCK, 6
+    n, channels = 96, 6
     z = rng.standard_normal((n, channels)).astype(np.float32)
     bias = np.zeros(channels, np.float32)
     positions = np.arange(n, dtype=np.int64) * 2
@@ -89,9 +88,8 @@ def test_finish_rows_filters_as_emit_rows_does(threshold):
     value_a[positions] = seen
     value_b, changed_a, changed_b = value_a.copy(), np.zeros(2 * n, np.int64), np.zeros(2 * n, np.int64)
     count_a = finish_rows(z.copy(), n, bias, FINISH_KINDS["none"], np.float32(0), np.float32(0), bias, positions, 0,
-                          value_a, 0, np.float32(threshold), changed_a, 0, np.zeros((2 * FINISH_BLOCK + 1) * channels, np.int32))
-    count_b = emit_rows(z.copy(), positions, 0, n, value_b, 0, np.float32(threshold), changed_b, 0,
-                        np.zeros(n * channels, np.int32))
+                          value_a, 0, np.float32(threshold), changed_a, 0)
+    count_b = emit_rows(z.copy(), positions, 0, n, value_b, 0, np.float32(threshold), changed_b, 0)
     assert 0 < count_a < n or threshold == 0
     assert changed_a[:count_a].tolist() == changed_b[:count_b].tolist()
     np.testing.assert_array_equal(value_a, value_b)

@@ -54,8 +54,7 @@ def test_emit_rows_matches_numpy(case):
     changed = np.zeros(40, np.int64)
     rows = np.zeros((max(1, len(positions)), new.shape[1]), np.float32)
     rows[: len(positions)] = new
-    scratch = np.zeros(rows.size, np.int32)
-    count = emit_rows(rows, positions, 0, len(positions), seen, 1, threshold, changed, 0, scratch)
+    count = emit_rows(rows, positions, 0, len(positions), seen, 1, threshold, changed, 0)
     assert list(changed[:count]) == list(positions[passes])
     np.testing.assert_array_equal(seen, expected_seen)  # NaNs compare equal here, in place
 

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401
 
 from deluceva.operators._common import DeltaOperator, DeltaTensor, OpSpec, register, resolve_pads
-from deluceva.operators._kernels import (FINISH_BLOCK, FINISH_KINDS, OPCODES, collect_marked, emit_rows, finish_rows, gather_rows,
+from deluceva.operators._kernels import (FINISH_KINDS, OPCODES, collect_marked, emit_rows, finish_rows, gather_rows,
                                         mark_window, run_program)
 from deluceva.operators.elementwise import chunk_rows
 from deluceva.operators.program import ElementwiseNode, compile_program
@@ -242,14 +242,14 @@ def conv_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value,
                     z[:size, g * group_out:(g + 1) * group_out] = partial[:size]
         if finish >= 0:
             emitted = finish_rows(z, size, bias, finish, finish_params[0], finish_params[1], finish_params[2:],
-                                  positions, start, out_value, out_offset, threshold[0], out_changed, emitted, bits)
+                                  positions, start, out_value, out_offset, threshold[0], out_changed, emitted)
             continue
         for j in range(size):
             for c in range(z.shape[1]):
                 z[j, c] += bias[c]
         run_program(registers, size, positions, start, code, params, constants, constant_rows, bits)
         emitted = emit_rows(registers[result], positions, start, size, out_value, out_offset, threshold[0],
-                            out_changed, emitted, bits)
+                            out_changed, emitted)
     out_count[0] = emitted
 
 
@@ -334,7 +334,7 @@ class DeltaConv(DeltaOperator):
             self.buffers.scratch("taps", (kh * kw,), np.int64),
             self.buffers.scratch("cols", (rows, window), np.float32), self.buffers.scratch("partial", (rows, m // g), np.float32),
             self.buffers.scratch("registers", (program.registers, rows, m), np.float32),
-            self.buffers.scratch("bits", (max(2 * rows, 2 * FINISH_BLOCK + 1) * m,), np.int32),
+            self.buffers.scratch("bits", (2 * rows * m,), np.int32),
             program.code, program.params, program.constants, program.constant_rows, program.result,
             self.finish, finish_params, tiled,
         ))]

@@ -58,7 +58,7 @@ def elementwise_step(values, offsets, changed, counts, out_value, out_offset, ou
             gather_rows(values[k], offsets[k], positions, start, size, registers[k])
         run_program(registers, size, positions, start, code, params, constants, constant_rows, bits)
         emitted = emit_rows(registers[result], positions, start, size, out_value, out_offset, threshold[0],
-                            out_changed, emitted, bits)
+                            out_changed, emitted)
     out_count[0] = emitted
 
 

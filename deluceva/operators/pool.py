@@ -14,7 +14,7 @@ __all__ = ["DeltaPool"]
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def pool_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value, out_offset, out_width, out_changed,
-              out_count, threshold, geometry, is_max, divisor_h, divisor_w, mark, found, rows, scratch) -> None:
+              out_count, threshold, geometry, is_max, divisor_h, divisor_w, mark, found, rows) -> None:
     """Recompute max or average over each window that read a change, and emit.
 
     An average divides output (oy, ox) by divisor_h[oy] * divisor_w[ox].
@@ -58,8 +58,7 @@ def pool_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value,
                 divisor = np.float32(divisor_h[oy] * divisor_w[ox])
                 for c in range(channels):
                     rows[j, c] = acc[c] / divisor
-        emitted = emit_rows(rows, found, start, size, out_value, out_offset, threshold[0], out_changed, emitted,
-                            scratch)
+        emitted = emit_rows(rows, found, start, size, out_value, out_offset, threshold[0], out_changed, emitted)
     out_count[0] = emitted
 
 
@@ -107,5 +106,4 @@ class DeltaPool(DeltaOperator):
             geometry, spec.op_type == "MaxPool", divisor_h, divisor_w,
             self.buffers.scratch("mark", (positions,), np.uint8), self.buffers.scratch("found", (positions,), np.int64),
             self.buffers.scratch("rows", (chunk_rows(4 * channels), channels), np.float32),
-            self.buffers.scratch("bits", (chunk_rows(4 * channels) * channels,), np.int32),
         ))]

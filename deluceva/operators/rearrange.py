@@ -108,7 +108,7 @@ def _lookups(spec: OpSpec, epilogue, x: DeltaTensor) -> list[tuple[np.ndarray, n
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def rearrange_step(x, in_changed, in_count, starts, targets, source, out_value, out_offset, out_changed, out_count,
-                   threshold, mark, found, rows, scratch) -> None:
+                   threshold, mark, found, rows) -> None:
     """Recompute the output positions that copy from a changed input position; emit."""
     n = 0
     for j in range(in_count[0]):
@@ -129,8 +129,7 @@ def rearrange_step(x, in_changed, in_count, starts, targets, source, out_value, 
             q = found[start + j]
             for c in range(channels):
                 rows[j, c] = x[source[q, c]]
-        emitted = emit_rows(rows, found, start, size, out_value, out_offset, threshold[0], out_changed, emitted,
-                            scratch)
+        emitted = emit_rows(rows, found, start, size, out_value, out_offset, threshold[0], out_changed, emitted)
     out_count[0] = emitted
 
 
@@ -162,5 +161,4 @@ class DeltaRearrange(DeltaOperator):
                 self.buffers.scratch("mark", (out.layout.positions,), np.uint8),
                 self.buffers.scratch("found", (out.layout.positions,), np.int64),
                 self.buffers.scratch("rows", (chunk_rows(4 * channels), channels), np.float32),
-                self.buffers.scratch("bits", (chunk_rows(4 * channels) * channels,), np.int32),
             )))

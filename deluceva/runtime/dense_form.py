@@ -139,16 +139,14 @@ class DenseForm:
             session's input order: the copy, where there is one, is what the session reads.
         out: the step's output DeltaTensor.
         scratch: (P' * M) float32 working rows, for the filter at p > 0 or a Concat's part.
-        bits: int32 scratch of at least P' * M, for the filter.
     """
 
     def __init__(self, session, inputs: list[tuple[DeltaTensor, np.ndarray | None]], out: DeltaTensor,
-                 scratch: np.ndarray, bits: np.ndarray):
+                 scratch: np.ndarray):
         self.session = session
         self.out = out
         positions, channels = out.layout.positions, out.layout.channels
         self.rows = scratch[: positions * channels].reshape(positions, channels)
-        self.bits = bits
         self.direct = out.offset == 0 and out.storage.shape[1] == channels
         self.binding = session.io_binding()
         for (tensor, planar), bound in zip(inputs, session.get_inputs()):
@@ -189,7 +187,7 @@ class DenseForm:
                 _copy_all(self.rows, out.storage, out.offset, out.changed, out.count)
         else:
             out.count[0] = emit_rows(self.rows, self._all, 0, positions, out.storage, out.offset, threshold,
-                                     out.changed, 0, self.bits)
+                                     out.changed, 0)
 
 
 def either_form(name: str, form: DenseForm, calls: list, counts: list[np.ndarray], limit: int,

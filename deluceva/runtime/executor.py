@@ -285,8 +285,7 @@ class Executor:
         session = self.buffers.shared(key, make)
         size = out.layout.positions * out.layout.channels
         return DenseForm(session, list(zip(inputs, planar)), out,
-                         self.buffers.scratch("dense form rows", (size,), np.float32),
-                         self.buffers.scratch("bits", (2 * size,), np.int32))
+                         self.buffers.scratch("dense form rows", (size,), np.float32))
 
     def _add_to_delta(self, tensor: str) -> None:
         entry = self.entries[tensor] = Entry(self.tensors[tensor], self.buffers, tensor)
