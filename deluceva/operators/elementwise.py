@@ -10,7 +10,7 @@ import numba
 import numpy as np
 
 from deluceva.operators._common import DeltaOperator, DeltaTensor, OpSpec, register
-from deluceva.operators._kernels import collect_marked, emit_rows, gather_rows, run_program
+from deluceva.operators._kernels import collect_marked, emit_rows, gather_rows, prefetch_rows, run_program
 from deluceva.operators.program import ELEMENTWISE_OP_TYPES, ElementwiseNode, compile_program, node_support
 
 __all__ = ["DeltaElementwise", "union_of_changes", "CHUNK_BYTES"]
@@ -54,6 +54,7 @@ def elementwise_step(values, offsets, changed, counts, out_value, out_offset, ou
     emitted = 0
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
+        prefetch_rows(out_value, out_offset, registers.shape[2], positions, start, size)  # see `conv_step`
         for k in range(len(values)):
             gather_rows(values[k], offsets[k], positions, start, size, registers[k])
         run_program(registers, size, positions, start, code, params, constants, constant_rows, bits)
