@@ -10,7 +10,7 @@
   passes over a chunk: on a 1x1 64->64 layer with SiLU they cost as much as the product).
 - `prefetch_rows`: asks for rows to be brought into cache ahead of their use.
 
-Every kernel works on preallocated buffers: none allocates more than a row of local scratch.
+Every kernel works on preallocated buffers: none allocates more than a few rows of local scratch.
 
 Two rules keep the inner loops vectorised (each measured at 3-4x): a column index that adds an
 offset is unsigned (`np.uint64`), because numba checks signed indices for wraparound on every
