@@ -71,6 +71,16 @@ def test_conv_rectangular_kernel_and_strides():
     check("Conv", attrs, [(1, 3, 15, 10), weight])
 
 
+@pytest.mark.parametrize("offset", STORAGE)
+@pytest.mark.parametrize("dilations", [[2, 1], [1, 2]])
+def test_conv_dilated_along_one_axis(dilations, offset):
+    """Dilated rows with adjacent taps (and the other way round): the windows' rows are copied
+    as contiguous blocks only where the taps of a row are adjacent."""
+    weight = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    attrs = {"kernel_shape": [3, 3], "dilations": dilations, "pads": [dilations[0], dilations[1]] * 2}
+    check("Conv", attrs, [(1, 4, 15, 12), weight], offset)
+
+
 def test_conv_every_position_changes():
     """Every frame changes everywhere: the affected positions are read off the mark array in
     order rather than sorted, and every row is recomputed."""

@@ -84,16 +84,35 @@ def _tap_rows(oy, ox, in_height, in_width, geometry, zero_row, rows) -> None:
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _windows(x, offset, in_height, in_width, positions, start, n, out_width, geometry, first, channels, rows, cols) -> None:
     """cols[j] = the window of output positions[start + j] in (ky, kx, c) order, channels
-    [first, first + channels) of the input (one group's)."""
+    [first, first + channels) of the input (one group's).
+
+    Where the channels are whole storage rows and the taps of a window row are adjacent
+    (undilated), a window row inside the input is one contiguous block of kw * C values: copied
+    as one, without working out each tap's row (the 12->16 stem at 208x208: 39 -> 13 ns a window).
+    """
     taps = rows.shape[0]
     zero_row = x.shape[0] - 1
     base = np.uint64(offset + first)
     width = np.uint64(channels)
+    kh, kw, sh, sw, dh, dw, top, left = (geometry[0], geometry[1], geometry[2], geometry[3],
+                                         geometry[4], geometry[5], geometry[6], geometry[7])
+    whole_rows = dw == 1 and offset + first == 0 and channels == x.shape[1]
+    flat = x.reshape(x.shape[0] * x.shape[1])
+    span = np.uint64(kw) * width
     oy, ox, previous = 0, 0, -2
     for j in range(n):
         q = positions[start + j]
         oy, ox = _next_position(q, previous, oy, ox, out_width)
         previous = q
+        iy, ix = oy * sh - top, ox * sw - left
+        if whole_rows and iy >= 0 and iy + (kh - 1) * dh < in_height and ix >= 0 and ix + kw - 1 < in_width:
+            at = np.uint64(0)
+            for ky in range(kh):
+                source = np.uint64((iy + ky * dh) * in_width + ix) * width
+                for i in range(span):
+                    cols[j, at + i] = flat[source + i]
+                at += span
+            continue
         _tap_rows(oy, ox, in_height, in_width, geometry, zero_row, rows)
         for t in range(taps):
             r = rows[t]
