@@ -3,7 +3,8 @@
 The curve rows (`scripts/curve_benchmarks.py`) run the first 120 frames of each video. This runs
 the all-delta plan at each fixed p over the whole video (no reference frames: what a fixed p
 holds back accumulates as in a run), the detection error of every frame against plain
-onnxruntime's, and each frame's time beside onnxruntime's, interleaved, one thread. It prints,
+onnxruntime's, and each frame's time beside onnxruntime's, interleaved in blocks of 8 frames as
+`deluceva bench` times them, one thread. It prints,
 per p, the error over the video, and per window of --window frames (every --step frames), the
 best p within the budget (mean error within it, and with det 95% of the frames at det <= 0.1);
 p = 0 is plain onnxruntime (1.00x).
@@ -18,13 +19,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 import deluceva
 from deluceva.bench.baseline import plain_onnxruntime
+from deluceva.bench.compare import time_in_blocks
 from deluceva.media.video import open_video
 from deluceva.metrics import DET_FRAME_LIMIT, DET_FRAME_SHARE, get_metric
 from deluceva.playback.setup import RunOptions, preprocessor
@@ -51,15 +52,8 @@ def measure(row: int, frames: int | None, percentages) -> dict:
         session.reset()
         session.run(inputs[0], p, keyframe=True)
         plain(inputs[0])
-        errors, ours, theirs = [0.0], [], []
-        for frame in inputs[1:]:
-            start = time.perf_counter()
-            got = session.run(frame, p)
-            ours.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            want = plain(frame)
-            theirs.append(time.perf_counter() - start)
-            errors.append(float(metric(got, want)))
+        got, ours, wanted, theirs = time_in_blocks(inputs[1:], lambda frame: session.run(frame, p), plain)
+        errors = [0.0] + [float(metric(a, b)) for a, b in zip(got, wanted)]
         out["percentages"][p] = {"error_trace": errors, "deluceva_ms": [m * 1e3 for m in ours],
                                  "onnxruntime_ms": [m * 1e3 for m in theirs]}
         print(f"{label} p = {p}: det mean {statistics.fmean(errors):.4f} over {len(inputs)} frames, "

@@ -1,7 +1,7 @@
 """Whole models at full density: every node that has a delta kernel runs delta, p = 0, on real
 video, against plain onnxruntime on the same frames (issue 14's full-density table).
 
-Both sides run each frame interleaved, one thread; each figure is the median per-frame time over
+Both sides run the frames interleaved in blocks of 8 (as `deluceva bench` times them), one thread; each figure is the median per-frame time over
 the frames after the first (the keyframe). The error is the largest relative L2 of any output on
 any frame against onnxruntime's. With `--forms never`, Conv steps always run their delta kernels
 (no dense form): the kernels' own cost at full density.
@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 
 import deluceva
 from deluceva.bench.baseline import plain_onnxruntime
+from deluceva.bench.compare import time_in_blocks
 from deluceva.media.video import open_video
 from deluceva.metrics import rel_l2
 from deluceva.playback.setup import RunOptions, preprocessor
@@ -42,15 +42,8 @@ def measure(label: str, model: str, video: str, preset: str, frames: int, forms:
     plain = plain_onnxruntime(options.model, 1)
     session.run(inputs[0])
     plain(inputs[0])
-    ours, theirs, error = [], [], 0.0
-    for frame in inputs[1:]:
-        start = time.perf_counter()
-        got = session.run(frame)
-        ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        want = plain(frame)
-        theirs.append(time.perf_counter() - start)
-        error = max(error, rel_l2(got, want))
+    got, ours, wanted, theirs = time_in_blocks(inputs[1:], session.run, plain)
+    error = max(rel_l2(a, b) for a, b in zip(got, wanted))
     forms_ran = session.executor.forms.as_dict()
     return {"model": label, "forms": forms, "input": list(inputs[0].shape), "frames": len(inputs) - 1,
             "deluceva_ms": float(np.median(ours) * 1e3), "onnxruntime_ms": float(np.median(theirs) * 1e3),

@@ -2,7 +2,7 @@
 densely, on every frame, with the same threads; and the peak memory of a pass.
 
 `run_onnxruntime` times the baseline frame by frame and keeps its outputs on disk;
-`plain_onnxruntime` runs it one frame at a time beside deluceva (interleaved timing, see
+`plain_onnxruntime` runs it beside deluceva, in blocks of frames (interleaved timing, see
 `deluceva bench`); `PeakMemory` measures a pass's memory.
 
 Peak memory of each pass: the process's peak resident set (VmHWM in /proc/self/status) is reset

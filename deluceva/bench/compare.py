@@ -4,6 +4,7 @@ See `deluceva.baseline` for how the baseline is timed and memory measured."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from deluceva.metrics import DET_FRAME_LIMIT, DET_FRAME_SHARE
 from deluceva.playback.gate import FrameChange
 from deluceva.playback.loop import percentile, summarise
 
-__all__ = ["DelucevaRun", "run_deluceva", "frame_skipping", "compare", "SKIP_GRID", "point", "best_within",
+__all__ = ["DelucevaRun", "run_deluceva", "time_in_blocks", "PAIRED_BLOCK", "frame_skipping", "compare", "SKIP_GRID", "point", "best_within",
            "DET_FRAME_LIMIT", "DET_FRAME_SHARE"]
 
 
@@ -29,43 +30,79 @@ class DelucevaRun:
     memory_mib: float | None
     plans: object
     summary: dict = field(default_factory=dict)
-    paired_ms: list[float] = field(default_factory=list)  # plain onnxruntime, interleaved
+    paired_ms: list[float] = field(default_factory=list)  # plain onnxruntime, in blocks beside deluceva
+
+
+# Frames deluceva runs before the paired onnxruntime session runs the same frames. Interleaved
+# frame by frame, each evicts the other's working set from the caches every frame, which neither
+# meets on a user's machine: YOLOX-nano's all-delta plan at p = 0.7 (60 frames, both sides of one
+# run) measured 1.55x frame by frame, 1.60x in blocks of 5, 1.64-1.66x in blocks of 10, 1.70-1.75x
+# in separate passes; deluceva's state is the larger working set, so it lost more (10% against
+# onnxruntime's 3%). Blocks of 8 keep both sides within a few frames of the same machine state.
+PAIRED_BLOCK = 8
 
 
 def run_deluceva(make_runner: Callable, tensors: Iterable[np.ndarray], reference: OnnxruntimeRun,
-                 error_metric: Callable, progress=None, paired: Callable | None = None) -> DelucevaRun:
+                 error_metric: Callable, progress=None, paired: Callable | None = None,
+                 block: int = PAIRED_BLOCK) -> DelucevaRun:
     """Run deluceva on each frame; `make_runner()` builds the sessions inside the memory count.
 
-    `paired(tensor)`, when given, runs plain onnxruntime on the same frame, timed on its own:
-    after deluceva on even frames, before it on odd ones. Whichever runs second finds the frame
-    and its own weights warmer in cache; always second, onnxruntime gained 2-3% on YOLOX-nano.
+    `paired(tensor)`, when given, runs plain onnxruntime on the same frames, each call timed on
+    its own: after every `block` frames of deluceva, on those frames (see PAIRED_BLOCK). They
+    wait in a buffer made before the memory count starts, so it does not count as deluceva's.
     """
     results, errors, paired_ms = [], [], []
+    tensors = iter(tensors)
+    first = next(tensors, None)
+    held = None
+    if paired is not None and first is not None:
+        held = np.empty((block, *np.shape(first)), np.asarray(first).dtype)
+        held.fill(0)  # resident now, before the count starts
+    waiting = 0
 
-    def run_paired(tensor) -> None:
-        start = time.perf_counter()
-        paired(tensor)
-        paired_ms.append((time.perf_counter() - start) * 1000)
+    def run_paired() -> None:
+        for tensor in held[:waiting]:
+            start = time.perf_counter()
+            paired(tensor)
+            paired_ms.append((time.perf_counter() - start) * 1000)
 
     with PeakMemory() as memory:
         runner = make_runner()
-        for index, tensor in enumerate(tensors):
-            if paired is not None and index % 2:
-                run_paired(tensor)
+        for index, tensor in enumerate(itertools.chain([] if first is None else [first], tensors)):
             result = runner.step(tensor)
-            if paired is not None and not index % 2:
-                run_paired(tensor)
+            if held is not None:
+                held[waiting] = tensor
+                waiting += 1
+                if waiting == block:
+                    run_paired()
+                    waiting = 0
             # Outside the timed region: deluceva's error against plain onnxruntime on this frame.
             errors.append(float(error_metric(result.outputs, reference.outputs(index))))
             result.outputs = None
             results.append(result)
             if progress is not None:
                 progress.update(1)
+        if held is not None:
+            run_paired()
         plans = runner.plans
         del runner
     run = DelucevaRun(results, errors, memory.mib, plans, paired_ms=paired_ms)
     run.summary = summarise(results, plans)
     return run
+
+
+def time_in_blocks(frames: list, ours: Callable, theirs: Callable, block: int = PAIRED_BLOCK) -> tuple[list, list, list, list]:
+    """Each block of `frames` through `ours`, then the same block through `theirs`, as `bench`
+    pairs deluceva and onnxruntime (scripts measuring without the run loop use it): (ours'
+    outputs, ours' seconds, theirs' outputs, theirs' seconds), one of each per frame."""
+    results = ([], [], [], [])
+    for first in range(0, len(frames), block):
+        for run, outputs, seconds in ((ours, results[0], results[1]), (theirs, results[2], results[3])):
+            for frame in frames[first:first + block]:
+                start = time.perf_counter()
+                outputs.append(run(frame))
+                seconds.append(time.perf_counter() - start)
+    return results
 
 
 # -- what users do instead: skip frames that barely changed ----------------------------------
@@ -132,7 +169,7 @@ def compare(ort_run: OnnxruntimeRun, delta_run: DelucevaRun) -> dict:
     bound = delta_run.summary["flop_reduction_bound"]
     return {
         "frames": frames,
-        "timing": "interleaved" if delta_run.paired_ms else "separate passes",
+        "timing": f"in blocks of {PAIRED_BLOCK} frames" if delta_run.paired_ms else "separate passes",
         "onnxruntime_ms_mean": statistics.fmean(ort_ms),
         "onnxruntime_ms_median": statistics.median(ort_ms),
         "deluceva_ms_mean": statistics.fmean(delta_ms),

@@ -6,14 +6,16 @@ one inter-op thread), then deluceva. Each frame's time is the model work alone (
 preprocessing, identical for both, are left out). Onnxruntime's outputs are kept in a temporary
 file and deluceva's error against them is computed on every frame outside deluceva's timing.
 
-With one thread, the times compared are interleaved: during deluceva's pass, a second plain
-onnxruntime session runs each frame right after deluceva does (right before, on odd frames: the
-second to run finds the frame warmer in cache), outside deluceva's timing, so a busy or drifting
-machine slows both alike (on this project's shared 2-core machine, two consecutive passes of
-the same model differed by up to 10%). The first pass gives the outputs and onnxruntime's
-memory. With more threads, that first pass is also the baseline's time: two sessions
-interleaved in one process slow each other (a pool spins after its run while the other's needs
-the cores), so deluceva is timed against onnxruntime run alone, in separate passes.
+With one thread, the times compared are interleaved in blocks: during deluceva's pass, a second
+plain onnxruntime session runs each block of 8 frames right after deluceva has run them, outside
+deluceva's timing, so a busy or drifting machine slows both alike (on this project's shared
+2-core machine, two consecutive passes of the same model differed by up to 10%). Blocks rather
+than single frames: each side evicting the other's working set every frame is something neither
+meets on a user's machine (`deluceva.bench.compare.PAIRED_BLOCK`). The first pass gives the
+outputs and onnxruntime's memory. With more threads, that first pass is also the baseline's
+time: two sessions interleaved in one process slow each other (a pool spins after its run while
+the other's needs the cores), so deluceva is timed against onnxruntime run alone, in separate
+passes.
 
 `--sweep P,P,...` also runs the same plans at each fixed p (p = 0 with the all-dense plan), the
 same reference interval counted, and lands the PI and learned controllers on that curve (each
