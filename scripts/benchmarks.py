@@ -6,9 +6,9 @@ Usage:
 
 Per row (model, video, budget) and thread count, through the command line a user has:
 `deluceva profile` on the video's first frames, `deluceva compile`, then `deluceva bench` with
-the PI controller at the row's budget (onnxruntime timed interleaved in the same run, frame
-skipping tuned as a user would and at equal error). With one thread also: the compiled plan at
-fixed percentages beside frame skipping at each threshold (the speed-versus-error curves), the
+the PI controller at the row's budget (onnxruntime timed interleaved in the same run, in blocks
+of 8 frames; frame skipping tuned as a user would and at equal error). With one thread also:
+the compiled plan at fixed percentages beside frame skipping at each threshold (the speed-versus-error curves), the
 all-delta plan at p = 0 (full density), and peak memory of `deluceva run --plan` against a plain
 onnxruntime process. For YOLOX-nano on intersection_cctv, a per-step breakdown of the compiled
 plan. Per-kernel fixed and per-position costs are fitted from the profiles.
@@ -292,7 +292,7 @@ def markdown(results: dict, args) -> str:
         f"{datetime.date.today().isoformat()}: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
         f"onnxruntime {machine.get('onnxruntime', '?')}, numpy {machine.get('numpy', '?')}. Every ratio is against "
         "plain onnxruntime running the whole model densely on every frame with the same thread count, timed in "
-        "the same run, frame by frame, interleaved with deluceva (`deluceva bench --help`).",
+        "the same run, interleaved with deluceva in blocks of 8 frames (`deluceva bench --help`).",
         "",
     ]
     lines += _targets(results)

@@ -119,7 +119,7 @@ def run_onnxruntime(model: str | bytes, tensors: Iterable[np.ndarray], threads: 
 
 def plain_onnxruntime(model: str | bytes, threads: int) -> Callable[[np.ndarray], list]:
     """tensor -> outputs through plain onnxruntime, configured as the baseline is, for timing it
-    frame by frame beside deluceva."""
+    beside deluceva (in blocks of frames: `deluceva.bench.compare.run_deluceva`)."""
     session = inference_session(model, threads, spinning=True)
     input_name = session.get_inputs()[0].name
     return lambda tensor: session.run(None, {input_name: tensor})

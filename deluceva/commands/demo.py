@@ -21,7 +21,7 @@ def add_parser(commands, percentage, positive_int) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    """One line per run; `beside` is onnxruntime's ms/frame timed beside that run, frame by frame."""
+    """One line per run; `beside` is onnxruntime's ms/frame timed beside that run (in blocks of 8 frames)."""
     lines = [f"{'':<18}{'ms/frame':>10}{'onnxruntime':>13}{'speedup':>9}{'rel-l2 mean':>13}{'rel-l2 max':>12}"]
     for row in rows:
         lines.append(f"{row['name']:<18}{row['ms_per_frame']:>10.2f}{row.get('beside', row['ms_per_frame']):>13.2f}"
