@@ -563,19 +563,20 @@ def test_paired_onnxruntime_runs_each_block_after_deluceva():
 
         def step(self, tensor):
             calls.append(("deluceva", int(tensor[0])))
-            return FrameResult(int(tensor[0]), [], 0.001, False, None, 0.0, 1.0, 1.0)
+            return FrameResult(int(tensor[0]), [int(tensor[0])], 0.001, False, None, 0.0, 1.0, 1.0)
 
     Runner.plans.sessions, Runner.plans.percentages, Runner.plans.flops = [], [0.0], []
     Runner.plans.variant_counts, Runner.plans.step_forms = lambda: [{}], lambda: {}
     reference = OnnxruntimeRun(ms=[1.0] * 7, store={}, names=[], memory_mib=None, folder=None)
-    reference.outputs = lambda index: []
+    reference.outputs = lambda index: [index]
     frames = [np.full(2, i, np.float32) for i in range(7)]
-    run = run_deluceva(Runner, frames, reference, lambda a, b: 0.0, block=3,
+    # Each frame's error is against onnxruntime's outputs for that same frame: 0 where they match.
+    run = run_deluceva(Runner, frames, reference, lambda ours, theirs: float(ours[0] != theirs[0]), block=3,
                        paired=lambda tensor: calls.append(("onnxruntime", int(tensor[0]))))
     ours = [("deluceva", i) for i in range(7)]
     theirs = [("onnxruntime", i) for i in range(7)]
     assert calls == ours[:3] + theirs[:3] + ours[3:6] + theirs[3:6] + ours[6:] + theirs[6:]
-    assert len(run.paired_ms) == 7 and len(run.errors) == 7
+    assert len(run.paired_ms) == 7 and run.errors == [0.0] * 7
 
 
 def test_demo_with_threads_times_onnxruntime_alone():

@@ -39,9 +39,9 @@ class DelucevaRun:
 # run) measured 1.55x frame by frame, 1.60x in blocks of 5, 1.64-1.66x in blocks of 10, 1.70-1.75x
 # in separate passes; deluceva's state is the larger working set, so it lost more (10% against
 # onnxruntime's 3%). Blocks of 8 keep both sides within a few frames of the same machine state.
-# Both sides run a block back to back: the frames are decoded before it and deluceva's errors
-# measured after it (decoding and the metric between deluceva's frames only cost its frames 4-8%,
-# its all-dense plan, onnxruntime's own session, 0.96x of the paired one).
+# Both sides run a block back to back: the frames are decoded before it and deluceva's errors are
+# measured after it. (With the decoding and the metric between deluceva's frames only, its frames
+# took 4-10% longer: its all-dense plan, which is onnxruntime's own session, measured 0.96x.)
 PAIRED_BLOCK = 8
 
 
