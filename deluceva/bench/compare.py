@@ -58,22 +58,20 @@ def run_deluceva(make_runner: Callable, tensors: Iterable[np.ndarray], reference
     results, errors, paired_ms = [], [], []
     tensors = iter(tensors)
     first = next(tensors, None)
-    if first is None or paired is None:
-        block, held = 1, None
-    else:
+    held = None
+    if first is not None and paired is not None:
         held = np.empty((block, *np.shape(first)), np.asarray(first).dtype)
         held.fill(0)  # resident now, before the count starts
-    pending = [] if first is None else [first]
+    if first is not None:
+        tensors = itertools.chain([first], tensors)
 
     def next_block() -> list:
-        frames = pending[:]
-        pending.clear()
-        frames.extend(itertools.islice(tensors, block - len(frames)))
-        if held is None:
-            return frames
-        for i, frame in enumerate(frames):
-            held[i] = frame
-        return list(held[:len(frames)])
+        if held is None:  # nothing paired: one frame at a time, as it comes
+            return list(itertools.islice(tensors, 1))
+        count = 0
+        for count, frame in enumerate(itertools.islice(tensors, block), 1):
+            held[count - 1] = frame
+        return list(held[:count])
 
     with PeakMemory() as memory:
         runner = make_runner()
@@ -81,10 +79,7 @@ def run_deluceva(make_runner: Callable, tensors: Iterable[np.ndarray], reference
         while frames:
             stepped = [runner.step(tensor) for tensor in frames]
             if paired is not None:
-                for tensor in frames:
-                    start = time.perf_counter()
-                    paired(tensor)
-                    paired_ms.append((time.perf_counter() - start) * 1000)
+                paired_ms.extend(1000 * seconds for seconds in _time_each(paired, frames)[1])
             for result in stepped:
                 # Outside the timed region: deluceva's error against plain onnxruntime on this frame.
                 errors.append(float(error_metric(result.outputs, reference.outputs(len(results)))))
@@ -107,11 +102,20 @@ def time_in_blocks(frames: list, ours: Callable, theirs: Callable, block: int = 
     results = ([], [], [], [])
     for first in range(0, len(frames), block):
         for run, outputs, seconds in ((ours, results[0], results[1]), (theirs, results[2], results[3])):
-            for frame in frames[first:first + block]:
-                start = time.perf_counter()
-                outputs.append(run(frame))
-                seconds.append(time.perf_counter() - start)
+            got, spent = _time_each(run, frames[first:first + block])
+            outputs.extend(got)
+            seconds.extend(spent)
     return results
+
+
+def _time_each(run: Callable, frames: list) -> tuple[list, list[float]]:
+    """run(frame) for each frame in turn: (outputs, seconds), each call timed on its own."""
+    outputs, seconds = [], []
+    for frame in frames:
+        start = time.perf_counter()
+        outputs.append(run(frame))
+        seconds.append(time.perf_counter() - start)
+    return outputs, seconds
 
 
 # -- what users do instead: skip frames that barely changed ----------------------------------
