@@ -77,6 +77,14 @@ def emit_rows(new, positions, start, n, value, offset, threshold, changed, count
     return count
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def window_geometry(geometry):
+    """(kh, kw, stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left): a window's
+    geometry array (`ConvGeometry.as_array()`, pools' alike) as eight integers."""
+    return (geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5], geometry[6],
+            geometry[7])
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def mark_window(changed, n, in_width, geometry, out_height, out_width, mark, found) -> int:
     """List, once each, the output positions whose window reads one of changed[:n].
@@ -85,8 +93,7 @@ def mark_window(changed, n, in_width, geometry, out_height, out_width, mark, fou
     output (oy, ox) reads input rows oy*stride_h - pad_top + ky*dilation_h, ky < kh (and
     columns alike). Marks listed positions in `mark` (clear it with `collect_marked`).
     """
-    kh, kw, sh, sw, dh, dw, top, left = (geometry[0], geometry[1], geometry[2], geometry[3],
-                                         geometry[4], geometry[5], geometry[6], geometry[7])
+    kh, kw, sh, sw, dh, dw, top, left = window_geometry(geometry)
     k = 0
     unit = sh == 1 and sw == 1  # no division: the common case, and 3x faster
     for j in range(n):

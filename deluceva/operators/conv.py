@@ -22,7 +22,7 @@ import scipy.linalg.cython_blas  # noqa: F401
 
 from deluceva.operators._common import DeltaOperator, DeltaTensor, OpSpec, register, resolve_pads
 from deluceva.operators._kernels import (FINISH_KINDS, OPCODES, collect_marked, emit_rows, finish_rows, gather_rows,
-                                        mark_window, prefetch_rows, run_program)
+                                        mark_window, prefetch_rows, run_program, window_geometry)
 from deluceva.operators.elementwise import chunk_rows
 from deluceva.operators.program import ElementwiseNode, compile_program
 
@@ -69,8 +69,7 @@ def _next_position(q, previous, oy, ox, width):
 def _tap_rows(oy, ox, in_height, in_width, geometry, zero_row, rows) -> None:
     """rows[t] = the input row under tap t = ky * kw + kx of output (oy, ox) (`zero_row`, which
     is always zero, where the tap falls in the padding)."""
-    kh, kw, sh, sw, dh, dw, top, left = (geometry[0], geometry[1], geometry[2], geometry[3],
-                                         geometry[4], geometry[5], geometry[6], geometry[7])
+    kh, kw, sh, sw, dh, dw, top, left = window_geometry(geometry)
     t = 0
     for ky in range(kh):
         iy = oy * sh - top + ky * dh
@@ -94,8 +93,7 @@ def _windows(x, offset, in_height, in_width, positions, start, n, out_width, geo
     zero_row = x.shape[0] - 1
     base = np.uint64(offset + first)
     width = np.uint64(channels)
-    kh, kw, sh, sw, dh, dw, top, left = (geometry[0], geometry[1], geometry[2], geometry[3],
-                                         geometry[4], geometry[5], geometry[6], geometry[7])
+    kh, kw, sh, sw, dh, dw, top, left = window_geometry(geometry)
     whole_rows = dw == 1 and offset + first == 0 and channels == x.shape[1]
     flat = x.reshape(x.shape[0] * x.shape[1])
     span = np.uint64(kw) * width
@@ -135,8 +133,7 @@ def _depthwise(x, offset, in_height, in_width, positions, start, n, out_width, g
     base = np.uint64(offset)
     zero_row = x.shape[0] - 1
     flat = x.reshape(x.shape[0] * x.shape[1])
-    kh, kw, sh, sw, dh, dw, top, left = (geometry[0], geometry[1], geometry[2], geometry[3],
-                                         geometry[4], geometry[5], geometry[6], geometry[7])
+    kh, kw, sh, sw, dh, dw, top, left = window_geometry(geometry)
     # Distance of tap (ky, kx) from tap (0, 0) in `flat`, for the 3x3 form.
     across, down = np.uint64(dw) * width, np.uint64(dh * in_width) * width
     d1, d2 = across, across + across

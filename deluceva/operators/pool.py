@@ -6,7 +6,7 @@ import numba
 import numpy as np
 
 from deluceva.operators._common import DeltaOperator, DeltaTensor, OpSpec, register, resolve_pads
-from deluceva.operators._kernels import collect_marked, emit_rows, mark_window
+from deluceva.operators._kernels import collect_marked, emit_rows, mark_window, window_geometry
 from deluceva.operators.elementwise import chunk_rows
 
 __all__ = ["DeltaPool"]
@@ -19,8 +19,7 @@ def pool_step(x, x_offset, in_height, in_width, in_changed, in_count, out_value,
 
     An average divides output (oy, ox) by divisor_h[oy] * divisor_w[ox].
     """
-    kh, kw, sh, sw, dh, dw, top, left = (geometry[0], geometry[1], geometry[2], geometry[3],
-                                         geometry[4], geometry[5], geometry[6], geometry[7])
+    kh, kw, sh, sw, dh, dw, top, left = window_geometry(geometry)
     n = mark_window(in_changed, in_count[0], in_width, geometry, (out_value.shape[0] - 1) // out_width, out_width,
                     mark, found)
     collect_marked(mark, found, n)
